@@ -1,0 +1,644 @@
+"""SoFlow: Solution Flow Models for one-step generative modeling (Luo, Yuan, Liu; arXiv 2512.15657).
+
+The method in one file, in the paper's order: conventions -> noising schedules (Sec. 3) -> parameterizations
+(Sec. 4.2) -> time sampling (App. A) -> flow matching loss (Eq. 11-12) -> solution consistency loss (Eq. 13-15)
+-> classifier-free guidance (Eq. 17-19) -> Algorithm 1 -> sampling -> networks -> EMA and checkpoints
+-> a 2D toy whose solution map is known exactly -> a demo.
+
+    python soflow.py      # trains a small MLP on a 2D toy on the CPU (< 1 min), compares it with flow matching
+"""
+import argparse
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conventions
+#   t = 0 is data, t = 1 is noise: x_t = alpha_t x_0 + beta_t x_1 with x_1 ~ N(0, I).
+#   f(x_t, t, s) carries a point of the velocity ODE from time t to time s; generation is x_0 = f(x_1, 1, 0).
+#   A network computes F_theta(x, t, s, y=None, cond=None) with the shape of x. t and s are (B,) tensors;
+#   y holds class labels, where the index num_classes is the null label ("no label") of CFG.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def per_sample(t, x):
+    """View a (B,) tensor so that it broadcasts against x of shape (B, ...)."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def mean_per_sample(z):
+    """(B, ...) -> (B,): the mean over everything but the batch, i.e. ||z||^2 / D for z squared."""
+    return z.flatten(1).mean(1)
+
+
+# ----- Noising schedules (Sec. 3): x_t = alpha_t x_0 + beta_t x_1, alpha_0 = beta_1 = 1, alpha_1 = beta_0 = 0 -----
+
+class LinearSchedule:
+    """x_t = (1 - t) x_0 + t x_1."""
+    def alpha(self, t): return 1 - t
+    def beta(self, t): return t
+    def d_alpha(self, t): return -torch.ones_like(t)
+    def d_beta(self, t): return torch.ones_like(t)
+
+
+class TriangularSchedule:
+    """x_t = cos(pi t / 2) x_0 + sin(pi t / 2) x_1."""
+    def alpha(self, t): return torch.cos(math.pi / 2 * t)
+    def beta(self, t): return torch.sin(math.pi / 2 * t)
+    def d_alpha(self, t): return -math.pi / 2 * torch.sin(math.pi / 2 * t)
+    def d_beta(self, t): return math.pi / 2 * torch.cos(math.pi / 2 * t)
+
+
+SCHEDULES = {"linear": LinearSchedule(), "triangular": TriangularSchedule()}
+
+
+def interpolate(schedule, x0, x1, t):
+    """x_t and the conditional velocity alpha'_t x_0 + beta'_t x_1 that replaces v(x_t, t) in training (Eq. 4)."""
+    S = SCHEDULES[schedule]
+    x_t = per_sample(S.alpha(t), x0) * x0 + per_sample(S.beta(t), x0) * x1
+    v = per_sample(S.d_alpha(t), x0) * x0 + per_sample(S.d_beta(t), x0) * x1
+    return x_t, v
+
+
+# ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) -----
+# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) hold for any network.
+# d2a(t), d2b(t) are the derivatives of a(t, s), b(t, s) in s, taken at s = t; they give the velocity (Eq. 10).
+
+class EulerParam:
+    """f_theta = x_t + (s - t) F_theta."""
+    def a(self, t, s): return torch.ones_like(t)
+    def b(self, t, s): return s - t
+    def d2a(self, t): return torch.zeros_like(t)
+    def d2b(self, t): return torch.ones_like(t)
+
+
+class TriangularParam:
+    """f_theta = cos(pi/2 (s - t)) x_t + sin(pi/2 (s - t)) F_theta."""
+    def a(self, t, s): return torch.cos(math.pi / 2 * (s - t))
+    def b(self, t, s): return torch.sin(math.pi / 2 * (s - t))
+    def d2a(self, t): return torch.zeros_like(t)
+    def d2b(self, t): return torch.full_like(t, math.pi / 2)
+
+
+PARAMETERIZATIONS = {"euler": EulerParam(), "triangular": TriangularParam()}
+
+
+def f_from_F(param, F_out, x, t, s):
+    """f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) (Sec. 4.2)."""
+    P = PARAMETERIZATIONS[param]
+    return per_sample(P.a(t, s), x) * x + per_sample(P.b(t, s), x) * F_out
+
+
+def v_from_F(param, F_out, x, t):
+    """The model's velocity v_theta(x_t, t) = d2a(t, t) x_t + d2b(t, t) F_theta(x_t, t, t) (Eq. 10)."""
+    P = PARAMETERIZATIONS[param]
+    return per_sample(P.d2a(t), x) * x + per_sample(P.d2b(t), x) * F_out
+
+
+def solution(net, x, t, s, y=None, cond=None, param="euler"):
+    """The learned solution function f_theta(x, t, s)."""
+    return f_from_F(param, net(x, t, s, y, cond), x, t, s)
+
+
+def velocity(net, x, t, y=None, cond=None, param="euler"):
+    """The learned velocity field v_theta(x, t) (Eq. 10)."""
+    return v_from_F(param, net(x, t, t, y, cond), x, t)
+
+
+# ----- Hyperparameters (App. A; DESIGN section 4) -----
+
+@dataclass(frozen=True)
+class SoFlowConfig:
+    """The method's hyperparameters. Defaults: the released ImageNet 256 configuration."""
+    schedule: str = "linear"       # noising schedule (Sec. 3)
+    param: str = "euler"           # parameterization of f_theta (Sec. 4.2)
+    lam: float = 0.75              # flow matching data ratio lambda (Alg. 1)
+    p: float = 1.0                 # adaptive weight exponent (Eq. 12, 15)
+    eps: float = 0.01              # adaptive weight smoothing (Eq. 12, 15)
+    fm_mu: float = -0.2            # t_FM ~ sigmoid(N(fm_mu, fm_sd^2))
+    fm_sd: float = 1.0
+    t_mu: float = 0.2              # t ~ sigmoid(N(t_mu, t_sd^2)) for the consistency loss
+    t_sd: float = 0.8
+    s_mu: float = -1.0             # s ~ sigmoid(N(s_mu, s_sd^2)); the paper says -0.2
+    s_sd: float = 0.8
+    r_schedule: str = "exp"        # r(k, K): "exp", "cosine", "linear", "constant" (App. A)
+    r_init: float = 0.1
+    r_end: float = 0.002           # the paper says 1/320
+    w: float = 3.0                 # CFG strength (Eq. 18); 1 turns guidance off
+    m: float = 0.25                # velocity mix ratio (Eq. 19)
+    drop: float = 0.1              # probability of replacing a label by the null label
+    decay_t: float = 0.8           # guidance decays to 0 over t in (decay_t, 1]
+    decay: str = "exp"             # "exp" (released code), "linear" (the paper's text), "none"
+
+
+PRESETS = {
+    "imagenet": SoFlowConfig(),
+    # The paper's Appendix A values, where they differ from the released configuration.
+    "imagenet-paper": SoFlowConfig(s_mu=-0.2, r_end=1 / 320, decay="linear"),
+    # Released CIFAR-10 (unconditional, no CFG): consistency loss only, r starting at 1.
+    "cifar10": SoFlowConfig(lam=0.0, p=0.75, eps=1e-3, fm_mu=-0.9, fm_sd=1.6, t_mu=-0.9, t_sd=1.6, s_mu=-4.0,
+                            s_sd=1.6, r_init=1.0, r_end=0.0003125, w=1.0, m=1.0, drop=0.0),
+    # The paper's CIFAR-10 values; it gives no eps, so the released one is kept.
+    "cifar10-paper": SoFlowConfig(lam=0.25, p=0.5, eps=1e-3, fm_mu=-0.4, fm_sd=1.7, t_mu=-0.6, t_sd=1.5,
+                                  s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500, w=1.0, m=1.0, drop=0.0),
+    # 2D toys (this file's demo, the notebook, the tests): small data, short runs.
+    "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0, s_mu=-1.0, s_sd=1.0,
+                        r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
+}
+
+
+# ----- Time sampling (Sec. 4.2, App. A) -----
+
+def logit_normal(n, mu, sd, device=None):
+    """sigmoid(N(mu, sd^2)) samples, shape (n,)."""
+    return torch.sigmoid(torch.randn(n, device=device) * sd + mu)
+
+
+def r_schedule(k, K, kind="exp", r_init=0.1, r_end=0.002):
+    """r(k, K): how far l sits from t as a fraction of t - s, decreasing over training (App. A)."""
+    q = min(max(k / max(K, 1), 0.0), 1.0)
+    if kind == "exp":
+        return r_init * (r_end / r_init) ** q
+    if kind == "cosine":
+        return r_end + (r_init - r_end) * 0.5 * (1 + math.cos(math.pi * q))
+    if kind == "linear":
+        return r_init + (r_end - r_init) * q
+    if kind == "constant":
+        return r_end
+    raise ValueError(f"unknown r schedule {kind!r}; use 'exp', 'cosine', 'linear' or 'constant'")
+
+
+def consistency_times(n, r, cfg, device=None):
+    """(t, s, l), each (n,), with 0 <= s <= l <= t - 1e-4 (Sec. 4.2, App. A)."""
+    t = logit_normal(n, cfg.t_mu, cfg.t_sd, device).clamp(min=1e-4)
+    s = torch.minimum(logit_normal(n, cfg.s_mu, cfg.s_sd, device), t - 1e-4)
+    l = t + (s - t) * r                                                    # Eq. (16)
+    l = torch.minimum(l, t - 1e-4)
+    return t, s, l
+
+
+# ----- The flow matching loss (Eq. 11-12) -----
+
+def fm_loss(net, x_t, t, v_target, mix, y=None, cond=None, param="euler", p=1.0, eps=0.01):
+    """Per-sample L_FM (Eq. 11) with the adaptive weight of Eq. 12; returns (loss, mse, weight), each (B,).
+
+    v_target is the velocity to match (alpha'_t x_0 + beta'_t x_1, or its guided form, Eq. 18). mix is the
+    per-sample m of Eq. 19: the guided velocity mixed in is the network's own prediction, so this pass provides
+    it and no separate evaluation is needed."""
+    v_pred = v_from_F(param, net(x_t, t, t, y, cond), x_t, t)                   # Eq. (10)
+    v_mix = mix_velocity(v_target, v_pred.detach(), per_sample(mix, x_t))       # Eq. (19)
+    mse = mean_per_sample((v_pred - v_mix) ** 2)
+    d2b = PARAMETERIZATIONS[param].d2b(t)
+    weight = 1 / (d2b.abs() * (mse.detach() + eps) ** p)                      # Eq. (12), a constant
+    return weight * mse, mse.detach(), weight
+
+
+# ----- The solution consistency loss (Eq. 13-15) -----
+
+def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, param="euler", p=1.0, eps=0.01):
+    """Per-sample L_SCM (Eq. 14) with the weight of Eq. 15, in gradient form; returns (loss, mse, weight), each (B,).
+
+    v is the velocity that moves x_t to time l (the conditional velocity, or its guided mix, Eq. 19).
+    The value returned is sign(b) <F_theta(x_t, t, s), stopgrad(w dq)> / D with dq = (f_t - f_l) / (t - l):
+    its gradient is exactly 1/2 of the gradient of Eq. 14 weighted by Eq. 15, and it never divides by
+    (t - l) |b(t, s)|, which can be tiny. mse is mean(dq^2), the MSE of Eq. 15 divided by (t - l)^2.
+    # Deviation: the released code trains with this form, so L_SCM enters Alg. 1 at half the paper's scale.
+    """
+    x_l = x_t + per_sample(l - t, x_t) * v                                   # the step of Eq. (14)
+    # The target pass replays the random state the student pass starts from: same dropout masks in both.
+    with torch.random.fork_rng(devices=[x_t.device] if x_t.is_cuda else []), torch.no_grad():
+        f_l = solution(net, x_l, l, s, y, cond, param)                       # f_theta^-(x_l, l, s)
+    F_t = net(x_t, t, s, y, cond)
+    f_t = f_from_F(param, F_t.detach(), x_t, t, s)                          # f_theta(x_t, t, s), value only
+    dq = (f_t - f_l) / per_sample(t - l, x_t)                                # Eq. (13): ~ the residual of Eq. (6)
+    mse = mean_per_sample(dq ** 2)
+    weight = 1 / (mse + eps) ** p                                            # Eq. (15) times (t - l) |b(t, s)|
+    b = PARAMETERIZATIONS[param].b(t, s)
+    loss = torch.sign(b) * mean_per_sample(F_t * (per_sample(weight, dq) * dq))
+    return loss, mse, weight
+
+
+# ----- Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -----
+
+def guidance_decay(t, decay_t=0.8, kind="exp"):
+    """g(t): 1 for t <= decay_t, falling to 0 at t = 1 (App. A: guidance fades out at high noise).
+    "linear" is the paper's text; "exp" is the released code's smooth version, used for its checkpoints."""
+    d = (1 - t) / (1 - decay_t)
+    if kind == "linear":
+        return d.clamp(0, 1)
+    if kind == "exp":
+        d = d.clamp(0, 1 - 1e-6)
+        return 1 - torch.exp(-0.025 * d / (1 - d))
+    if kind == "none":
+        return torch.ones_like(t)
+    raise ValueError(f"unknown guidance decay {kind!r}; use 'exp', 'linear' or 'none'")
+
+
+def guidance_strength(t, cfg):
+    """The CFG strength in force at time t: 1 + g(t) (w - 1)."""
+    return 1 + guidance_decay(t, cfg.decay_t, cfg.decay) * (cfg.w - 1)
+
+
+def guided_target(v, v_uncond, t, cfg):
+    """w v + (1 - w) v_uncond (Eq. 18) with the sample velocity v standing in for v(x_t, t | c) (Eq. 17)."""
+    return v + per_sample(guidance_strength(t, cfg) - 1, v) * (v - v_uncond)
+
+
+def mix_velocity(v_cfg, v_guided, m):
+    """v_mix = m (guided target) + (1 - m) v_guided (Eq. 19): the model's own guided velocity lowers the variance."""
+    return m * v_cfg + (1 - m) * v_guided
+
+
+# ----- Algorithm 1 -----
+
+@dataclass
+class Draws:
+    """Everything Algorithm 1 draws at random for one batch: noise, times and which labels are kept."""
+    x1: torch.Tensor                       # (B, ...) noise
+    t_fm: torch.Tensor                     # (n_FM,) flow matching times
+    t: torch.Tensor                        # (B - n_FM,) consistency times, s <= l < t
+    s: torch.Tensor
+    l: torch.Tensor
+    keep: Optional[torch.Tensor] = None    # (B,) bool, False where the label is replaced by the null label
+
+
+def draw(x0, cfg, r, labelled):
+    """Sample the noise, times (Sec. 4.2) and label drops (Sec. 4.3) for a batch x0."""
+    B, n_fm = x0.shape[0], int(cfg.lam * x0.shape[0])
+    t, s, l = consistency_times(B - n_fm, r, cfg, x0.device)
+    keep = torch.rand(B, device=x0.device) >= cfg.drop if labelled else None
+    return Draws(torch.randn_like(x0), logit_normal(n_fm, cfg.fm_mu, cfg.fm_sd, x0.device), t, s, l, keep)
+
+
+def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=None):
+    """Algorithm 1: the training loss (n_FM / B) L_FM + (1 - n_FM / B) L_SCM and detached diagnostics.
+
+    x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) conditioning or None. Network calls: one
+    no-gradient pass for CFG (unconditional velocities, and guided ones for the consistency rows), the
+    consistency target pass, and a student pass for each loss."""
+    d = draws if draws is not None else draw(x0, cfg, r_schedule(step, total_steps, cfg.r_schedule, cfg.r_init,
+                                                                  cfg.r_end), y is not None)
+    B, n = x0.shape[0], d.t_fm.shape[0]
+    t_all = torch.cat([d.t_fm, d.t])
+    x_t, v = interpolate(cfg.schedule, x0, d.x1, t_all)                      # (B, ...) each
+    if y is not None:
+        y = torch.where(d.keep, y, net.num_classes)                           # CFG label drop
+    target, mix, v_guided = v, torch.ones_like(t_all), v[n:]                 # without CFG Eq. (19) gives v
+    if y is not None and cfg.w != 1:
+        # One batched pass: v_uncond for every row, and v_guided (label kept) for the consistency rows if m < 1.
+        rows = slice(n, B) if cfg.m < 1 else slice(B, B)
+        x_c, t_c = torch.cat([x_t, x_t[rows]]), torch.cat([t_all, t_all[rows]])
+        y_c = torch.cat([torch.full_like(y, net.num_classes), y[rows]])
+        with torch.no_grad():
+            v_c = v_from_F(cfg.param, net(x_c, t_c, t_c, y_c, None if cond is None else torch.cat([cond, cond[rows]])),
+                           x_c, t_c)
+        if cfg.m < 1:
+            v_guided = v_c[B:]
+        target = torch.where(per_sample(d.keep, v), guided_target(v, v_c[:B], t_all, cfg), v)   # Eq. (18)
+        mix = torch.where(d.keep, cfg.m, 1.0).to(t_all.dtype)                 # dropped rows keep the plain v
+
+    def part(z, sl):
+        return None if z is None else z[sl]
+
+    fm, scm = slice(0, n), slice(n, B)
+    losses, diag = [], {}
+    if n > 0:
+        loss, mse, weight = fm_loss(net, x_t[fm], d.t_fm, target[fm], mix[fm], part(y, fm), part(cond, fm),
+                                    cfg.param, cfg.p, cfg.eps)
+        losses.append(loss.mean() * n / B)
+        diag.update(fm_loss=loss.mean(), fm_mse=mse.mean(), fm_weight=weight.mean())
+    if n < B:
+        v_scm = mix_velocity(target[scm], v_guided, per_sample(mix[scm], v_guided))   # Eq. (19)
+        loss, mse, weight = scm_loss(net, x_t[scm], d.t, d.s, d.l, v_scm, part(y, scm), part(cond, scm),
+                                     cfg.param, cfg.p, cfg.eps)
+        losses.append(loss.mean() * (B - n) / B)
+        diag.update(scm_mse=mse.mean(), scm_weight=weight.mean())
+    total = sum(losses)
+    diag["loss"] = total
+    return total, {k: v_.detach() for k, v_ in diag.items()}
+
+
+# ----- Sampling -----
+
+@torch.no_grad()
+def sample(net, x1, y=None, cond=None, *, steps=1, times=None, mode="chain", schedule="linear", param="euler"):
+    """Generate from noise x1 with one network call per step (NFE = steps); steps=1 is f_theta(x_1, 1, 0).
+
+    times: a decreasing grid t_0 > ... > t_N (default: N = steps equal steps from 1 to 0).
+    mode "chain": x <- f_theta(x, t_i, t_{i+1}), deterministic.
+    mode "renoise" (the released sampler): x0_hat = f_theta(x, t_i, 0), then x = alpha(t_{i+1}) x0_hat +
+    beta(t_{i+1}) eps with fresh noise; at t_N = 0 this is x0_hat itself.
+    No guidance is applied here: it was learned in training (Sec. 4.3)."""
+    times = torch.linspace(1, 0, steps + 1) if times is None else torch.as_tensor(times, dtype=torch.float32)
+    if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
+        raise ValueError(f"times must be a strictly decreasing 1D grid of at least two points, got {times.tolist()}")
+    if mode not in ("chain", "renoise"):
+        raise ValueError(f"unknown sampling mode {mode!r}; use 'chain' or 'renoise'")
+    S, x = SCHEDULES[schedule], x1
+    for t_i, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
+        t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
+        s = torch.full_like(t, t_next if mode == "chain" else 0.0)
+        x = solution(net, x, t, s, y, cond, param)
+        if mode == "renoise":
+            s = torch.full_like(t, t_next)
+            x = per_sample(S.alpha(s), x) * x + per_sample(S.beta(s), x) * torch.randn_like(x)
+    return x
+
+
+@torch.no_grad()
+def sample_euler(net, x1, y=None, cond=None, *, steps=50, param="euler"):
+    """Flow matching's sampler, the baseline: Euler steps along the model's velocity v_theta(x, t) (Eq. 10)."""
+    x, times = x1, torch.linspace(1, 0, steps + 1).tolist()
+    for t_i, t_next in zip(times[:-1], times[1:]):
+        t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
+        x = x + (t_next - t_i) * velocity(net, x, t, y, cond, param)
+    return x
+
+
+# ================================================================================================================
+# Networks. Each computes F_theta(x, t, s, y=None, cond=None) and stores its constructor arguments in
+# init_kwargs, so that a checkpoint can rebuild it. Times enter as t and the gap t - s, each with its own embedder.
+# ================================================================================================================
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal features of t in [0, 1], (B,) -> (B, dim): cosines, then sines."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]                                   # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """A scalar time -> a vector: sinusoidal features, then Linear-SiLU-Linear."""
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors; row num_classes is the null label. Label dropping happens in the loss."""
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+def labels_or_null(y, batch, num_classes, device):
+    """y, or the null label num_classes for every sample when y is None."""
+    if y is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    if num_classes == 0 and bool((y != 0).any()):
+        raise ValueError("this network is unconditional (num_classes=0): pass y=None")
+    return y
+
+
+class ResidualBlock(nn.Module):
+    """h + MLP(LayerNorm(h) modulated by the conditioning c): shift and scale from c (FiLM)."""
+    def __init__(self, hidden, dropout=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+
+    def forward(self, h, c):
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return h + self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class MLP(nn.Module):
+    """F_theta for low-dimensional data (2D toys, action chunks): residual blocks on the flattened x.
+
+    data_shape: the shape of one sample, e.g. (2,) or (horizon, action_dim). num_classes > 0 adds class labels
+    (with a null label, for CFG); cond_dim > 0 adds a conditioning vector, e.g. an observation."""
+    def __init__(self, data_shape=(2,), hidden=256, depth=4, num_classes=0, cond_dim=0, dropout=0.0):
+        super().__init__()
+        self.init_kwargs = dict(data_shape=tuple(data_shape), hidden=hidden, depth=depth, num_classes=num_classes,
+                                cond_dim=cond_dim, dropout=dropout)
+        self.num_classes, dim = num_classes, math.prod(data_shape)
+        self.t_embedder, self.s_embedder = TimestepEmbedder(hidden), TimestepEmbedder(hidden)
+        self.y_embedder = LabelEmbedder(num_classes, hidden) if num_classes > 0 else None
+        self.cond_proj = nn.Linear(cond_dim, hidden) if cond_dim > 0 else None
+        self.x_proj = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, dropout) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+        nn.init.zeros_(self.out[1].weight)                                    # F = 0 at init: f_theta = a x_t
+        nn.init.zeros_(self.out[1].bias)
+
+    def forward(self, x, t, s, y=None, cond=None):
+        c = self.t_embedder(t) + self.s_embedder(t - s)                       # (B, hidden)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(labels_or_null(y, x.shape[0], self.num_classes, x.device))
+        if (cond is None) != (self.cond_proj is None):
+            raise ValueError(f"this MLP was built with cond_dim={self.init_kwargs['cond_dim']}: "
+                             f"{'pass' if cond is None else 'do not pass'} cond")
+        if cond is not None:
+            c = c + self.cond_proj(cond.flatten(1))
+        h = self.x_proj(x.flatten(1))                                         # (B, hidden)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(h).view_as(x)
+
+
+# @@NETWORKS@@
+
+
+# ----- EMA, checkpoints, random state -----
+
+@torch.no_grad()
+def ema_update(ema, net, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta; buffers are copied."""
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+def rng_state():
+    """Every random state a run draws from, for an exact resume."""
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, **state):
+    """torch.save to a temporary file, then rename it: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A 2D toy with an exact answer: a mixture of isotropic Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I).
+# Given component k, (x_0, x_1, x_t) are jointly Gaussian, so E[x_0 | x_t, k] and E[x_1 | x_t, k] are linear in x_t
+# and the velocities of Eq. 1, 17 and 18 are posterior-weighted sums of linear maps. Integrating them accurately
+# gives the true solution map f(x, t, s) that SoFlow learns.
+# ----------------------------------------------------------------------------------------------------------------
+
+class GaussianMixture:
+    """Mixture of Gaussians with class labels per component; exact velocities and solution map (float64)."""
+    def __init__(self, means, std=0.1, weights=None, classes=None, schedule="linear"):
+        self.means = torch.as_tensor(means, dtype=torch.float64)              # (K, D)
+        K = self.means.shape[0]
+        self.std = float(std)
+        self.weights = torch.full((K,), 1 / K, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64) / sum(weights)
+        self.classes = torch.zeros(K, dtype=torch.long) if classes is None else torch.as_tensor(classes)
+        self.num_classes = int(self.classes.max()) + 1
+        self.schedule = schedule
+
+    @classmethod
+    def ring(cls, k=8, radius=2.0, std=0.15, num_classes=1):
+        """k modes on a circle; with num_classes > 1 the classes alternate around it."""
+        angles = 2 * math.pi * torch.arange(k) / k
+        return cls(radius * torch.stack([angles.cos(), angles.sin()], 1), std, classes=torch.arange(k) % num_classes)
+
+    def sample(self, n, generator=None):
+        """(x_0, y): n samples (float32) and their class labels."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        x0 = self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        return x0.float(), self.classes[k]
+
+    def velocity(self, x, t, y=None, w=1.0):
+        """Eq. 1 (y None), Eq. 17 (labels y), Eq. 18 (labels y, strength w: float or (B,)). x (B, D), t (B,)."""
+        S = SCHEDULES[self.schedule]
+        x, t = x.double(), t.double()
+        a, b, da, db = (per_sample(f(t), x)[..., None] for f in (S.alpha, S.beta, S.d_alpha, S.d_beta))  # (B, 1, 1)
+        var = a ** 2 * self.std ** 2 + b ** 2                                 # Var(x_t | k) per dimension
+        r = x[:, None] - a * self.means[None]                                 # (B, K, D): x_t - E[x_t | k]
+        v_k = da * (self.means[None] + a * self.std ** 2 / var * r) + db * (b / var * r)  # E[a'x0 + b'x1 | x_t, k]
+        logp = self.weights.log()[None] - (r ** 2).sum(-1) / (2 * var[..., 0])  # (B, K); log det is shared
+
+        def average(mask):
+            post = torch.softmax(logp.masked_fill(~mask, -math.inf), dim=1)   # p(k | x_t[, c])
+            return (post[..., None] * v_k).sum(1)
+
+        v = average(torch.ones_like(logp, dtype=torch.bool))
+        if y is None:
+            return v
+        v_c = average(self.classes[None].to(y.device) == y[:, None])
+        w = torch.as_tensor(w, dtype=torch.float64).reshape(-1, 1)                    # (B or 1, 1)
+        return w * v_c + (1 - w) * v
+
+    def solution(self, x, t, s, y=None, w=1.0, steps=200):
+        """The exact solution map f(x, t, s): RK4 on the velocity ODE in float64. t, s: floats or (B,) tensors;
+        w: a float or a function of t (B,) -> (B,) for a time-dependent strength (the decayed guidance)."""
+        x = x.double()
+        t, s = (torch.as_tensor(z, dtype=torch.float64).expand(x.shape[0]) for z in (t, s))
+        strength = w if callable(w) else (lambda tau: w)
+
+        def rate(z, u):                                                       # dz/du with tau = t + (s - t) u
+            tau = t + (s - t) * u
+            return (s - t)[:, None] * self.velocity(z, tau, y, strength(tau))
+
+        h = 1.0 / steps
+        for i in range(steps):
+            u = i * h
+            k1 = rate(x, u)
+            k2 = rate(x + h / 2 * k1, u + h / 2)
+            k3 = rate(x + h / 2 * k2, u + h / 2)
+            k4 = rate(x + h * k3, u + h)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return x.float()
+
+
+# ----- Demo: SoFlow against flow matching on the 2D mixture -----
+
+def train_toy(toy, cfg, steps=1500, batch=512, lr=1e-3, seed=0, net=None, progress=False):
+    """Train an MLP with Algorithm 1 on toy data (labels used when the config guides); returns the network."""
+    torch.manual_seed(seed)
+    net = net if net is not None else MLP(hidden=128, depth=3, num_classes=toy.num_classes if cfg.w != 1 else 0)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    bar = range(steps)
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(bar, desc=f"lam={cfg.lam}", leave=False)
+    for k in bar:
+        x0, y = toy.sample(batch)
+        loss, _ = soflow_loss(net, x0, y if net.num_classes else None, cfg=cfg, step=k, total_steps=steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def map_error(x1, x0_exact, fn):
+    """E ||fn(x_1) - f(x_1, 1, 0)||^2: the distance of a sampler to the exact solution map."""
+    return float(((fn(x1) - x0_exact) ** 2).sum(1).mean())
+
+
+def main():
+    parser = argparse.ArgumentParser(description="SoFlow vs flow matching on a 2D Gaussian mixture (CPU).")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps for each model")
+    parser.add_argument("--out", default="soflow_toy.png", help="where to save the figure")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    toy, cfg = GaussianMixture.ring(), PRESETS["toy"]
+    start = time.time()
+    soflow = train_toy(toy, cfg, args.steps, seed=args.seed, progress=True)
+    fm = train_toy(toy, replace(cfg, lam=1.0), args.steps, seed=args.seed, progress=True)  # flow matching alone
+    print(f"trained SoFlow and flow matching for {args.steps} steps each in {time.time() - start:.0f} s")
+    x1 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
+    x0_exact = toy.solution(x1, 1.0, 0.0)
+    print("mean squared distance to the exact solution map f(x_1, 1, 0), 4096 noise samples:")
+    rows = [(f"SoFlow, {k} step{'s' * (k > 1)}", lambda x, k=k: sample(soflow, x, steps=k)) for k in (1, 2)]
+    rows += [(f"flow matching, {k} Euler step{'s' * (k > 1)}", lambda x, k=k: sample_euler(fm, x, steps=k))
+             for k in (1, 2, 4, 8, 50)]
+    for name, fn in rows:
+        print(f"  {name:<32} {map_error(x1, x0_exact, fn):.4f}")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x1 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    for ax, (title, pts) in zip(axes[:2], [("data", toy.sample(2000)[0]), ("SoFlow, one step", sample(soflow, x1)),
+                                          ]):
+        ax.scatter(*pts.T, s=2)
+        ax.set_title(title)
+    x = x1[:40]
+    grid = torch.linspace(1, 0, 41)
+    learned = torch.stack([solution(soflow, x, torch.ones(40), torch.full((40,), float(s))).detach() for s in grid])
+    exact = torch.stack([toy.solution(x, 1.0, float(s)) for s in grid])
+    axes[2].plot(*exact.permute(2, 0, 1), color="k", lw=1)
+    axes[2].plot(*learned.permute(2, 0, 1), color="C1", lw=1, ls="--")
+    axes[2].set_title("f(x_1, 1, s), s: 1 -> 0: exact (black) vs learned (orange)")
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.set_xlim(-3.5, 3.5)
+        ax.set_ylim(-3.5, 3.5)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"figure saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
