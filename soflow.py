@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -454,7 +455,344 @@ class MLP(nn.Module):
         return self.out(h).view_as(x)
 
 
-# @@NETWORKS@@
+# ----- DiT (Table 4) -----
+# The original DiT (Peebles & Xie 2023) with a second timestep embedder: t_embedder embeds t, s_embedder the gap
+# t - s. Module names follow the released checkpoints, so that their state dicts load by name (load_network).
+
+DiT_models = {  # Table 4, plus DiT's S/2 and two tiny sizes for tests on a CPU
+    "DiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    "DiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "DiT-M/2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),
+    "DiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "DiT-B/4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "DiT-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "DiT-T/2": dict(depth=2, hidden_size=64, num_heads=2, patch_size=2),
+    "DiT-T/4": dict(depth=2, hidden_size=64, num_heads=2, patch_size=4),
+}
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with (B, D) shift and scale broadcast over the tokens of x (B, T, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """DiT's fixed 2D sin-cos position embedding, (grid_size^2, dim), tokens in row-major order.
+    The first half of each vector encodes the token's column, the second half its row; each half is [sin, cos]."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))    # (dim/4,)
+    pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None]         # (G, dim/4)
+    emb = torch.cat([pos.sin(), pos.cos()], dim=1)                                    # (G, dim/2)
+    G, half = grid_size, dim // 2
+    cols, rows = emb[None].expand(G, G, half), emb[:, None].expand(G, G, half)        # at [i, j]: column j, row i
+    return torch.cat([cols, rows], dim=-1).reshape(G * G, dim).float()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; qkv packs q, k, v (in that order) along its output."""
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)                                   # (B, H, T, D/H)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the conditioning c sets a shift, scale and gate for both branches."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(approximate="tanh"),
+                                             fc2=nn.Linear(hidden, dim)))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear map of each token to its patch of p * p * C outputs."""
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))                # (B, T, p*p*C)
+
+
+class DiT(nn.Module):
+    """F_theta(x_t, t, s, y) on latents: a DiT conditioned on emb(t) + emb(t - s) + emb(y). Defaults: DiT-XL/2."""
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, num_classes=1000):
+        super().__init__()
+        self.init_kwargs = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                                hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                num_classes=num_classes)
+        self.num_classes, self.in_channels, self.patch_size = num_classes, in_channels, patch_size
+        self.grid_size = input_size // patch_size
+        # Fixed, yet a frozen parameter rather than a buffer: the released checkpoints store it that way.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
+        # Patches -> tokens: a convolution with kernel = stride = patch size (named as DiT's timm PatchEmbed).
+        self.x_embedder = nn.Sequential(OrderedDict(proj=nn.Conv2d(in_channels, hidden_size, patch_size, patch_size)))
+        self.t_embedder = TimestepEmbedder(hidden_size)       # embeds t
+        self.s_embedder = TimestepEmbedder(hidden_size)       # embeds the gap t - s, not s
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's initialisation: Xavier for linear layers, N(0, 0.02) for embedders, adaLN-Zero, a zero output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size)[None])
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))       # as a linear layer on flattened patches
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for layer in (e.mlp[i] for e in (self.t_embedder, self.s_embedder) for i in (0, 2)):
+            nn.init.normal_(layer.weight, std=0.02)
+        # Zero modulation makes every block the identity; the zero output layer makes F = 0, so f(x, t, s) = a x.
+        final = self.final_layer
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [final.adaLN_modulation[-1], final.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        """(B, T, p*p*C) -> (B, C, H, W); within a patch the channel index runs fastest."""
+        B, G, p, C = x.shape[0], self.grid_size, self.patch_size, self.in_channels
+        x = x.reshape(B, G, G, p, p, C)                                               # (B, h, w, p, q, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, G * p, G * p)
+
+    def forward(self, x, t, s, y=None, cond=None):
+        if cond is not None:
+            raise ValueError("DiT takes no cond tensor; class labels go in y")
+        y = labels_or_null(y, x.shape[0], self.num_classes, x.device)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed            # (B, T, D)
+        c = self.t_embedder(t) + self.s_embedder(t - s) + self.y_embedder(y)          # (B, D)
+        for block in self.blocks:
+            h = block(h, c)
+        h = self.final_layer(h, c)                                                    # (B, T, p*p*C)
+        return self.unpatchify(h).to(x.dtype)     # autocast may give bf16; f_theta is computed in x's dtype
+
+
+# ----- U-Net (DDPM++ of EDM, 32x32 pixels) -----
+# EDM's SongUNet in its "ddpmpp" configuration (Karras et al. 2022; DDPM++ of Song et al. 2021), with SoFlow's
+# change: sinusoidal features of t and of t - s are concatenated, so the mapping MLP's input is twice as wide.
+# Module names follow EDM's (enc / dec entries, norm0, conv0, affine, ...).
+
+UNet_models = {
+    "UNet-CIFAR10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
+                         dropout=0.3),
+    "UNet-T": dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0),
+}
+SKIP_SCALE = 1 / math.sqrt(2)    # DDPM++ scales every residual sum by 1/sqrt(2) to keep the variance flat
+
+
+def xavier(layer, gain=1.0):
+    """EDM's init for DDPM++: Xavier-uniform weight times gain, zero bias."""
+    nn.init.xavier_uniform_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def group_norm(channels):
+    """GroupNorm with 32 groups, or fewer so that every group has at least 4 channels (as EDM)."""
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+
+
+def resample(x, mode):
+    """EDM's resampling with the filter [1, 1]: 2x2 average pooling down, nearest neighbour up, else nothing."""
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    return F.interpolate(x, scale_factor=2.0, mode="nearest") if mode == "up" else x
+
+
+class UNetBlock(nn.Module):
+    """DDPM++ residual block (resampling if mode is "down" or "up"); the embedding is added between its two
+    convolutions; then optional single-head self-attention."""
+    def __init__(self, in_channels, out_channels, emb_channels, mode=None, attention=False, dropout=0.0):
+        super().__init__()
+        self.mode, self.attention = mode, attention
+        self.norm0 = group_norm(in_channels)
+        self.conv0 = xavier(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.affine = xavier(nn.Linear(emb_channels, out_channels))
+        self.norm1 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = xavier(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)  # block ~ its skip
+        self.skip = xavier(nn.Conv2d(in_channels, out_channels, 1)) if in_channels != out_channels or mode else None
+        if attention:
+            self.norm2 = group_norm(out_channels)
+            self.qkv = xavier(nn.Conv2d(out_channels, 3 * out_channels, 1), gain=math.sqrt(0.2))
+            self.proj = xavier(nn.Conv2d(out_channels, out_channels, 1), gain=1e-5)
+
+    def forward(self, x, emb):
+        h = self.conv0(resample(F.silu(self.norm0(x)), self.mode))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
+        h = self.conv1(self.dropout(h))
+        x = resample(x, self.mode)
+        x = (h + (x if self.skip is None else self.skip(x))) * SKIP_SCALE
+        if self.attention:
+            B, C, H, W = x.shape
+            q, k, v = self.qkv(self.norm2(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # each (B, HW, C)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
+            x = (x + self.proj(a)) * SKIP_SCALE
+        return x
+
+
+class UNet(nn.Module):
+    """F_theta(x_t, t, s, y) on pixels: EDM's DDPM++ U-Net with embeddings of t and t - s. Defaults: CIFAR-10."""
+    def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+                 attn_resolutions=(16,), dropout=0.3, channel_mult_noise=2, num_classes=0):
+        super().__init__()
+        self.init_kwargs = dict(img_resolution=img_resolution, in_channels=in_channels, model_channels=model_channels,
+                                channel_mult=tuple(channel_mult), num_blocks=num_blocks,
+                                attn_resolutions=tuple(attn_resolutions), dropout=dropout,
+                                channel_mult_noise=channel_mult_noise, num_classes=num_classes)
+        # Each time gets channel_mult_noise * model_channels sinusoidal features. 2 (as in MeanFlow's PyTorch
+        # U-Net; EDM's DDPM++ has 1) gives the released model's 55.93M parameters; 1 would give 55.80M.
+        self.num_classes, self.noise_channels = num_classes, channel_mult_noise * model_channels
+        emb = 4 * model_channels                                                      # EDM: channel_mult_emb = 4
+        # Optional labels (for CFG), added to the time features; row num_classes is the null label. Default
+        # N(0, 1) rows: the scale of the sinusoidal features they are added to.
+        self.map_label = nn.Embedding(num_classes + 1, 2 * self.noise_channels) if num_classes > 0 else None
+        self.map_layer0 = xavier(nn.Linear(2 * self.noise_channels, emb))             # SoFlow: [emb(t), emb(t - s)]
+        self.map_layer1 = xavier(nn.Linear(emb, emb))
+        block = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, dropout=dropout, **kw)  # noqa: E731
+
+        # Encoder: a 3x3 conv, then per resolution a downsampling block (below the top) and num_blocks blocks.
+        self.enc, cout, skips = nn.ModuleDict(), model_channels, [model_channels]
+        self.enc[f"{img_resolution}x{img_resolution}_conv"] = xavier(nn.Conv2d(in_channels, cout, 3, padding=1))
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level > 0:
+                self.enc[f"{res}x{res}_down"] = block(cout, cout, mode="down")
+                skips.append(cout)
+            for i in range(num_blocks):
+                attn = res in attn_resolutions
+                self.enc[f"{res}x{res}_block{i}"] = block(cout, model_channels * mult, attention=attn)
+                cout = model_channels * mult
+                skips.append(cout)
+        # Decoder: two middle blocks (the first with attention) at the bottom, an upsampling block above, then
+        # num_blocks + 1 blocks that each take one encoder output; attention in the last one at attn_resolutions.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = block(cout, cout, attention=True)
+                self.dec[f"{res}x{res}_in1"] = block(cout, cout)
+            else:
+                self.dec[f"{res}x{res}_up"] = block(cout, cout, mode="up")
+            for i in range(num_blocks + 1):
+                attn = i == num_blocks and res in attn_resolutions
+                self.dec[f"{res}x{res}_block{i}"] = block(cout + skips.pop(), model_channels * mult, attention=attn)
+                cout = model_channels * mult
+        self.out_norm = group_norm(cout)
+        # Deviation: EDM starts the output conv at 1e-5 x Xavier; exact zero makes f_theta(x, t, s) = a x at init.
+        self.out_conv = nn.Conv2d(cout, in_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def forward(self, x, t, s, y=None, cond=None):
+        if cond is not None:
+            raise ValueError("UNet takes no cond tensor; class labels go in y")
+        y = labels_or_null(y, x.shape[0], self.num_classes, x.device)
+        # Deviation: EDM's DDPM++ puts sines first and spaces its frequencies to reach 1/10000 exactly; this is
+        # DiT's embedding (cosines first). Times enter as they are, in [0, 1], as in MeanFlow's U-Net.
+        emb = torch.cat([timestep_embedding(t, self.noise_channels), timestep_embedding(t - s, self.noise_channels)], 1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(y)                                             # (B, 2 noise_channels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))                   # (B, 4 model_channels)
+        skips, h = [], x
+        for block in self.enc.values():
+            h = block(h, emb) if isinstance(block, UNetBlock) else block(h)
+            skips.append(h)
+        for name, block in self.dec.items():
+            if "_block" in name:                                                      # takes an encoder output
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb)
+        return self.out_conv(F.silu(self.out_norm(h))).to(x.dtype)
+
+
+# ----- Loading checkpoints: ours and the released ones -----
+
+def dit_kwargs_from_state_dict(sd):
+    """DiT constructor arguments read off a state dict's shapes (the released checkpoints store no config)."""
+    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    heads = {(v["depth"], v["hidden_size"]): v["num_heads"] for v in DiT_models.values()}.get((depth, hidden))
+    if heads is None:
+        raise ValueError(f"no size in DiT_models has depth {depth} and width {hidden}: add it there with its heads")
+    return dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * patch, patch_size=patch, in_channels=in_channels,
+                hidden_size=hidden, depth=depth, num_heads=heads,
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+
+
+def check_state_dict(net, sd, source):
+    """Raise an error that lists the missing keys, unexpected keys and shape mismatches, if there are any."""
+    own = net.state_dict()
+    problems = {"missing keys": [k for k in own if k not in sd],
+                "unexpected keys": [k for k in sd if k not in own],
+                "shape mismatches": [f"{k} (checkpoint {tuple(sd[k].shape)}, network {tuple(v.shape)})"
+                                     for k, v in own.items() if k in sd and sd[k].shape != v.shape]}
+    if any(problems.values()):
+        lines = [f"  {name} ({len(keys)}): " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+                 for name, keys in problems.items() if keys]
+        raise ValueError(f"{source} does not fit {type(net).__name__}(**{net.init_kwargs}):\n" + "\n".join(lines) +
+                         "\nBuild the network with the arguments the checkpoint was trained with, or load another file")
+
+
+def load_network(path, use_ema=True, map_location="cpu"):
+    """A network in eval mode from our checkpoint (save_checkpoint) or a released SoFlow DiT checkpoint.
+    use_ema: the EMA weights (those sampled from) rather than the raw training weights."""
+    try:   # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    ours = isinstance(ckpt, dict) and "arch" in ckpt
+    weights = (ckpt.get("ema_model") or ckpt.get("model")) if isinstance(ckpt, dict) and not ours else None
+    released = isinstance(weights, dict) and any(str(k).startswith("network.") for k in weights)
+    if not (ours or released):
+        found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a SoFlow checkpoint: expected 'arch', 'arch_kwargs', 'model', 'ema' (ours) "
+                         f"or 'model', 'ema_model' with 'network.' keys (released); found {found}")
+    key = ("ema" if ours else "ema_model") if use_ema else "model"
+    sd = ckpt.get(key)
+    if sd is None:
+        hint = "; pass use_ema=False for the raw training weights" if use_ema else ""
+        raise ValueError(f"{path} has no '{key}' weights{hint}")
+    if ours:
+        if ckpt["arch"] not in NETWORKS:
+            raise ValueError(f"{path}: unknown arch {ckpt['arch']!r}; known: {sorted(NETWORKS)}")
+        cls, kwargs = NETWORKS[ckpt["arch"]], ckpt["arch_kwargs"]
+    else:
+        sd = {k[len("network."):]: v for k, v in sd.items() if k.startswith("network.")}
+        try:
+            cls, kwargs = DiT, dit_kwargs_from_state_dict(sd)
+        except KeyError as e:
+            raise ValueError(f"{path}: cannot read the DiT size, key {e} is missing from '{key}'") from e
+    with torch.device("meta"):     # no random init: every tensor comes from the checkpoint
+        net = cls(**kwargs)
+    check_state_dict(net, sd, path)
+    net.load_state_dict(sd, assign=True)    # assign keeps pos_embed's requires_grad=False
+    return net.eval()
+
+
+NETWORKS = {"MLP": MLP, "DiT": DiT, "UNet": UNet}
 
 
 # ----- EMA, checkpoints, random state -----
