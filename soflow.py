@@ -189,11 +189,9 @@ def consistency_times(n, r, cfg, device=None):
 # ----- The flow matching loss (Eq. 11-12) -----
 
 def fm_loss(net, x_t, t, v_target, mix, y=None, cond=None, param="euler", p=1.0, eps=0.01):
-    """Per-sample L_FM (Eq. 11) with the adaptive weight of Eq. 12; returns (loss, mse, weight), each (B,).
-
-    v_target is the velocity to match (alpha'_t x_0 + beta'_t x_1, or its guided form, Eq. 18). mix is the
-    per-sample m of Eq. 19: the guided velocity mixed in is the network's own prediction, so this pass provides
-    it and no separate evaluation is needed."""
+    """Per-sample L_FM (Eq. 11) with the weight of Eq. 12; returns (loss, mse, weight), each (B,). v_target: the
+    velocity to match (alpha'_t x_0 + beta'_t x_1, or Eq. 18's guided form); mix: the per-sample m of Eq. 19, whose
+    v_guided is this very pass's prediction (detached), so no separate evaluation is needed."""
     v_pred = v_from_F(param, net(x_t, t, t, y, cond), x_t, t)                   # Eq. (10)
     v_mix = mix_velocity(v_target, v_pred.detach(), per_sample(mix, x_t))       # Eq. (19)
     mse = mean_per_sample((v_pred - v_mix) ** 2)
@@ -280,17 +278,17 @@ def draw(x0, cfg, r, labelled):
 
 
 def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=None):
-    """Algorithm 1: the training loss (n_FM / B) L_FM + (1 - n_FM / B) L_SCM and detached diagnostics.
-
-    x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) conditioning or None. Network calls: one
-    no-gradient pass for CFG (unconditional velocities, and guided ones for the consistency rows), the
-    consistency target pass, and a student pass for each loss."""
+    """Algorithm 1: the loss (n_FM / B) L_FM + (1 - n_FM / B) L_SCM and detached diagnostics. x0: (B, ...) data,
+    y: (B,) labels or None, cond: (B, ...) or None. Network calls: one no-grad pass for CFG (v_uncond for all rows,
+    v_guided for the consistency rows), the consistency target pass, and one student pass per loss."""
     d = draws if draws is not None else draw(x0, cfg, r_schedule(step, total_steps, cfg.r_schedule, cfg.r_init,
                                                                   cfg.r_end), y is not None)
     B, n = x0.shape[0], d.t_fm.shape[0]
     t_all = torch.cat([d.t_fm, d.t])
     x_t, v = interpolate(cfg.schedule, x0, d.x1, t_all)                      # (B, ...) each
     if y is not None:
+        if net.num_classes == 0:
+            raise ValueError("labels y were given to an unconditional network: build it with num_classes > 0")
         y = torch.where(d.keep, y, net.num_classes)                           # CFG label drop
     target, mix, v_guided = v, torch.ones_like(t_all), v[n:]                 # without CFG Eq. (19) gives v
     if y is not None and cfg.w != 1:
@@ -306,9 +304,7 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
         target = torch.where(per_sample(d.keep, v), guided_target(v, v_c[:B], t_all, cfg), v)   # Eq. (18)
         mix = torch.where(d.keep, cfg.m, 1.0).to(t_all.dtype)                 # dropped rows keep the plain v
 
-    def part(z, sl):
-        return None if z is None else z[sl]
-
+    part = lambda z, rows: None if z is None else z[rows]                  # noqa: E731
     fm, scm = slice(0, n), slice(n, B)
     losses, diag = [], {}
     if n > 0:
@@ -331,13 +327,10 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
 
 @torch.no_grad()
 def sample(net, x1, y=None, cond=None, *, steps=1, times=None, mode="chain", schedule="linear", param="euler"):
-    """Generate from noise x1 with one network call per step (NFE = steps); steps=1 is f_theta(x_1, 1, 0).
-
-    times: a decreasing grid t_0 > ... > t_N (default: N = steps equal steps from 1 to 0).
-    mode "chain": x <- f_theta(x, t_i, t_{i+1}), deterministic.
-    mode "renoise" (the released sampler): x0_hat = f_theta(x, t_i, 0), then x = alpha(t_{i+1}) x0_hat +
-    beta(t_{i+1}) eps with fresh noise; at t_N = 0 this is x0_hat itself.
-    No guidance is applied here: it was learned in training (Sec. 4.3)."""
+    """Generate from noise x1, one network call per step; steps=1 is f_theta(x_1, 1, 0). times: a decreasing grid
+    t_0 > ... > t_N (default: `steps` equal steps from 1 to 0). "chain": x <- f_theta(x, t_i, t_{i+1}).
+    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps, fresh noise
+    each step; at t_N = 0 that is f_theta(x, t_{N-1}, 0). No guidance here: it was learned (Sec. 4.3)."""
     times = torch.linspace(1, 0, steps + 1) if times is None else torch.as_tensor(times, dtype=torch.float32)
     if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
         raise ValueError(f"times must be a strictly decreasing 1D grid of at least two points, got {times.tolist()}")
@@ -408,6 +401,11 @@ def labels_or_null(y, batch, num_classes, device):
     return y
 
 
+def constructor_args(local_vars):
+    """A network's constructor arguments, from locals() at the top of its __init__: enough to rebuild it."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
+
+
 class ResidualBlock(nn.Module):
     """h + MLP(LayerNorm(h) modulated by the conditioning c): shift and scale from c (FiLM)."""
     def __init__(self, hidden, dropout=0.0):
@@ -428,8 +426,7 @@ class MLP(nn.Module):
     (with a null label, for CFG); cond_dim > 0 adds a conditioning vector, e.g. an observation."""
     def __init__(self, data_shape=(2,), hidden=256, depth=4, num_classes=0, cond_dim=0, dropout=0.0):
         super().__init__()
-        self.init_kwargs = dict(data_shape=tuple(data_shape), hidden=hidden, depth=depth, num_classes=num_classes,
-                                cond_dim=cond_dim, dropout=dropout)
+        self.init_kwargs = constructor_args(locals())
         self.num_classes, dim = num_classes, math.prod(data_shape)
         self.t_embedder, self.s_embedder = TimestepEmbedder(hidden), TimestepEmbedder(hidden)
         self.y_embedder = LabelEmbedder(num_classes, hidden) if num_classes > 0 else None
@@ -536,9 +533,7 @@ class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000):
         super().__init__()
-        self.init_kwargs = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                                hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                                num_classes=num_classes)
+        self.init_kwargs = constructor_args(locals())
         self.num_classes, self.in_channels, self.patch_size = num_classes, in_channels, patch_size
         self.grid_size = input_size // patch_size
         # Fixed, yet a frozen parameter rather than a buffer: the released checkpoints store it that way.
@@ -658,10 +653,7 @@ class UNet(nn.Module):
     def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
                  attn_resolutions=(16,), dropout=0.3, channel_mult_noise=2, num_classes=0):
         super().__init__()
-        self.init_kwargs = dict(img_resolution=img_resolution, in_channels=in_channels, model_channels=model_channels,
-                                channel_mult=tuple(channel_mult), num_blocks=num_blocks,
-                                attn_resolutions=tuple(attn_resolutions), dropout=dropout,
-                                channel_mult_noise=channel_mult_noise, num_classes=num_classes)
+        self.init_kwargs = constructor_args(locals())
         # Each time gets channel_mult_noise * model_channels sinusoidal features. 2 (as in MeanFlow's PyTorch
         # U-Net; EDM's DDPM++ has 1) gives the released model's 55.93M parameters; 1 would give 55.80M.
         self.num_classes, self.noise_channels = num_classes, channel_mult_noise * model_channels
@@ -808,17 +800,13 @@ def ema_update(ema, net, decay):
 
 def rng_state():
     """Every random state a run draws from, for an exact resume."""
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), cuda=cuda)
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    random.setstate(state["python"]), np.random.set_state(state["numpy"]), torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -844,14 +832,11 @@ def save_checkpoint(path, **state):
 class GaussianMixture:
     """Mixture of Gaussians with class labels per component; exact velocities and solution map (float64)."""
     def __init__(self, means, std=0.1, weights=None, classes=None, schedule="linear"):
-        self.means = torch.as_tensor(means, dtype=torch.float64)              # (K, D)
-        K = self.means.shape[0]
-        self.std = float(std)
-        self.weights = torch.full((K,), 1 / K, dtype=torch.float64) if weights is None else \
-            torch.as_tensor(weights, dtype=torch.float64) / sum(weights)
-        self.classes = torch.zeros(K, dtype=torch.long) if classes is None else torch.as_tensor(classes)
+        self.means, self.std, self.schedule = torch.as_tensor(means, dtype=torch.float64), float(std), schedule
+        weights = torch.ones(len(self.means)) if weights is None else torch.as_tensor(weights)
+        self.weights = (weights / weights.sum()).double()                     # pi_k, (K,)
+        self.classes = torch.zeros(len(self.means), dtype=torch.long) if classes is None else torch.as_tensor(classes)
         self.num_classes = int(self.classes.max()) + 1
-        self.schedule = schedule
 
     @classmethod
     def ring(cls, k=8, radius=2.0, std=0.15, num_classes=1):
@@ -898,13 +883,11 @@ class GaussianMixture:
             return (s - t)[:, None] * self.velocity(z, tau, y, strength(tau))
 
         h = 1.0 / steps
-        for i in range(steps):
-            u = i * h
+        for u in (i * h for i in range(steps)):
             k1 = rate(x, u)
             k2 = rate(x + h / 2 * k1, u + h / 2)
             k3 = rate(x + h / 2 * k2, u + h / 2)
-            k4 = rate(x + h * k3, u + h)
-            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + rate(x + h * k3, u + h))
         return x.float()
 
 
@@ -915,11 +898,8 @@ def train_toy(toy, cfg, steps=1500, batch=512, lr=1e-3, seed=0, net=None, progre
     torch.manual_seed(seed)
     net = net if net is not None else MLP(hidden=128, depth=3, num_classes=toy.num_classes if cfg.w != 1 else 0)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    bar = range(steps)
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(bar, desc=f"lam={cfg.lam}", leave=False)
-    for k in bar:
+    from tqdm import trange
+    for k in trange(steps, desc=f"lam={cfg.lam}", leave=False, disable=not progress):
         x0, y = toy.sample(batch)
         loss, _ = soflow_loss(net, x0, y if net.num_classes else None, cfg=cfg, step=k, total_steps=steps)
         opt.zero_grad(set_to_none=True)
@@ -939,11 +919,12 @@ def main():
     parser.add_argument("--out", default="soflow_toy.png", help="where to save the figure")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    toy, cfg = GaussianMixture.ring(), PRESETS["toy"]
-    start = time.time()
+    # Train both models for the same number of steps: SoFlow, and the same MLP with the flow matching loss alone.
+    toy, cfg, start = GaussianMixture.ring(), PRESETS["toy"], time.time()
     soflow = train_toy(toy, cfg, args.steps, seed=args.seed, progress=True)
-    fm = train_toy(toy, replace(cfg, lam=1.0), args.steps, seed=args.seed, progress=True)  # flow matching alone
+    fm = train_toy(toy, replace(cfg, lam=1.0), args.steps, seed=args.seed, progress=True)
     print(f"trained SoFlow and flow matching for {args.steps} steps each in {time.time() - start:.0f} s")
+    # Compare every sampler with the exact solution map.
     x1 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
     x0_exact = toy.solution(x1, 1.0, 0.0)
     print("mean squared distance to the exact solution map f(x_1, 1, 0), 4096 noise samples:")
@@ -952,27 +933,24 @@ def main():
              for k in (1, 2, 4, 8, 50)]
     for name, fn in rows:
         print(f"  {name:<32} {map_error(x1, x0_exact, fn):.4f}")
-
+    # Figure: one-step samples over the data; learned trajectories s -> f_theta(x_1, 1, s) over the exact ones.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    x1 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
-    for ax, (title, pts) in zip(axes[:2], [("data", toy.sample(2000)[0]), ("SoFlow, one step", sample(soflow, x1)),
-                                          ]):
-        ax.scatter(*pts.T, s=2)
-        ax.set_title(title)
-    x = x1[:40]
-    grid = torch.linspace(1, 0, 41)
-    learned = torch.stack([solution(soflow, x, torch.ones(40), torch.full((40,), float(s))).detach() for s in grid])
-    exact = torch.stack([toy.solution(x, 1.0, float(s)) for s in grid])
-    axes[2].plot(*exact.permute(2, 0, 1), color="k", lw=1)
-    axes[2].plot(*learned.permute(2, 0, 1), color="C1", lw=1, ls="--")
-    axes[2].set_title("f(x_1, 1, s), s: 1 -> 0: exact (black) vs learned (orange)")
-    for ax in axes:
-        ax.set_aspect("equal")
-        ax.set_xlim(-3.5, 3.5)
-        ax.set_ylim(-3.5, 3.5)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5.5))
+    ax0.scatter(*toy.sample(2000)[0].T, s=2, c="0.6", label="data")
+    ax0.scatter(*sample(soflow, x1[:2000]).T, s=2, c="C1", label="SoFlow, one step")
+    x, grid = x1[:40], torch.linspace(1, 0, 41).tolist()
+    learned = torch.stack([solution(soflow, x, torch.ones(40), torch.full((40,), s)).detach() for s in grid])
+    exact = torch.stack([toy.solution(x, 1.0, s) for s in grid])                # (41, 40, 2)
+    ax1.plot(*exact.permute(2, 0, 1), c="k", lw=1)
+    ax1.plot(*learned.permute(2, 0, 1), c="C1", lw=1, ls="--")
+    ax1.scatter(*exact[-1].T, c="k", s=8)                                    # where the exact paths end: data
+    ax0.legend(loc="upper right", markerscale=5)
+    ax0.set_title("one-step samples")
+    ax1.set_title("f(x_1, 1, s) for s from 1 to 0: exact (black), learned (orange)")
+    for ax in (ax0, ax1):
+        ax.set(aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5))
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"figure saved to {args.out}")

@@ -1,0 +1,109 @@
+"""Sampling throughput on the same DiT and the same batch of noise: the bare network forward F(x_1, 1, 0, y), SoFlow's
+one-step sampler x_0 = f(x_1, 1, 0) (soflow.sample, 1 NFE) and flow matching's Euler sampler (soflow.sample_euler).
+
+    python benchmarks/sampling.py                            # CPU default: DiT-S/4, batch 16, ~1 min on 2 cores
+    python benchmarks/sampling.py --model DiT-XL/2 --batch-size 256 --device cuda --dtype bf16 --compile --json s.json
+
+Each sampler first runs --warmup times; then --repeats interleaved rounds each run every sampler once (the Euler
+sampler, 50 network calls, only in the first --euler-repeats rounds). Under torch.no_grad, between
+torch.cuda.synchronize() calls on a GPU. Printed: images/s from the median time, the spread (from the slowest and
+the fastest run), and the ratio to the bare forward, whose images/s is the ceiling of a 1-NFE sampler.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import soflow  # noqa: E402
+from benchmarks.train_step import SIZES, sync  # noqa: E402
+
+
+def samplers(euler_steps):
+    """name -> (function of (net, x1, y) -> images, network calls per image)."""
+    def forward(net, x1, y):
+        t = torch.ones(x1.shape[0], device=x1.device)
+        return net(x1, t, torch.zeros_like(t), y)
+    return {
+        "network forward F(x_1, 1, 0)": (forward, 1),
+        "SoFlow 1-NFE": (lambda net, x1, y: soflow.sample(net, x1, y), 1),
+        f"flow matching, {euler_steps} Euler steps": (
+            lambda net, x1, y: soflow.sample_euler(net, x1, y, steps=euler_steps), euler_steps),
+    }
+
+
+@torch.no_grad()
+def timed(fn, net, x1, y, autocast):
+    """Seconds for one call of a sampler, synchronized on a GPU."""
+    sync(x1.device)
+    start = time.perf_counter()
+    with autocast:
+        fn(net, x1, y)
+    sync(x1.device)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", default="DiT-S/4", choices=sorted(SIZES), help="DiT size (32x32x4 latents)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--euler-steps", type=int, default=50, help="flow matching's Euler steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each one-call sampler")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds of the one-call samplers")
+    parser.add_argument("--euler-repeats", type=int, default=2, help="timed runs of the Euler sampler")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    # Setup: one network in eval mode (random weights: the cost does not depend on them), one batch of noise.
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    net = soflow.DiT(**SIZES[args.model], input_size=32, in_channels=4, num_classes=1000).to(device).eval()
+    model = torch.compile(net) if args.compile else net
+    x1 = torch.randn(args.batch_size, 4, 32, 32, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    table = samplers(args.euler_steps)
+    euler = list(table)[-1]
+    print(f"{args.model}, batch {args.batch_size} of 4x32x32 latents, {device.type} {args.dtype}"
+          f"{' compiled' if args.compile else ''}, {torch.get_num_threads()} threads")
+    # Warm up (the Euler sampler's 50 calls warm it up by themselves), then interleaved timed rounds.
+    for name, (fn, nfe) in table.items():
+        for _ in range(args.warmup if nfe == 1 else 1):
+            timed(fn, model, x1, y, autocast)
+    times = {name: [] for name in table}
+    for k in range(max(args.repeats, args.euler_repeats)):
+        for name, (fn, _) in table.items():
+            if k < (args.euler_repeats if name == euler else args.repeats):
+                times[name].append(timed(fn, model, x1, y, autocast))
+    # Table: images/s (median run; spread from the slowest and fastest runs), ratio to the bare forward.
+    rows = []
+    for name, (_, nfe) in table.items():
+        ips = [args.batch_size / s for s in times[name]]
+        rows.append(dict(sampler=name, nfe=nfe, images_per_s=args.batch_size / statistics.median(times[name]),
+                         min_images_per_s=min(ips), max_images_per_s=max(ips), runs=len(ips),
+                         ms_median=statistics.median(times[name]) * 1e3))
+    ceiling = rows[0]["images_per_s"]
+    print(f"\n{'sampler':<34}{'NFE':>4}{'images/s':>10}{'spread':>17}{'/ forward':>11}")
+    for r in rows:
+        r["ratio_to_forward"] = r["images_per_s"] / ceiling
+        print(f"{r['sampler']:<34}{r['nfe']:>4}{r['images_per_s']:>10.2f}"
+              f"{r['min_images_per_s']:>8.2f} - {r['max_images_per_s']:<6.2f}{r['ratio_to_forward']:>11.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config=vars(args), threads=torch.get_num_threads(), torch=torch.__version__,
+                           samplers=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
