@@ -188,11 +188,13 @@ def consistency_times(n, r, cfg, device=None):
 
 # ----- The flow matching loss (Eq. 11-12) -----
 
-def fm_loss(net, x_t, t, v_target, mix, y=None, cond=None, param="euler", p=1.0, eps=0.01):
+def fm_loss(net, x_t, t, v_target, mix, y=None, cond=None, param="euler", p=1.0, eps=0.01, F_out=None):
     """Per-sample L_FM (Eq. 11) with the weight of Eq. 12; returns (loss, mse, weight), each (B,). v_target: the
     velocity to match (alpha'_t x_0 + beta'_t x_1, or Eq. 18's guided form); mix: the per-sample m of Eq. 19, whose
-    v_guided is this very pass's prediction (detached), so no separate evaluation is needed."""
-    v_pred = v_from_F(param, net(x_t, t, t, y, cond), x_t, t)                   # Eq. (10)
+    v_guided is this very pass's prediction (detached), so no separate evaluation is needed.
+    F_out: F_theta(x_t, t, t), if the caller has computed it (with gradient)."""
+    F_out = net(x_t, t, t, y, cond) if F_out is None else F_out
+    v_pred = v_from_F(param, F_out, x_t, t)                                     # Eq. (10)
     v_mix = mix_velocity(v_target, v_pred.detach(), per_sample(mix, x_t))       # Eq. (19)
     mse = mean_per_sample((v_pred - v_mix) ** 2)
     d2b = PARAMETERIZATIONS[param].d2b(t)
@@ -202,7 +204,7 @@ def fm_loss(net, x_t, t, v_target, mix, y=None, cond=None, param="euler", p=1.0,
 
 # ----- The solution consistency loss (Eq. 13-15) -----
 
-def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, param="euler", p=1.0, eps=0.01):
+def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, param="euler", p=1.0, eps=0.01, F_t=None):
     """Per-sample L_SCM (Eq. 14) with the weight of Eq. 15, in gradient form; returns (loss, mse, weight), each (B,).
 
     v is the velocity that moves x_t to time l (the conditional velocity, or its guided mix, Eq. 19).
@@ -210,12 +212,13 @@ def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, param="euler", p=1.0, eps=
     its gradient is exactly 1/2 of the gradient of Eq. 14 weighted by Eq. 15, and it never divides by
     (t - l) |b(t, s)|, which can be tiny. mse is mean(dq^2), the MSE of Eq. 15 divided by (t - l)^2.
     # Deviation: the released code trains with this form, so L_SCM enters Alg. 1 at half the paper's scale.
+    F_t: F_theta(x_t, t, s), if the caller has computed it (with gradient; only without dropout).
     """
     x_l = x_t + per_sample(l - t, x_t) * v                                   # the step of Eq. (14)
     # The target pass replays the random state the student pass starts from: same dropout masks in both.
     with torch.random.fork_rng(devices=[x_t.device] if x_t.is_cuda else []), torch.no_grad():
         f_l = solution(net, x_l, l, s, y, cond, param)                       # f_theta^-(x_l, l, s)
-    F_t = net(x_t, t, s, y, cond)
+    F_t = net(x_t, t, s, y, cond) if F_t is None else F_t
     f_t = f_from_F(param, F_t.detach(), x_t, t, s)                          # f_theta(x_t, t, s), value only
     dq = (f_t - f_l) / per_sample(t - l, x_t)                                # Eq. (13): ~ the residual of Eq. (6)
     mse = mean_per_sample(dq ** 2)
@@ -280,7 +283,8 @@ def draw(x0, cfg, r, labelled):
 def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=None):
     """Algorithm 1: the loss (n_FM / B) L_FM + (1 - n_FM / B) L_SCM and detached diagnostics. x0: (B, ...) data,
     y: (B,) labels or None, cond: (B, ...) or None. Network calls: one no-grad pass for CFG (v_uncond for all rows,
-    v_guided for the consistency rows), the consistency target pass, and one student pass per loss."""
+    v_guided for the consistency rows), the consistency target pass, and one student pass over the whole batch
+    (two, one per loss, if the network has active dropout: the target pass must replay the student's masks)."""
     d = draws if draws is not None else draw(x0, cfg, r_schedule(step, total_steps, cfg.r_schedule, cfg.r_init,
                                                                   cfg.r_end), y is not None)
     B, n = x0.shape[0], d.t_fm.shape[0]
@@ -289,6 +293,9 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
     if y is not None:
         if net.num_classes == 0:
             raise ValueError("labels y were given to an unconditional network: build it with num_classes > 0")
+        if cfg.w != 1 and cfg.drop <= 0:
+            raise ValueError(f"CFG with w={cfg.w} needs label dropping (drop > 0): the null label's velocity, "
+                             "which guidance subtracts, would never be trained")
         y = torch.where(d.keep, y, net.num_classes)                           # CFG label drop
     target, mix, v_guided = v, torch.ones_like(t_all), v[n:]                 # without CFG Eq. (19) gives v
     if y is not None and cfg.w != 1:
@@ -306,20 +313,24 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
 
     part = lambda z, rows: None if z is None else z[rows]                  # noqa: E731
     fm, scm = slice(0, n), slice(n, B)
-    losses, diag = [], {}
+    losses, diag, F_all = [], {}, None
+    # One student pass serves both losses (s = t on the flow matching rows): the same values and gradients as two
+    # passes, at less cost. Not with dropout, where the target pass replays the masks of the consistency rows alone.
+    dropout = any(isinstance(m_, nn.Dropout) and m_.p > 0 and m_.training for m_ in net.modules())
+    if 0 < n < B and not dropout:
+        F_all = net(x_t, t_all, torch.cat([d.t_fm, d.s]), y, cond)
     if n > 0:
         loss, mse, weight = fm_loss(net, x_t[fm], d.t_fm, target[fm], mix[fm], part(y, fm), part(cond, fm),
-                                    cfg.param, cfg.p, cfg.eps)
+                                    cfg.param, cfg.p, cfg.eps, part(F_all, fm))
         losses.append(loss.mean() * n / B)
         diag.update(fm_loss=loss.mean(), fm_mse=mse.mean(), fm_weight=weight.mean())
     if n < B:
         v_scm = mix_velocity(target[scm], v_guided, per_sample(mix[scm], v_guided))   # Eq. (19)
         loss, mse, weight = scm_loss(net, x_t[scm], d.t, d.s, d.l, v_scm, part(y, scm), part(cond, scm),
-                                     cfg.param, cfg.p, cfg.eps)
+                                     cfg.param, cfg.p, cfg.eps, part(F_all, scm))
         losses.append(loss.mean() * (B - n) / B)
         diag.update(scm_mse=mse.mean(), scm_weight=weight.mean())
-    total = sum(losses)
-    diag["loss"] = total
+    diag["loss"] = total = sum(losses)
     return total, {k: v_.detach() for k, v_ in diag.items()}
 
 
@@ -934,9 +945,7 @@ def main():
     for name, fn in rows:
         print(f"  {name:<32} {map_error(x1, x0_exact, fn):.4f}")
     # Figure: one-step samples over the data; learned trajectories s -> f_theta(x_1, 1, s) over the exact ones.
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt        # with no display, matplotlib falls back to its Agg backend
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5.5))
     ax0.scatter(*toy.sample(2000)[0].T, s=2, c="0.6", label="data")
     ax0.scatter(*sample(soflow, x1[:2000]).T, s=2, c="C1", label="SoFlow, one step")
@@ -947,12 +956,11 @@ def main():
     ax1.plot(*learned.permute(2, 0, 1), c="C1", lw=1, ls="--")
     ax1.scatter(*exact[-1].T, c="k", s=8)                                    # where the exact paths end: data
     ax0.legend(loc="upper right", markerscale=5)
-    ax0.set_title("one-step samples")
-    ax1.set_title("f(x_1, 1, s) for s from 1 to 0: exact (black), learned (orange)")
-    for ax in (ax0, ax1):
-        ax.set(aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5))
+    for ax, title in ((ax0, "one-step samples"), (ax1, "f(x_1, 1, s), s from 1 to 0: exact (black), learned (orange)")):
+        ax.set(title=title, aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5))
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
+    fig.savefig(f"{args.out}.tmp", dpi=100, format=os.path.splitext(args.out)[1][1:] or "png")
+    os.replace(f"{args.out}.tmp", args.out)                                  # never a half-written figure
     print(f"figure saved to {args.out}")
 
 

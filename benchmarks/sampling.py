@@ -4,13 +4,12 @@ one-step sampler x_0 = f(x_1, 1, 0) (soflow.sample, 1 NFE) and flow matching's E
     python benchmarks/sampling.py                            # CPU default: DiT-S/4, batch 16, ~1 min on 2 cores
     python benchmarks/sampling.py --model DiT-XL/2 --batch-size 256 --device cuda --dtype bf16 --compile --json s.json
 
-Each sampler first runs --warmup times; then --repeats interleaved rounds each run every sampler once (the Euler
-sampler, 50 network calls, only in the first --euler-repeats rounds). Under torch.no_grad, between
+The one-call samplers first run --warmup times; then --repeats interleaved rounds each run every sampler once (the
+Euler sampler, 50 network calls, only in the first --euler-repeats rounds). Under torch.no_grad, between
 torch.cuda.synchronize() calls on a GPU. Printed: images/s from the median time, the spread (from the slowest and
 the fastest run), and the ratio to the bare forward, whose images/s is the ceiling of a 1-NFE sampler.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import soflow  # noqa: E402
-from benchmarks.train_step import SIZES, sync  # noqa: E402
+from benchmarks.common import add_setup_args, describe, setup, sync, write_json  # noqa: E402
 
 
 def samplers(euler_steps):
@@ -49,42 +48,33 @@ def timed(fn, net, x1, y, autocast):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", default="DiT-S/4", choices=sorted(SIZES), help="DiT size (32x32x4 latents)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_setup_args(parser)
     parser.add_argument("--euler-steps", type=int, default=50, help="flow matching's Euler steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each one-call sampler")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds of the one-call samplers")
     parser.add_argument("--euler-repeats", type=int, default=2, help="timed runs of the Euler sampler")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    # Setup: one network in eval mode (random weights: the cost does not depend on them), one batch of noise.
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    net = soflow.DiT(**SIZES[args.model], input_size=32, in_channels=4, num_classes=1000).to(device).eval()
-    model = torch.compile(net) if args.compile else net
-    x1 = torch.randn(args.batch_size, 4, 32, 32, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    # Setup: one network in eval mode, one batch of noise.
+    device, net, model, x1, y, autocast = setup(args)
+    net.eval()
     table = samplers(args.euler_steps)
     euler = list(table)[-1]
-    print(f"{args.model}, batch {args.batch_size} of 4x32x32 latents, {device.type} {args.dtype}"
-          f"{' compiled' if args.compile else ''}, {torch.get_num_threads()} threads")
-    # Warm up (the Euler sampler's 50 calls warm it up by themselves), then interleaved timed rounds.
+    print(describe(args, device))
+    # Warm up: the one-call samplers, and the Euler sampler with one step (it passes t as both times of F, which a
+    # compiled network compiles anew for). Then interleaved rounds.
     for name, (fn, nfe) in table.items():
-        for _ in range(args.warmup if nfe == 1 else 1):
+        for _ in range(args.warmup if nfe == 1 else 0):
             timed(fn, model, x1, y, autocast)
+    timed(lambda net, x, y_: soflow.sample_euler(net, x, y_, steps=1), model, x1, y, autocast)
     times = {name: [] for name in table}
-    for k in range(max(args.repeats, args.euler_repeats)):
+    rounds = max(args.repeats, args.euler_repeats)
+    for k in range(rounds):
+        ms = []
         for name, (fn, _) in table.items():
             if k < (args.euler_repeats if name == euler else args.repeats):
                 times[name].append(timed(fn, model, x1, y, autocast))
+                ms.append(f"{times[name][-1] * 1e3:.0f}")
+        print(f"round {k + 1}/{rounds}, ms: {', '.join(ms)}", flush=True)
     # Table: images/s (median run; spread from the slowest and fastest runs), ratio to the bare forward.
     rows = []
     for name, (_, nfe) in table.items():
@@ -93,15 +83,14 @@ def main(argv=None):
                          min_images_per_s=min(ips), max_images_per_s=max(ips), runs=len(ips),
                          ms_median=statistics.median(times[name]) * 1e3))
     ceiling = rows[0]["images_per_s"]
-    print(f"\n{'sampler':<34}{'NFE':>4}{'images/s':>10}{'spread':>17}{'/ forward':>11}")
+    print(f"\n{'sampler':<34}{'NFE':>4}{'images/s':>10}{'min-max':>19}{'/ forward':>11}")
     for r in rows:
         r["ratio_to_forward"] = r["images_per_s"] / ceiling
-        print(f"{r['sampler']:<34}{r['nfe']:>4}{r['images_per_s']:>10.2f}"
-              f"{r['min_images_per_s']:>8.2f} - {r['max_images_per_s']:<6.2f}{r['ratio_to_forward']:>11.3f}")
+        spread = f"{r['min_images_per_s']:.2f}-{r['max_images_per_s']:.2f}"
+        print(f"{r['sampler']:<34}{r['nfe']:>4}{r['images_per_s']:>10.2f}{spread:>19}{r['ratio_to_forward']:>11.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=vars(args), threads=torch.get_num_threads(), torch=torch.__version__,
-                           samplers=rows), f, indent=1)
+        write_json(args.json, dict(config=vars(args), threads=torch.get_num_threads(), torch=torch.__version__,
+                                   samplers=rows))
     return rows
 
 

@@ -1,28 +1,26 @@
 """Cost of one training step on the same DiT and the same batch: flow matching, SoFlow (Algorithm 1) without and
 with CFG, and MeanFlow (Geng et al. 2025, arXiv 2505.13447) with its JVP, without and with CFG.
 
-    python benchmarks/train_step.py                          # CPU default: DiT-S/4, batch 16, ~1.5 min on 2 cores
+    python benchmarks/train_step.py                 # CPU default: DiT-S/4, batch 16, 1-2 min on 2 cores
     python benchmarks/train_step.py --model DiT-B/2 --batch-size 64 --device cuda --dtype bf16 --compile --json gpu.json
 
-Time: each method first runs --warmup steps; then --repeats rounds each run one step of every method in turn
-(interleaved, so that changes in machine load touch every method alike). A step is zero_grad, the loss, backward
-and an AdamW step, between torch.cuda.synchronize() calls on a GPU. Printed: the median and the interquartile range.
-Peak memory: the most bytes that tensors hold at once during one step, everything included (weights, AdamW state,
-gradients, activations, temporaries), without the allocator's cache. CUDA: torch.cuda.max_memory_allocated. CPU,
+Time: each method runs --warmup steps, then --repeats rounds each run one step of every method, in an order that
+rotates from round to round (interleaved: changes in machine load touch every method alike). A step is zero_grad,
+the loss, backward and an AdamW step, between torch.cuda.synchronize() calls on a GPU. Printed: the median and the
+interquartile range. On a CPU that other processes share, --threads 1 gives steadier numbers.
+Peak memory: the most bytes that tensors hold at once during a step, everything included (weights, AdamW state,
+gradients, activations, temporaries), the allocator's cache excluded. CUDA: torch.cuda.max_memory_allocated. CPU,
 which has no such counter: the bytes of the weights and AdamW state, plus the peak of the running sum of the
 allocations and frees that the CPU allocator reports to torch.profiler(profile_memory=True) during one step (the
-gradients are freed before it starts, so every byte the step holds is allocated inside it).
-Cost model (the "predicted" column), stated in rows of the batch: a forward pass over a row costs 1 with or without
-gradient, a backward pass 2, so flow matching costs 3 per row. SoFlow: n = lam B rows of flow matching (3 each),
-B - n rows of consistency loss (a no-grad target pass 1, the student 3); CFG adds one no-grad pass over B + (B - n)
-rows. MeanFlow: the JVP counted as 2 forwards (primal and tangent), backward 2; CFG adds a no-grad pass over B rows.
+gradients are freed before it, so every byte the step adds is allocated inside it).
+The "predicted" column: COST_MODEL below, the count of forward and backward passes over the rows of the batch.
 """
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import replace
 
@@ -31,16 +29,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import soflow  # noqa: E402
-
-# DiT sizes: soflow's table, plus DiT's S/4 (Peebles & Xie 2023), the CPU default.
-SIZES = {**soflow.DiT_models, "DiT-S/4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4)}
+from benchmarks.common import add_setup_args, describe, setup, sync, write_json  # noqa: E402
+COST_MODEL = (
+    "a forward pass over one row of the batch costs 1 (with or without gradient), a backward pass 2: flow matching "
+    "3 a row. SoFlow: n = lam B rows of flow matching 3, B - n consistency rows 1 (no-grad target) + 3; CFG adds a "
+    "no-grad pass over B + (B - n) rows. MeanFlow: the JVP 3 (the primal, and a tangent of two matmuls per linear "
+    "layer: PyTorch's forward-mode AD also multiplies by the weights' tangent, a zero tensor it materialises; an "
+    "ideal JVP costs 2) + backward 2; CFG adds a no-grad pass over B rows. The AdamW step is left out.")
 
 
 # ----- Flow matching, the baseline: v = F(x_t, t, t, y) (Euler parameterization, Eq. 10) -----
 
-def fm_loss(net, x0, y, cfg=soflow.PRESETS["imagenet"]):
-    """Plain flow matching: ||F(x_t, t, t, y) - (x_1 - x_0)||^2, t logit-normal; one forward and one backward."""
-    t = soflow.logit_normal(x0.shape[0], cfg.fm_mu, cfg.fm_sd, x0.device)
+def fm_loss(net, x0, y, mu=-0.2, sd=1.0):
+    """Plain flow matching: mean ||F(x_t, t, t, y) - (x_1 - x_0)||^2, t ~ logit-normal(mu, sd); one forward."""
+    t = soflow.logit_normal(x0.shape[0], mu, sd, x0.device)
     x1 = torch.randn_like(x0)
     x_t = soflow.per_sample(1 - t, x0) * x0 + soflow.per_sample(t, x0) * x1
     return ((net(x_t, t, t, y) - (x1 - x0)) ** 2).mean()
@@ -51,30 +53,32 @@ def fm_loss(net, x0, y, cfg=soflow.PRESETS["imagenet"]):
 # z_r = z_t - (t - r) u is f(z_t, t, r). MeanFlow's identity: u = v - (t - r) du/dt, with the total derivative
 # du/dt = v . d_z u + d_t u, a JVP along the tangents (dz, dr, dt) = (v, 0, 1).
 
-JVP_SDPA = {}    # device type -> the attention backends the JVP runs with (found on first use)
+JVP_SDPA = {}    # device type -> the attention backend the JVP runs with: "default", or "math" (found on first use)
 
 
 def jvp_u(net, z, r, t, y, v):
-    """(u, du/dt) = torch.func.jvp of u(z, r, t) = F(z, t, r, y) along (v, 0, 1). Forward-mode AD through
-    scaled_dot_product_attention: the CPU flash kernel has no forward-AD formula (NotImplementedError); then the
-    math backend is used, for this JVP only."""
-    fn, args, tangents = (lambda z_, r_, t_: net(z_, t_, r_, y)), (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t))
+    """(u, du/dt) = torch.func.jvp of u(z, r, t) = F(z, t, r, y) along (v, 0, 1). The CPU's fused (flash) attention
+    kernel has no forward-AD formula (NotImplementedError): then this JVP runs with the math backend of SDPA."""
+    fn = lambda z_, r_, t_: net(z_, t_, r_, y)  # noqa: E731
+    primals, tangents = (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t))
     if z.device.type not in JVP_SDPA:
         try:
-            out = torch.func.jvp(fn, args, tangents)
+            out = torch.func.jvp(fn, primals, tangents)
             JVP_SDPA[z.device.type] = "default"
             return out
-        except NotImplementedError:
+        except (NotImplementedError, RuntimeError) as e:     # torch.compile wraps it in a RuntimeError
+            if "forward AD" not in str(e):
+                raise
             JVP_SDPA[z.device.type] = "math"
     with sdpa_kernel(SDPBackend.MATH) if JVP_SDPA[z.device.type] == "math" else contextlib.nullcontext():
-        return torch.func.jvp(fn, args, tangents)
+        return torch.func.jvp(fn, primals, tangents)
 
 
 def meanflow_loss(net, x0, y, w=1.0, drop=0.1, neq=0.25, mu=-0.4, sd=1.0, p=1.0, c=1e-3):
-    """MeanFlow's loss (its Eq. 9, adaptive weight 1 / (||err||^2 + c)^p), computed as its PyTorch code does: one
-    JVP whose primal u carries the gradient. (t, r): two logit-normal(mu, sd) draws sorted, r = t on 1 - neq of the
-    rows. CFG (w != 1), the w-only form (no kappa): v~ = w v + (1 - w) u(z_t, t, t | null), one no-grad pass over
-    the batch; rows whose label was dropped keep v."""
+    """MeanFlow's loss, adaptive weight 1 / (||err||^2 + c)^p, as its PyTorch code computes it: one JVP whose primal
+    u carries the gradient. (t, r): two logit-normal(mu, sd) draws, t the larger; r = t on a fraction 1 - neq of the
+    rows. CFG (w != 1) in its w-only form (no kappa): v~ = w v + (1 - w) u(z_t, t, t | null), from one no-grad pass
+    over the batch; rows whose label is dropped keep v."""
     B = x0.shape[0]
     tr = soflow.logit_normal(2 * B, mu, sd, x0.device).view(2, B)
     t, r = tr.max(0).values, tr.min(0).values
@@ -94,63 +98,62 @@ def meanflow_loss(net, x0, y, w=1.0, drop=0.1, neq=0.25, mu=-0.4, sd=1.0, p=1.0,
     return (err / (err.detach() + c) ** p).mean()
 
 
-# ----- The methods: name -> (loss of (net, x0, y, step), cost per step in forward-pass rows) -----
-
 def methods(B, steps=400_000):
-    cfg = soflow.PRESETS["imagenet"]
-    no_cfg = replace(cfg, w=1.0)
+    """name -> (loss(net, x0, y, step), the step's cost in COST_MODEL's units)."""
+    cfg = soflow.PRESETS["imagenet"]                     # the released configuration: lam 0.75, w 3, m 0.25
     n = int(cfg.lam * B)
     sof = lambda c: lambda net, x0, y, k: soflow.soflow_loss(net, x0, y, cfg=c, step=k, total_steps=steps)[0]  # noqa
     return {
         "flow matching": (lambda net, x0, y, k: fm_loss(net, x0, y), 3 * B),
-        "SoFlow": (sof(no_cfg), 3 * n + 4 * (B - n)),
+        "SoFlow": (sof(replace(cfg, w=1.0)), 3 * n + 4 * (B - n)),
         "SoFlow CFG (w 3, m 0.25)": (sof(cfg), 3 * n + 4 * (B - n) + B + (B - n)),
-        "MeanFlow (JVP)": (lambda net, x0, y, k: meanflow_loss(net, x0, y), 4 * B),
-        "MeanFlow CFG (w 3)": (lambda net, x0, y, k: meanflow_loss(net, x0, y, w=3.0), 5 * B),
+        "MeanFlow (JVP)": (lambda net, x0, y, k: meanflow_loss(net, x0, y), 5 * B),
+        "MeanFlow CFG (w 3)": (lambda net, x0, y, k: meanflow_loss(net, x0, y, w=3.0), 6 * B),
     }
 
 
 # ----- One step, its time and its peak memory -----
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def train_step(net, opt, loss_fn, x0, y, k, autocast):
+    """Seconds for one training step, synchronized on a GPU."""
+    sync(x0.device)
+    start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     with autocast:
         loss = loss_fn(net, x0, y, k)
     loss.backward()
     opt.step()
-    return loss.detach()
-
-
-def timed_step(*args):
-    """Seconds for one train_step, synchronized on a GPU."""
-    device = args[3].device
-    sync(device)
-    start = time.perf_counter()
-    train_step(*args)
-    sync(device)
+    sync(x0.device)
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2: the CPU profiler (kineto) logs two lines there each time it starts and stops."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(null)
+
+
 def peak_memory(net, opt, loss_fn, x0, y, autocast):
-    """Peak bytes held during one step, everything included (see the module docstring)."""
+    """Peak bytes that tensors hold during one step, everything included (see the module docstring)."""
     opt.zero_grad(set_to_none=True)
     if x0.device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         train_step(net, opt, loss_fn, x0, y, 0, autocast)
-        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     static = sum(t.nbytes for t in [*net.parameters(), *net.buffers()])
     static += sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True) as prof:
         train_step(net, opt, loss_fn, x0, y, 0, autocast)
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
+    while stack:                                   # allocations (+bytes) and frees (-bytes), anywhere in the tree
         e = stack.pop()
         stack.extend(e.children)
         if str(e.tag).endswith("Allocation"):
@@ -162,72 +165,56 @@ def peak_memory(net, opt, loss_fn, x0, y, autocast):
     return static + peak
 
 
-def quartiles(xs):
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return q[0], q[1], q[2]
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", default="DiT-S/4", choices=sorted(SIZES), help="DiT size (32x32x4 latents)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method (more with --compile)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_setup_args(parser)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method (default 1, compiled 3)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds; each runs one step of every method")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    # Setup: device, threads, one network, one optimizer and one batch shared by every method.
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    net = soflow.DiT(**SIZES[args.model], input_size=32, in_channels=4, num_classes=1000).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0)   # released config
-    model = torch.compile(net) if args.compile else net
-    x0 = torch.randn(args.batch_size, 4, 32, 32, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    table = methods(args.batch_size)
-    n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    print(f"{args.model} ({n_params / 1e6:.1f}M parameters), batch {args.batch_size} of 4x32x32 latents, "
-          f"{device.type} {args.dtype}{' compiled' if args.compile else ''}, {torch.get_num_threads()} threads")
-    # Warm up every method, then time interleaved rounds: one step of each method per round.
+    args.warmup = args.warmup if args.warmup is not None else 3 if args.compile else 1
+    # Setup: one network, one optimizer (the released AdamW) and one batch, shared by every method.
+    device, net, model, x0, y, autocast = setup(args)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0)
+    table, n_params = methods(args.batch_size), sum(p.numel() for p in net.parameters() if p.requires_grad)
+    print(f"{describe(args, device)}; {n_params / 1e6:.1f}M parameters")
+    # Warm up (a compiled network compiles once per batch shape), then interleaved rounds in a rotating order.
     for name, (loss_fn, _) in table.items():
         for k in range(args.warmup):
-            timed_step(model, opt, loss_fn, x0, y, k, autocast)
-    times = {name: [] for name in table}
+            train_step(model, opt, loss_fn, x0, y, k, autocast)
+    names, times = list(table), {name: [] for name in table}
     for k in range(args.repeats):
-        for name, (loss_fn, _) in table.items():
-            times[name].append(timed_step(model, opt, loss_fn, x0, y, k, autocast))
-        print(f"round {k + 1}/{args.repeats}: " + ", ".join(f"{t[-1] * 1e3:.0f}" for t in times.values()) + " ms")
-    # Peak memory, one step per method, apart from the timing (the CPU profiler slows the step down).
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            times[name].append(train_step(model, opt, table[name][0], x0, y, k, autocast))
+        print(f"round {k + 1}/{args.repeats}, ms: " + ", ".join(f"{t[-1] * 1e3:.0f}" for t in times.values()))
+    # Peak memory: one more step per method, apart from the timing (the CPU profiler slows steps down).
     peaks = {name: peak_memory(model, opt, loss_fn, x0, y, autocast) for name, (loss_fn, _) in table.items()}
-    # Table: ms/step (median, IQR), ratio to flow matching (measured, and predicted by the cost model), peak memory.
+    # Table: median ms/step and IQR, ratio to flow matching (measured; predicted by COST_MODEL), peak memory.
     fm = "flow matching"
-    fm_ms, fm_units, fm_mb = statistics.median(times[fm]) * 1e3, table[fm][1], peaks[fm] / 2 ** 20
+    fm_ms, fm_units, fm_mb = statistics.median(times[fm]), table[fm][1], peaks[fm]
     rows = []
     for name, (_, units) in table.items():
-        q1, med, q3 = (q * 1e3 for q in quartiles(times[name]))
-        mb = peaks[name] / 2 ** 20
-        rows.append(dict(method=name, ms_median=med, ms_q1=q1, ms_q3=q3, ms_all=[t * 1e3 for t in times[name]],
-                         ratio=med / fm_ms, predicted_ratio=units / fm_units, cost_units=units, peak_mb=mb,
-                         peak_ratio=mb / fm_mb))
-    print(f"\n{'method':<26}{'ms/step':>9}{'IQR':>15}{'/ FM':>7}{'predicted':>11}{'peak MB':>9}{'/ FM':>7}")
+        ts = times[name]
+        q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
+        rows.append(dict(method=name, ms_median=med * 1e3, ms_q1=q1 * 1e3, ms_q3=q3 * 1e3, ratio=med / fm_ms,
+                         predicted_ratio=units / fm_units, cost_units=units, peak_mib=peaks[name] / 2 ** 20,
+                         peak_ratio=peaks[name] / fm_mb, ms_all=[s * 1e3 for s in ts]))
+    print(f"\n{'method':<26}{'ms/step':>9}{'IQR':>13}{'/ FM':>7}{'predicted':>11}{'peak MiB':>9}{'/ FM':>7}")
     for r in rows:
-        print(f"{r['method']:<26}{r['ms_median']:>9.0f}{r['ms_q1']:>8.0f} - {r['ms_q3']:<4.0f}{r['ratio']:>7.2f}"
-              f"{r['predicted_ratio']:>11.2f}{r['peak_mb']:>9.0f}{r['peak_ratio']:>7.2f}")
+        iqr = f"{r['ms_q1']:.0f}-{r['ms_q3']:.0f}"
+        print(f"{r['method']:<26}{r['ms_median']:>9.0f}{iqr:>13}{r['ratio']:>7.2f}{r['predicted_ratio']:>11.2f}"
+              f"{r['peak_mib']:>9.0f}{r['peak_ratio']:>7.2f}")
     by = {r["method"]: r for r in rows}
-    for sof, mf in [("SoFlow", "MeanFlow (JVP)"), ("SoFlow CFG (w 3, m 0.25)", "MeanFlow CFG (w 3)")]:
-        print(f"{sof} / {mf}: {by[sof]['ms_median'] / by[mf]['ms_median']:.2f} x the step time")
-    print(f"MeanFlow's JVP attention backend: {JVP_SDPA.get(device.type)}")
+    vs = {f"{a} / {b}": by[a]["ms_median"] / by[b]["ms_median"] for a, b in
+          [("SoFlow", "MeanFlow (JVP)"), ("SoFlow CFG (w 3, m 0.25)", "MeanFlow CFG (w 3)")]}
+    print("\n".join(f"{k}: {v:.2f} x the step time" for k, v in vs.items()))
+    print(f"MeanFlow's JVP ran with the {JVP_SDPA.get(device.type)} attention backend.")
+    print(textwrap.fill(f"Predicted (cost model): {COST_MODEL}", 116))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=vars(args), n_params=n_params, threads=torch.get_num_threads(),
-                           torch=torch.__version__, jvp_sdpa=JVP_SDPA.get(device.type), methods=rows), f, indent=1)
+        write_json(args.json, dict(config=vars(args), n_params=n_params, threads=torch.get_num_threads(),
+                                   torch=torch.__version__, jvp_sdpa=JVP_SDPA.get(device.type), cost_model=COST_MODEL,
+                                   peak_memory="torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                                   "weights + AdamW state + peak of the CPU allocator's running total (torch.profiler)",
+                                   soflow_vs_meanflow=vs, methods=rows))
     return rows
 
 

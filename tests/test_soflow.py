@@ -202,6 +202,15 @@ def test_cfg_targets_in_algorithm1(monkeypatch, toy):
     assert torch.all(mix[keep] == 0.25) and torch.equal(y_used[keep], y[keep])
 
 
+def test_algorithm1_rejects_labels_it_cannot_use(toy):
+    x0, y = toy.sample(8)
+    with pytest.raises(ValueError, match="unconditional network"):
+        S.soflow_loss(random_mlp(torch.float32), x0, y, cfg=S.PRESETS["imagenet"], step=0, total_steps=1)
+    with pytest.raises(ValueError, match="needs label dropping"):             # the null label would stay untrained
+        S.soflow_loss(random_mlp(torch.float32, num_classes=2), x0, y, cfg=replace(S.PRESETS["imagenet"], drop=0.0),
+                      step=0, total_steps=1)
+
+
 def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
     torch.manual_seed(0)
     net = random_mlp(torch.float64, num_classes=2)
@@ -209,7 +218,12 @@ def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
     x0, y = toy.sample(40)
     x0 = x0.double()
     d = S.draw(x0, cfg, 0.05, labelled=True)
+    calls = []                                                               # (gradient on?, rows) per call
+    net.register_forward_hook(lambda mod, inp, out: calls.append((torch.is_grad_enabled(), inp[0].shape[0])))
     loss, diag = S.soflow_loss(net, x0, y, cfg=cfg, step=0, total_steps=1, draws=d)
+    # Three network calls: CFG (v_uncond for all 40 rows, v_guided for the 30 consistency rows), one student pass
+    # for both losses, the consistency target pass.
+    assert calls == [(False, 70), (True, 40), (False, 30)]
     n = 10
     x_t, v = S.interpolate("linear", x0, d.x1, torch.cat([d.t_fm, d.t]))
     y_in = torch.where(d.keep, y, 2)
@@ -222,6 +236,9 @@ def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
     v_scm = mix[n:, None] * target[n:] + (1 - mix[n:, None]) * v_gui[n:]
     l_scm = S.scm_loss(net, x_t[n:], d.t, d.s, d.l, v_scm, y_in[n:], p=cfg.p, eps=cfg.eps)[0].mean()
     assert torch.allclose(loss, 0.25 * l_fm + 0.75 * l_scm, rtol=1e-10)
+    params = list(net.parameters())                                          # and so are the gradients
+    for g, g_ref in zip(torch.autograd.grad(loss, params), torch.autograd.grad(0.25 * l_fm + 0.75 * l_scm, params)):
+        assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
     assert set(diag) >= {"loss", "fm_mse", "fm_weight", "scm_mse", "scm_weight"}
 
 

@@ -1,0 +1,59 @@
+"""What both benchmarks share: the DiT sizes, the command-line flags of the setup, the setup itself (one network and
+one batch on one device), GPU synchronisation and an atomic JSON write."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import soflow  # noqa: E402
+
+# DiT sizes: soflow's table, plus DiT's S/4 (Peebles & Xie 2023), the CPU default.
+SIZES = {**soflow.DiT_models, "DiT-S/4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4)}
+
+
+def add_setup_args(parser):
+    parser.add_argument("--model", default="DiT-S/4", choices=sorted(SIZES), help="DiT size (32x32x4 latents)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def setup(args):
+    """(device, net, model, x, y, autocast): a class-conditional DiT (model: compiled if asked, else net), a batch of
+    (B, 4, 32, 32) latents with labels, and the autocast context of --dtype. Random weights: the cost ignores them."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no GPU: run on a GPU machine or pass --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    net = soflow.DiT(**SIZES[args.model], input_size=32, in_channels=4, num_classes=1000).to(device)
+    model = torch.compile(net) if args.compile else net
+    x = torch.randn(args.batch_size, 4, 32, 32, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    return device, net, model, x, y, autocast
+
+
+def describe(args, device):
+    return (f"{args.model}, batch {args.batch_size} of 4x32x32 latents, {device.type} {args.dtype}"
+            f"{' compiled' if args.compile else ''}, {torch.get_num_threads()} threads")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_json(path, results):
+    """Write to a temporary file, then rename: an interrupted run never leaves a truncated file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)

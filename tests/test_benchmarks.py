@@ -1,0 +1,154 @@
+"""The benchmarks run end to end at tiny sizes, and what they time is correct: the flow matching baseline against
+soflow's own functions, MeanFlow's JVP against finite differences, the cost model against the rows the network
+actually sees, the samplers against soflow.sample. No timing is asserted."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import soflow
+from benchmarks import sampling, train_step as ts
+
+# Loading forward-AD decompositions makes torch call its deprecated torch.jit.script.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One CPU thread: tiny networks run many small ops, and when other processes share the cores, two OpenMP
+    threads wait on each other at every op (this file took 40 s with 2 threads on a busy 2-core machine, 4 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_dit(dtype=torch.float32, seed=0):
+    """DiT-T/4 whose zero-initialised layers get random weights, so that every input reaches the output."""
+    torch.manual_seed(seed)
+    net = soflow.DiT(**soflow.DiT_models["DiT-T/4"], input_size=16, num_classes=10).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() >= 2 and p.abs().max() == 0:
+                nn.init.normal_(p, std=0.05)
+    return net
+
+
+def batch(B=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, 4, 16, 16, generator=g, dtype=dtype), torch.randint(0, 10, (B,), generator=g)
+
+
+# ----- The losses -----
+
+def test_flow_matching_baseline_is_soflow_velocity_regression():
+    net, (x0, y) = tiny_dit(), batch()
+    torch.manual_seed(3)
+    loss = ts.fm_loss(net, x0, y)
+    torch.manual_seed(3)                                           # the same draws: t, then x1
+    cfg = soflow.PRESETS["imagenet"]
+    t = soflow.logit_normal(4, cfg.fm_mu, cfg.fm_sd)
+    x_t, v = soflow.interpolate("linear", x0, torch.randn_like(x0), t)
+    assert torch.allclose(loss, ((soflow.velocity(net, x_t, t, y) - v) ** 2).mean(), rtol=1e-6)
+
+
+def test_meanflow_jvp_matches_central_finite_difference():
+    net, (z, y) = tiny_dit(torch.float64), batch(3, torch.float64)
+    t, r = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64), torch.tensor([0.2, 0.6, 0.1], dtype=torch.float64)
+    v = torch.randn_like(z)
+    with torch.no_grad():
+        u, dudt = ts.jvp_u(net, z, r, t, y, v)
+        h = 1e-4          # the time embedding computes in float32: error ~ 1e-7 / h from rounding, h^2 from truncation
+        fd = (net(z + h * v, t + h, r, y) - net(z - h * v, t - h, r, y)) / (2 * h)   # along (dz, dr, dt) = (v, 0, 1)
+        assert torch.allclose(u, net(z, t, r, y), atol=1e-12)                      # u(z, r, t) = F(z, t, r)
+    assert dudt.abs().max() > 1e-2                                                 # a real test: non-zero
+    assert torch.allclose(dudt, fd, rtol=1e-3, atol=1e-3 * fd.abs().max().item())
+    assert ts.JVP_SDPA["cpu"] in ("default", "math")
+
+
+def test_meanflow_loss_at_r_equal_t_is_weighted_flow_matching():
+    """With r = t everywhere the JVP term vanishes: u_tgt = v, the loss is adaptive-weighted flow matching."""
+    net, (x0, y) = tiny_dit(), batch()
+    torch.manual_seed(5)
+    loss = ts.meanflow_loss(net, x0, y, neq=0.0)
+    torch.manual_seed(5)
+    tr = soflow.logit_normal(8, -0.4, 1.0).view(2, 4)
+    t = tr.max(0).values
+    torch.rand(4)                                                  # which rows have r != t (none here)
+    x_t, v = soflow.interpolate("linear", x0, torch.randn_like(x0), t)
+    err = ((net(x_t, t, t, y) - v) ** 2).flatten(1).sum(1)
+    assert torch.allclose(loss, (err / (err + 1e-3)).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(ts.methods(4)))
+def test_cost_model_counts_the_rows_the_network_sees(name):
+    """predicted units = 3 x (rows forwarded with gradient) + 1 x (rows without); a JVP row costs 5 (3 + backward)."""
+    net, (x0, y) = tiny_dit(), batch()
+    loss_fn, units = ts.methods(4)[name]
+    rows = {"grad": 0, "no_grad": 0}
+    net.register_forward_pre_hook(lambda m, a: rows.__setitem__(
+        "grad" if torch.is_grad_enabled() else "no_grad", rows["grad" if torch.is_grad_enabled() else "no_grad"]
+        + a[0].shape[0]))
+    loss = loss_fn(net, x0, y, 0)
+    loss.backward()
+    per_grad_row = 5 if name.startswith("MeanFlow") else 3
+    assert units == per_grad_row * rows["grad"] + rows["no_grad"]
+    assert rows["grad"] == 4 and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+
+
+def test_cpu_peak_memory_counts_allocations_and_frees():
+    """Two 40 MiB tensors live at once, then freed, then 20 MiB: the peak the profiler sees is 80 MiB above the
+    weights, plus the tiny network's activations and gradients."""
+    net, (x0, y) = tiny_dit(), batch(1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+
+    def loss_fn(net, x0, y, k):
+        a, b = torch.ones(10 * 2 ** 20), torch.ones(10 * 2 ** 20)
+        del a, b
+        c = torch.ones(5 * 2 ** 20)                                                  # noqa: F841
+        return net(x0, torch.ones(1), torch.zeros(1), y).square().mean()
+
+    weights = sum(p.nbytes for p in net.parameters())
+    extra_mib = (ts.peak_memory(net, opt, loss_fn, x0, y, torch.autocast("cpu", enabled=False)) - weights) / 2 ** 20
+    assert 80 <= extra_mib < 83
+
+
+# ----- The scripts, end to end -----
+
+def test_train_step_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "train.json"
+    rows = ts.main(["--model", "DiT-T/4", "--batch-size", "4", "--warmup", "1", "--repeats", "2", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["methods"]] == list(ts.methods(4)) == [r["method"] for r in rows]
+    by = {r["method"]: r for r in data["methods"]}
+    for r in data["methods"]:
+        assert r["ms_median"] > 0 and len(r["ms_all"]) == 2 and r["ms_q1"] <= r["ms_median"] <= r["ms_q3"]
+        assert r["peak_mib"] > 0
+    assert by["flow matching"]["ratio"] == 1 and by["flow matching"]["predicted_ratio"] == 1
+    assert by["SoFlow"]["predicted_ratio"] == pytest.approx(13 / 12)                       # n = 3 of B = 4
+    assert by["SoFlow CFG (w 3, m 0.25)"]["predicted_ratio"] == pytest.approx(18 / 12)
+    # Every step holds the weights, the AdamW state and the gradients: at least 4 x the weights' bytes.
+    weights_mib = data["n_params"] * 4 / 2 ** 20
+    assert all(r["peak_mib"] >= 4 * weights_mib for r in data["methods"])
+
+
+def test_sampling_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "sampling.json"
+    sampling.main(["--model", "DiT-T/4", "--batch-size", "2", "--euler-steps", "3", "--warmup", "1",
+                   "--repeats", "2", "--euler-repeats", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["nfe"] for r in data["samplers"]] == [1, 1, 3]
+    assert all(r["images_per_s"] > 0 and r["runs"] >= 1 for r in data["samplers"])
+    assert data["samplers"][0]["ratio_to_forward"] == 1
+
+
+def test_samplers_compute_what_they_claim():
+    net, (x1, y) = tiny_dit(), batch(2)
+    fns = list(sampling.samplers(3).values())
+    with torch.no_grad():
+        F_out, x_one, x_euler = (fn(net, x1, y) for fn, _ in fns)
+        assert torch.equal(x_one, soflow.sample(net, x1, y))
+        assert torch.allclose(x_one, x1 - F_out, atol=1e-6)          # Euler parameterization: f(x, 1, 0) = x - F
+        assert torch.allclose(x_euler, soflow.sample_euler(net, x1, y, steps=3))
