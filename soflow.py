@@ -1,9 +1,8 @@
 """SoFlow: Solution Flow Models for one-step generative modeling (Luo, Yuan, Liu; arXiv 2512.15657).
 
-The method in one file, in the paper's order: conventions -> noising schedules (Sec. 3) -> parameterizations
-(Sec. 4.2) -> time sampling (App. A) -> flow matching loss (Eq. 11-12) -> solution consistency loss (Eq. 13-15)
--> classifier-free guidance (Eq. 17-19) -> Algorithm 1 -> sampling -> networks -> EMA and checkpoints
--> a 2D toy whose solution map is known exactly -> a demo.
+One file, in the paper's order: conventions -> noising schedules (Sec. 3) -> parameterizations (Sec. 4.2) -> time
+sampling (App. A) -> flow matching loss (Eq. 11-12) -> solution consistency loss (Eq. 13-15) -> classifier-free guidance
+(Eq. 17-19) -> Algorithm 1 -> sampling -> networks -> checkpoints and EMA -> an exactly solvable 2D toy -> a demo.
 
     python soflow.py      # trains a small MLP on a 2D toy on the CPU (< 1 min), compares it with flow matching
 """
@@ -13,7 +12,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -21,13 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------------------------
-# Conventions
+# ----- Conventions -----
 #   t = 0 is data, t = 1 is noise: x_t = alpha_t x_0 + beta_t x_1 with x_1 ~ N(0, I).
 #   f(x_t, t, s) carries a point of the velocity ODE from time t to time s; generation is x_0 = f(x_1, 1, 0).
 #   A network computes F_theta(x, t, s, y=None, cond=None) with the shape of x. t and s are (B,) tensors;
 #   y holds class labels, where the index num_classes is the null label ("no label") of CFG.
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def per_sample(t, x):
@@ -41,7 +38,6 @@ def mean_per_sample(z):
 
 
 # ----- Noising schedules (Sec. 3): x_t = alpha_t x_0 + beta_t x_1, alpha_0 = beta_1 = 1, alpha_1 = beta_0 = 0 -----
-
 class LinearSchedule:
     """x_t = (1 - t) x_0 + t x_1."""
     def alpha(self, t): return 1 - t
@@ -72,7 +68,6 @@ def interpolate(schedule, x0, x1, t):
 # ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) -----
 # a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) hold for any network.
 # d2a(t), d2b(t) are the derivatives of a(t, s), b(t, s) in s, taken at s = t; they give the velocity (Eq. 10).
-
 class EulerParam:
     """f_theta = x_t + (s - t) F_theta."""
     def a(self, t, s): return torch.ones_like(t)
@@ -115,7 +110,6 @@ def velocity(net, x, t, y=None, cond=None, param="euler"):
 
 
 # ----- Hyperparameters (App. A; DESIGN section 4) -----
-
 @dataclass(frozen=True)
 class SoFlowConfig:
     """The method's hyperparameters. Defaults: the released ImageNet 256 configuration."""
@@ -142,22 +136,19 @@ class SoFlowConfig:
 
 PRESETS = {
     "imagenet": SoFlowConfig(),
-    # The paper's Appendix A values, where they differ from the released configuration.
-    "imagenet-paper": SoFlowConfig(s_mu=-0.2, r_end=1 / 320, decay="linear"),
+    "imagenet-paper": SoFlowConfig(s_mu=-0.2, r_end=1 / 320, decay="linear"),  # the paper's App. A, where it differs
     # Released CIFAR-10 (unconditional, no CFG): consistency loss only, r starting at 1.
     "cifar10": SoFlowConfig(lam=0.0, p=0.75, eps=1e-3, fm_mu=-0.9, fm_sd=1.6, t_mu=-0.9, t_sd=1.6, s_mu=-4.0,
                             s_sd=1.6, r_init=1.0, r_end=0.0003125, w=1.0, m=1.0, drop=0.0),
     # The paper's CIFAR-10 values; it gives no eps, so the released one is kept.
     "cifar10-paper": SoFlowConfig(lam=0.25, p=0.5, eps=1e-3, fm_mu=-0.4, fm_sd=1.7, t_mu=-0.6, t_sd=1.5,
                                   s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500, w=1.0, m=1.0, drop=0.0),
-    # 2D toys (this file's demo, the notebook, the tests): small data, short runs.
     "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0, s_mu=-1.0, s_sd=1.0,
-                        r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
+                        r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),  # 2D toys (demo, notebook, tests): short runs
 }
 
 
 # ----- Time sampling (Sec. 4.2, App. A) -----
-
 def logit_normal(n, mu, sd, device=None):
     """sigmoid(N(mu, sd^2)) samples, shape (n,)."""
     return torch.sigmoid(torch.randn(n, device=device) * sd + mu)
@@ -181,39 +172,29 @@ def consistency_times(n, r, cfg, device=None):
     """(t, s, l), each (n,), with 0 <= s <= l <= t - 1e-4 (Sec. 4.2, App. A)."""
     t = logit_normal(n, cfg.t_mu, cfg.t_sd, device).clamp(min=1e-4)
     s = torch.minimum(logit_normal(n, cfg.s_mu, cfg.s_sd, device), t - 1e-4)
-    l = t + (s - t) * r                                                    # Eq. (16)
-    l = torch.minimum(l, t - 1e-4)
-    return t, s, l
+    return t, s, torch.minimum(t + (s - t) * r, t - 1e-4)                  # l, Eq. (16)
 
 
-# ----- The flow matching loss (Eq. 11-12) -----
-
+# ----- The losses: flow matching (Eq. 11-12) and solution consistency (Eq. 13-15) -----
 def fm_loss(net, x_t, t, v_target, mix, y=None, cond=None, param="euler", p=1.0, eps=0.01, F_out=None):
     """Per-sample L_FM (Eq. 11) with the weight of Eq. 12; returns (loss, mse, weight), each (B,). v_target: the
     velocity to match (alpha'_t x_0 + beta'_t x_1, or Eq. 18's guided form); mix: the per-sample m of Eq. 19, whose
-    v_guided is this very pass's prediction (detached), so no separate evaluation is needed.
-    F_out: F_theta(x_t, t, t), if the caller has computed it (with gradient)."""
+    v_guided is this pass's own prediction (detached): no extra pass. F_out: F_theta(x_t, t, t) if already computed."""
     F_out = net(x_t, t, t, y, cond) if F_out is None else F_out
     v_pred = v_from_F(param, F_out, x_t, t)                                     # Eq. (10)
     v_mix = mix_velocity(v_target, v_pred.detach(), per_sample(mix, x_t))       # Eq. (19)
     mse = mean_per_sample((v_pred - v_mix) ** 2)
-    d2b = PARAMETERIZATIONS[param].d2b(t)
-    weight = 1 / (d2b.abs() * (mse.detach() + eps) ** p)                      # Eq. (12), a constant
+    weight = 1 / (PARAMETERIZATIONS[param].d2b(t).abs() * (mse.detach() + eps) ** p)   # Eq. (12), a constant
     return weight * mse, mse.detach(), weight
 
 
-# ----- The solution consistency loss (Eq. 13-15) -----
-
 def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, param="euler", p=1.0, eps=0.01, F_t=None):
     """Per-sample L_SCM (Eq. 14) with the weight of Eq. 15, in gradient form; returns (loss, mse, weight), each (B,).
-
-    v is the velocity that moves x_t to time l (the conditional velocity, or its guided mix, Eq. 19).
-    The value returned is sign(b) <F_theta(x_t, t, s), stopgrad(w dq)> / D with dq = (f_t - f_l) / (t - l):
-    its gradient is exactly 1/2 of the gradient of Eq. 14 weighted by Eq. 15, and it never divides by
-    (t - l) |b(t, s)|, which can be tiny. mse is mean(dq^2), the MSE of Eq. 15 divided by (t - l)^2.
-    # Deviation: the released code trains with this form, so L_SCM enters Alg. 1 at half the paper's scale.
-    F_t: F_theta(x_t, t, s), if the caller has computed it (with gradient; only without dropout).
-    """
+    v: the velocity that moves x_t to time l (the conditional one, or its guided mix, Eq. 19). F_t: F_theta(x_t, t, s)
+    if already computed (with gradient; only without dropout). loss = sign(b) <F_theta(x_t, t, s), stopgrad(w dq)> / D
+    with dq = (f_t - f_l) / (t - l): its gradient is exactly 1/2 of that of Eq. 14 weighted by Eq. 15, and it never
+    divides by (t - l) |b(t, s)|, which can be tiny. mse is mean(dq^2), the MSE of Eq. 15 divided by (t - l)^2.
+    # Deviation: the released code trains with this form, so L_SCM enters Alg. 1 at half the paper's scale."""
     x_l = x_t + per_sample(l - t, x_t) * v                                   # the step of Eq. (14)
     # The target pass replays the random state the student pass starts from: same dropout masks in both.
     with torch.random.fork_rng(devices=[x_t.device] if x_t.is_cuda else []), torch.no_grad():
@@ -223,13 +204,11 @@ def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, param="euler", p=1.0, eps=
     dq = (f_t - f_l) / per_sample(t - l, x_t)                                # Eq. (13): ~ the residual of Eq. (6)
     mse = mean_per_sample(dq ** 2)
     weight = 1 / (mse + eps) ** p                                            # Eq. (15) times (t - l) |b(t, s)|
-    b = PARAMETERIZATIONS[param].b(t, s)
-    loss = torch.sign(b) * mean_per_sample(F_t * (per_sample(weight, dq) * dq))
+    loss = torch.sign(PARAMETERIZATIONS[param].b(t, s)) * mean_per_sample(F_t * (per_sample(weight, dq) * dq))
     return loss, mse, weight
 
 
 # ----- Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -----
-
 def guidance_decay(t, decay_t=0.8, kind="exp"):
     """g(t): 1 for t <= decay_t, falling to 0 at t = 1 (App. A: guidance fades out at high noise).
     "linear" is the paper's text; "exp" is the released code's smooth version, used for its checkpoints."""
@@ -260,7 +239,6 @@ def mix_velocity(v_cfg, v_guided, m):
 
 
 # ----- Algorithm 1 -----
-
 @dataclass
 class Draws:
     """Everything Algorithm 1 draws at random for one batch: noise, times and which labels are kept."""
@@ -285,10 +263,9 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
     y: (B,) labels or None, cond: (B, ...) or None. Network calls: one no-grad pass for CFG (v_uncond for all rows,
     v_guided for the consistency rows), the consistency target pass, and one student pass over the whole batch
     (two, one per loss, if the network has active dropout: the target pass must replay the student's masks)."""
-    d = draws if draws is not None else draw(x0, cfg, r_schedule(step, total_steps, cfg.r_schedule, cfg.r_init,
-                                                                  cfg.r_end), y is not None)
-    B, n = x0.shape[0], d.t_fm.shape[0]
-    t_all = torch.cat([d.t_fm, d.t])
+    r = r_schedule(step, total_steps, cfg.r_schedule, cfg.r_init, cfg.r_end)
+    d = draws if draws is not None else draw(x0, cfg, r, y is not None)
+    B, n, t_all = x0.shape[0], d.t_fm.shape[0], torch.cat([d.t_fm, d.t])
     x_t, v = interpolate(cfg.schedule, x0, d.x1, t_all)                      # (B, ...) each
     if y is not None:
         if net.num_classes == 0:
@@ -301,16 +278,13 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
     if y is not None and cfg.w != 1:
         # One batched pass: v_uncond for every row, and v_guided (label kept) for the consistency rows if m < 1.
         rows = slice(n, B) if cfg.m < 1 else slice(B, B)
-        x_c, t_c = torch.cat([x_t, x_t[rows]]), torch.cat([t_all, t_all[rows]])
+        x_c, t_c, cond_c = (None if z is None else torch.cat([z, z[rows]]) for z in (x_t, t_all, cond))
         y_c = torch.cat([torch.full_like(y, net.num_classes), y[rows]])
         with torch.no_grad():
-            v_c = v_from_F(cfg.param, net(x_c, t_c, t_c, y_c, None if cond is None else torch.cat([cond, cond[rows]])),
-                           x_c, t_c)
-        if cfg.m < 1:
-            v_guided = v_c[B:]
+            v_c = v_from_F(cfg.param, net(x_c, t_c, t_c, y_c, cond_c), x_c, t_c)
+        v_guided = v_c[B:] if cfg.m < 1 else v_guided
         target = torch.where(per_sample(d.keep, v), guided_target(v, v_c[:B], t_all, cfg), v)   # Eq. (18)
         mix = torch.where(d.keep, cfg.m, 1.0).to(t_all.dtype)                 # dropped rows keep the plain v
-
     part = lambda z, rows: None if z is None else z[rows]                  # noqa: E731
     fm, scm = slice(0, n), slice(n, B)
     losses, diag, F_all = [], {}, None
@@ -335,7 +309,6 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
 
 
 # ----- Sampling -----
-
 @torch.no_grad()
 def sample(net, x1, y=None, cond=None, *, steps=1, times=None, mode="chain", schedule="linear", param="euler"):
     """Generate from noise x1, one network call per step; steps=1 is f_theta(x_1, 1, 0). times: a decreasing grid
@@ -368,11 +341,8 @@ def sample_euler(net, x1, y=None, cond=None, *, steps=50, param="euler"):
     return x
 
 
-# ================================================================================================================
-# Networks. Each computes F_theta(x, t, s, y=None, cond=None) and stores its constructor arguments in
-# init_kwargs, so that a checkpoint can rebuild it. Times enter as t and the gap t - s, each with its own embedder.
-# ================================================================================================================
-
+# ----- Networks: each computes F_theta(x, t, s, y=None, cond=None); init_kwargs lets a checkpoint rebuild it -----
+# Times enter as t and the gap t - s, each with its own embedder.
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal features of t in [0, 1], (B,) -> (B, dim): cosines, then sines."""
     half = dim // 2
@@ -417,6 +387,16 @@ def constructor_args(local_vars):
     return {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
 
 
+def xavier(layer, gain=1.0):
+    """Xavier-uniform weight times gain (DiT's init; EDM's for DDPM++), zero bias; gain=0: a zero weight, no draw."""
+    if gain:
+        nn.init.xavier_uniform_(layer.weight, gain)
+    else:
+        nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class ResidualBlock(nn.Module):
     """h + MLP(LayerNorm(h) modulated by the conditioning c): shift and scale from c (FiLM)."""
     def __init__(self, hidden, dropout=0.0):
@@ -432,7 +412,6 @@ class ResidualBlock(nn.Module):
 
 class MLP(nn.Module):
     """F_theta for low-dimensional data (2D toys, action chunks): residual blocks on the flattened x.
-
     data_shape: the shape of one sample, e.g. (2,) or (horizon, action_dim). num_classes > 0 adds class labels
     (with a null label, for CFG); cond_dim > 0 adds a conditioning vector, e.g. an observation."""
     def __init__(self, data_shape=(2,), hidden=256, depth=4, num_classes=0, cond_dim=0, dropout=0.0):
@@ -444,9 +423,7 @@ class MLP(nn.Module):
         self.cond_proj = nn.Linear(cond_dim, hidden) if cond_dim > 0 else None
         self.x_proj = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, dropout) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
-        nn.init.zeros_(self.out[1].weight)                                    # F = 0 at init: f_theta = a x_t
-        nn.init.zeros_(self.out[1].bias)
+        self.out = nn.Sequential(nn.LayerNorm(hidden), xavier(nn.Linear(hidden, dim), gain=0))  # F = 0 at init: f = a x
 
     def forward(self, x, t, s, y=None, cond=None):
         c = self.t_embedder(t) + self.s_embedder(t - s)                       # (B, hidden)
@@ -463,10 +440,8 @@ class MLP(nn.Module):
         return self.out(h).view_as(x)
 
 
-# ----- DiT (Table 4) -----
-# The original DiT (Peebles & Xie 2023) with a second timestep embedder: t_embedder embeds t, s_embedder the gap
-# t - s. Module names follow the released checkpoints, so that their state dicts load by name (load_network).
-
+# ----- DiT (Table 4): the original DiT (Peebles & Xie 2023) plus s_embedder, which embeds the gap t - s -----
+# Module names follow the released checkpoints, so that their state dicts load by name (load_network).
 DiT_models = {  # Table 4, plus DiT's S/2 and two tiny sizes for tests on a CPU
     "DiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
     "DiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
@@ -485,8 +460,7 @@ def modulate(x, shift, scale):
 
 
 def sincos_pos_embed_2d(dim, grid_size):
-    """DiT's fixed 2D sin-cos position embedding, (grid_size^2, dim), tokens in row-major order.
-    The first half of each vector encodes the token's column, the second half its row; each half is [sin, cos]."""
+    """DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major; halves: [sin, cos] of column, of row."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))    # (dim/4,)
     pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None]         # (G, dim/4)
     emb = torch.cat([pos.sin(), pos.cos()], dim=1)                                    # (G, dim/2)
@@ -551,8 +525,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         # Patches -> tokens: a convolution with kernel = stride = patch size (named as DiT's timm PatchEmbed).
         self.x_embedder = nn.Sequential(OrderedDict(proj=nn.Conv2d(in_channels, hidden_size, patch_size, patch_size)))
-        self.t_embedder = TimestepEmbedder(hidden_size)       # embeds t
-        self.s_embedder = TimestepEmbedder(hidden_size)       # embeds the gap t - s, not s
+        self.t_embedder, self.s_embedder = TimestepEmbedder(hidden_size), TimestepEmbedder(hidden_size)  # t; t - s
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
@@ -562,8 +535,7 @@ class DiT(nn.Module):
         """DiT's initialisation: Xavier for linear layers, N(0, 0.02) for embedders, adaLN-Zero, a zero output."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                xavier(m)
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size)[None])
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))       # as a linear layer on flattened patches
@@ -574,8 +546,7 @@ class DiT(nn.Module):
         # Zero modulation makes every block the identity; the zero output layer makes F = 0, so f(x, t, s) = a x.
         final = self.final_layer
         for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [final.adaLN_modulation[-1], final.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            xavier(layer, gain=0)
 
     def unpatchify(self, x):
         """(B, T, p*p*C) -> (B, C, H, W); within a patch the channel index runs fastest."""
@@ -596,23 +567,13 @@ class DiT(nn.Module):
 
 
 # ----- U-Net (DDPM++ of EDM, 32x32 pixels) -----
-# EDM's SongUNet in its "ddpmpp" configuration (Karras et al. 2022; DDPM++ of Song et al. 2021), with SoFlow's
-# change: sinusoidal features of t and of t - s are concatenated, so the mapping MLP's input is twice as wide.
-# Module names follow EDM's (enc / dec entries, norm0, conv0, affine, ...).
-
+# EDM's SongUNet in its "ddpmpp" configuration (Karras et al. 2022; DDPM++ of Song et al. 2021), with its module names.
+# SoFlow's change: sinusoidal features of t and t - s are concatenated, so the mapping MLP's input is twice as wide.
 UNet_models = {
-    "UNet-CIFAR10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
-                         dropout=0.3),
+    "UNet-CIFAR10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.3),
     "UNet-T": dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0),
 }
 SKIP_SCALE = 1 / math.sqrt(2)    # DDPM++ scales every residual sum by 1/sqrt(2) to keep the variance flat
-
-
-def xavier(layer, gain=1.0):
-    """EDM's init for DDPM++: Xavier-uniform weight times gain, zero bias."""
-    nn.init.xavier_uniform_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 def group_norm(channels):
@@ -628,8 +589,7 @@ def resample(x, mode):
 
 
 class UNetBlock(nn.Module):
-    """DDPM++ residual block (resampling if mode is "down" or "up"); the embedding is added between its two
-    convolutions; then optional single-head self-attention."""
+    """DDPM++ residual block: resample ("down"/"up"), conv, add embedding, conv; then optional 1-head self-attention."""
     def __init__(self, in_channels, out_channels, emb_channels, mode=None, attention=False, dropout=0.0):
         super().__init__()
         self.mode, self.attention = mode, attention
@@ -669,13 +629,11 @@ class UNet(nn.Module):
         # U-Net; EDM's DDPM++ has 1) gives the released model's 55.93M parameters; 1 would give 55.80M.
         self.num_classes, self.noise_channels = num_classes, channel_mult_noise * model_channels
         emb = 4 * model_channels                                                      # EDM: channel_mult_emb = 4
-        # Optional labels (for CFG), added to the time features; row num_classes is the null label. Default
-        # N(0, 1) rows: the scale of the sinusoidal features they are added to.
+        # Optional labels (CFG; row num_classes is null), added to the time features: default N(0, 1) rows, their scale.
         self.map_label = nn.Embedding(num_classes + 1, 2 * self.noise_channels) if num_classes > 0 else None
         self.map_layer0 = xavier(nn.Linear(2 * self.noise_channels, emb))             # SoFlow: [emb(t), emb(t - s)]
         self.map_layer1 = xavier(nn.Linear(emb, emb))
         block = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, dropout=dropout, **kw)  # noqa: E731
-
         # Encoder: a 3x3 conv, then per resolution a downsampling block (below the top) and num_blocks blocks.
         self.enc, cout, skips = nn.ModuleDict(), model_channels, [model_channels]
         self.enc[f"{img_resolution}x{img_resolution}_conv"] = xavier(nn.Conv2d(in_channels, cout, 3, padding=1))
@@ -705,9 +663,7 @@ class UNet(nn.Module):
                 cout = model_channels * mult
         self.out_norm = group_norm(cout)
         # Deviation: EDM starts the output conv at 1e-5 x Xavier; exact zero makes f_theta(x, t, s) = a x at init.
-        self.out_conv = nn.Conv2d(cout, in_channels, 3, padding=1)
-        nn.init.zeros_(self.out_conv.weight)
-        nn.init.zeros_(self.out_conv.bias)
+        self.out_conv = xavier(nn.Conv2d(cout, in_channels, 3, padding=1), gain=0)
 
     def forward(self, x, t, s, y=None, cond=None):
         if cond is not None:
@@ -730,8 +686,7 @@ class UNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h))).to(x.dtype)
 
 
-# ----- Loading checkpoints: ours and the released ones -----
-
+# ----- Checkpoints (ours and the released ones), EMA, random state -----
 def dit_kwargs_from_state_dict(sd):
     """DiT constructor arguments read off a state dict's shapes (the released checkpoints store no config)."""
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
@@ -760,8 +715,7 @@ def check_state_dict(net, sd, source):
 
 
 def load_network(path, use_ema=True, map_location="cpu"):
-    """A network in eval mode from our checkpoint (save_checkpoint) or a released SoFlow DiT checkpoint.
-    use_ema: the EMA weights (those sampled from) rather than the raw training weights."""
+    """A network in eval mode from our checkpoint or a released SoFlow DiT one; use_ema: EMA weights (sampled from)."""
     try:   # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
@@ -774,8 +728,7 @@ def load_network(path, use_ema=True, map_location="cpu"):
         raise ValueError(f"{path} is not a SoFlow checkpoint: expected 'arch', 'arch_kwargs', 'model', 'ema' (ours) "
                          f"or 'model', 'ema_model' with 'network.' keys (released); found {found}")
     key = ("ema" if ours else "ema_model") if use_ema else "model"
-    sd = ckpt.get(key)
-    if sd is None:
+    if (sd := ckpt.get(key)) is None:
         hint = "; pass use_ema=False for the raw training weights" if use_ema else ""
         raise ValueError(f"{path} has no '{key}' weights{hint}")
     if ours:
@@ -797,8 +750,6 @@ def load_network(path, use_ema=True, map_location="cpu"):
 
 NETWORKS = {"MLP": MLP, "DiT": DiT, "UNet": UNet}
 
-
-# ----- EMA, checkpoints, random state -----
 
 @torch.no_grad()
 def ema_update(ema, net, decay):
@@ -833,13 +784,10 @@ def save_checkpoint(path, **state):
             os.remove(tmp)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# A 2D toy with an exact answer: a mixture of isotropic Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I).
+# ----- A 2D toy with an exact answer: a mixture of isotropic Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
 # Given component k, (x_0, x_1, x_t) are jointly Gaussian, so E[x_0 | x_t, k] and E[x_1 | x_t, k] are linear in x_t
 # and the velocities of Eq. 1, 17 and 18 are posterior-weighted sums of linear maps. Integrating them accurately
 # gives the true solution map f(x, t, s) that SoFlow learns.
-# ----------------------------------------------------------------------------------------------------------------
-
 class GaussianMixture:
     """Mixture of Gaussians with class labels per component; exact velocities and solution map (float64)."""
     def __init__(self, means, std=0.1, weights=None, classes=None, schedule="linear"):
@@ -874,7 +822,6 @@ class GaussianMixture:
         def average(mask):
             post = torch.softmax(logp.masked_fill(~mask, -math.inf), dim=1)   # p(k | x_t[, c])
             return (post[..., None] * v_k).sum(1)
-
         v = average(torch.ones_like(logp, dtype=torch.bool))
         if y is None:
             return v
@@ -892,7 +839,6 @@ class GaussianMixture:
         def rate(z, u):                                                       # dz/du with tau = t + (s - t) u
             tau = t + (s - t) * u
             return (s - t)[:, None] * self.velocity(z, tau, y, strength(tau))
-
         h = 1.0 / steps
         for u in (i * h for i in range(steps)):
             k1 = rate(x, u)
@@ -903,7 +849,6 @@ class GaussianMixture:
 
 
 # ----- Demo: SoFlow against flow matching on the 2D mixture -----
-
 def train_toy(toy, cfg, steps=1500, batch=512, lr=1e-3, seed=0, net=None, progress=False):
     """Train an MLP with Algorithm 1 on toy data (labels used when the config guides); returns the network."""
     torch.manual_seed(seed)
@@ -930,12 +875,10 @@ def main():
     parser.add_argument("--out", default="soflow_toy.png", help="where to save the figure")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    # Train both models for the same number of steps: SoFlow, and the same MLP with the flow matching loss alone.
     toy, cfg, start = GaussianMixture.ring(), PRESETS["toy"], time.time()
     soflow = train_toy(toy, cfg, args.steps, seed=args.seed, progress=True)
-    fm = train_toy(toy, replace(cfg, lam=1.0), args.steps, seed=args.seed, progress=True)
+    fm = train_toy(toy, replace(cfg, lam=1.0), args.steps, seed=args.seed, progress=True)  # lam=1: flow matching only
     print(f"trained SoFlow and flow matching for {args.steps} steps each in {time.time() - start:.0f} s")
-    # Compare every sampler with the exact solution map.
     x1 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
     x0_exact = toy.solution(x1, 1.0, 0.0)
     print("mean squared distance to the exact solution map f(x_1, 1, 0), 4096 noise samples:")
@@ -946,7 +889,7 @@ def main():
         print(f"  {name:<32} {map_error(x1, x0_exact, fn):.4f}")
     # Figure: one-step samples over the data; learned trajectories s -> f_theta(x_1, 1, s) over the exact ones.
     import matplotlib.pyplot as plt        # with no display, matplotlib falls back to its Agg backend
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5.5))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5.5), layout="tight")
     ax0.scatter(*toy.sample(2000)[0].T, s=2, c="0.6", label="data")
     ax0.scatter(*sample(soflow, x1[:2000]).T, s=2, c="C1", label="SoFlow, one step")
     x, grid = x1[:40], torch.linspace(1, 0, 41).tolist()
@@ -958,7 +901,6 @@ def main():
     ax0.legend(loc="upper right", markerscale=5)
     for ax, title in ((ax0, "one-step samples"), (ax1, "f(x_1, 1, s), s from 1 to 0: exact (black), learned (orange)")):
         ax.set(title=title, aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5))
-    fig.tight_layout()
     fig.savefig(f"{args.out}.tmp", dpi=100, format=os.path.splitext(args.out)[1][1:] or "png")
     os.replace(f"{args.out}.tmp", args.out)                                  # never a half-written figure
     print(f"figure saved to {args.out}")
