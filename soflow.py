@@ -333,7 +333,7 @@ def sample(net, x1, y=None, cond=None, *, steps=1, times=None, mode="chain", sch
 
 @torch.no_grad()
 def sample_euler(net, x1, y=None, cond=None, *, steps=50, param="euler"):
-    """Flow matching's sampler, the baseline: Euler steps along the model's velocity v_theta(x, t) (Eq. 10)."""
+    """Flow matching's sampler, the baseline: Euler steps of the ODE of Eq. (2) along v_theta(x, t) (Eq. 10)."""
     x, times = x1, torch.linspace(1, 0, steps + 1).tolist()
     for t_i, t_next in zip(times[:-1], times[1:]):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
@@ -830,7 +830,7 @@ class GaussianMixture:
         return w * v_c + (1 - w) * v
 
     def solution(self, x, t, s, y=None, w=1.0, steps=200):
-        """The exact solution map f(x, t, s): RK4 on the velocity ODE in float64. t, s: floats or (B,) tensors;
+        """The exact solution map f(x, t, s) of Eq. (5): RK4 on the ODE of Eq. (2) in float64. t, s: floats or (B,);
         w: a float or a function of t (B,) -> (B,) for a time-dependent strength (the decayed guidance)."""
         x = x.double()
         t, s = (torch.as_tensor(z, dtype=torch.float64).expand(x.shape[0]) for z in (t, s))
