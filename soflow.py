@@ -67,7 +67,7 @@ def interpolate(schedule, x0, x1, t):
 
 # ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) -----
 # a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) hold for any network.
-# d2a(t), d2b(t) are the derivatives of a(t, s), b(t, s) in s, taken at s = t; they give the velocity (Eq. 10).
+# d2a(t), d2b(t): derivatives of a(t, s), b(t, s) in s at s = t; by Eq. 9, v = d3 f(x, t, t), which is Eq. 10.
 class EulerParam:
     """f_theta = x_t + (s - t) F_theta."""
     def a(self, t, s): return torch.ones_like(t)
@@ -177,9 +177,10 @@ def consistency_times(n, r, cfg, device=None):
 
 # ----- The losses: flow matching (Eq. 11-12) and solution consistency (Eq. 13-15) -----
 def fm_loss(net, x_t, t, v_target, mix, y=None, cond=None, param="euler", p=1.0, eps=0.01, F_out=None):
-    """Per-sample L_FM (Eq. 11) with the weight of Eq. 12; returns (loss, mse, weight), each (B,). v_target: the
-    velocity to match (alpha'_t x_0 + beta'_t x_1, or Eq. 18's guided form); mix: the per-sample m of Eq. 19, whose
-    v_guided is this pass's own prediction (detached): no extra pass. F_out: F_theta(x_t, t, t) if already computed."""
+    """Per-sample L_FM (Eq. 11: Eq. 3 in the conditional form of Eq. 4) with the weight of Eq. 12; returns (loss, mse,
+    weight), each (B,). v_target: the velocity to match (alpha'_t x_0 + beta'_t x_1, or Eq. 18's guided form); mix:
+    the per-sample m of Eq. 19, whose v_guided is this pass's own prediction (detached): no extra pass.
+    F_out: F_theta(x_t, t, t) if already computed."""
     F_out = net(x_t, t, t, y, cond) if F_out is None else F_out
     v_pred = v_from_F(param, F_out, x_t, t)                                     # Eq. (10)
     v_mix = mix_velocity(v_target, v_pred.detach(), per_sample(mix, x_t))       # Eq. (19)
