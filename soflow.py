@@ -1,8 +1,20 @@
 """SoFlow: Solution Flow Models for one-step generative modeling (Luo, Yuan, Liu; arXiv 2512.15657).
 
-One file, in the paper's order: conventions -> noising schedules (Sec. 3) -> parameterizations (Sec. 4.2) -> time
-sampling (App. A) -> flow matching loss (Eq. 11-12) -> solution consistency loss (Eq. 13-15) -> classifier-free guidance
-(Eq. 17-19) -> Algorithm 1 -> sampling -> networks -> checkpoints and EMA -> an exactly solvable 2D toy -> a demo.
+One file, read top to bottom in the paper's order:
+    Conventions
+    Noising schedules (Sec. 3, Eq. 4)
+    Parameterizations and the learned solution and velocity (Sec. 4.2, Eq. 6-10)
+    Time sampling and the schedule r(k, K) (Sec. 4.2, Eq. 16, App. A)
+    The flow matching loss (Eq. 11-12)
+    The solution consistency loss (Eq. 13-15)
+    Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19)
+    Hyperparameters: SoFlowConfig and its presets (App. A)
+    Algorithm 1
+    Sampling: one step, few steps, and flow matching's Euler baseline
+    Networks: MLP, DiT (Table 4), U-Net
+    Checkpoints, EMA and random state
+    A 2D toy with an exact solution map
+    The demo
 
     python soflow.py      # trains a small MLP on a 2D toy on the CPU (< 1 min), compares it with flow matching
 """
@@ -13,12 +25,14 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 # ----- Conventions -----
 #   t = 0 is data, t = 1 is noise: x_t = alpha_t x_0 + beta_t x_1 with x_1 ~ N(0, I).
@@ -33,11 +47,12 @@ def per_sample(t, x):
 
 
 def mean_per_sample(z):
-    """(B, ...) -> (B,): the mean over everything but the batch, i.e. ||z||^2 / D for z squared."""
+    """(B, ...) -> (B,): the mean over everything but the batch, so ||z||^2 / D for z squared."""
     return z.flatten(1).mean(1)
 
 
-# ----- Noising schedules (Sec. 3): x_t = alpha_t x_0 + beta_t x_1, alpha_0 = beta_1 = 1, alpha_1 = beta_0 = 0 -----
+# ----- Noising schedules (Sec. 3): x_t = alpha_t x_0 + beta_t x_1 -----
+# alpha_0 = beta_1 = 1 and alpha_1 = beta_0 = 0: x_0 is data and x_1 is noise.
 class LinearSchedule:
     """x_t = (1 - t) x_0 + t x_1."""
     def alpha(self, t): return 1 - t
@@ -57,64 +72,202 @@ class TriangularSchedule:
 SCHEDULES = {"linear": LinearSchedule(), "triangular": TriangularSchedule()}
 
 
-def interpolate(schedule, x0, x1, t):
-    """x_t and the conditional velocity alpha'_t x_0 + beta'_t x_1 that replaces v(x_t, t) in training (Eq. 4)."""
-    S = SCHEDULES[schedule]
-    x_t = per_sample(S.alpha(t), x0) * x0 + per_sample(S.beta(t), x0) * x1
-    v = per_sample(S.d_alpha(t), x0) * x0 + per_sample(S.d_beta(t), x0) * x1
-    return x_t, v
+def interpolate(schedule_name, x0, x1, t):
+    """x_t, and the conditional velocity v_t = alpha'_t x_0 + beta'_t x_1 that stands in for v(x_t, t) (Eq. 4)."""
+    schedule = SCHEDULES[schedule_name]
+    x_t = per_sample(schedule.alpha(t), x0) * x0 + per_sample(schedule.beta(t), x0) * x1
+    v_t = per_sample(schedule.d_alpha(t), x0) * x0 + per_sample(schedule.d_beta(t), x0) * x1
+    return x_t, v_t
 
 
 # ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) -----
 # a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) hold for any network.
-# d2a(t), d2b(t): derivatives of a(t, s), b(t, s) in s at s = t; by Eq. 9, v = d3 f(x, t, t), which is Eq. 10.
+# da_ds(t) and db_ds(t) are the derivatives of a(t, s) and b(t, s) in s at s = t, the paper's
+# d_2 a(t, t) and d_2 b(t, t): by Eq. 9 the velocity is v = d_3 f(x, t, t), which gives Eq. 10.
 class EulerParam:
     """f_theta = x_t + (s - t) F_theta."""
     def a(self, t, s): return torch.ones_like(t)
     def b(self, t, s): return s - t
-    def d2a(self, t): return torch.zeros_like(t)
-    def d2b(self, t): return torch.ones_like(t)
+    def da_ds(self, t): return torch.zeros_like(t)
+    def db_ds(self, t): return torch.ones_like(t)
 
 
 class TriangularParam:
     """f_theta = cos(pi/2 (s - t)) x_t + sin(pi/2 (s - t)) F_theta."""
     def a(self, t, s): return torch.cos(math.pi / 2 * (s - t))
     def b(self, t, s): return torch.sin(math.pi / 2 * (s - t))
-    def d2a(self, t): return torch.zeros_like(t)
-    def d2b(self, t): return torch.full_like(t, math.pi / 2)
+    def da_ds(self, t): return torch.zeros_like(t)
+    def db_ds(self, t): return torch.full_like(t, math.pi / 2)
 
 
 PARAMETERIZATIONS = {"euler": EulerParam(), "triangular": TriangularParam()}
 
 
-def f_from_F(param, F_out, x, t, s):
+def f_from_F(param_name, F_out, x, t, s):
     """f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) (Sec. 4.2)."""
-    P = PARAMETERIZATIONS[param]
-    return per_sample(P.a(t, s), x) * x + per_sample(P.b(t, s), x) * F_out
+    param = PARAMETERIZATIONS[param_name]
+    return per_sample(param.a(t, s), x) * x + per_sample(param.b(t, s), x) * F_out
 
 
-def v_from_F(param, F_out, x, t):
-    """The model's velocity v_theta(x_t, t) = d2a(t, t) x_t + d2b(t, t) F_theta(x_t, t, t) (Eq. 10)."""
-    P = PARAMETERIZATIONS[param]
-    return per_sample(P.d2a(t), x) * x + per_sample(P.d2b(t), x) * F_out
+def v_from_F(param_name, F_out, x, t):
+    """v_theta(x_t, t) = d_2 a(t, t) x_t + d_2 b(t, t) F_theta(x_t, t, t) (Eq. 10)."""
+    param = PARAMETERIZATIONS[param_name]
+    return per_sample(param.da_ds(t), x) * x + per_sample(param.db_ds(t), x) * F_out
 
 
-def solution(net, x, t, s, y=None, cond=None, param="euler"):
-    """The learned solution function f_theta(x, t, s)."""
-    return f_from_F(param, net(x, t, s, y, cond), x, t, s)
+def solution(net, x, t, s, y=None, cond=None, *, cfg):
+    """The learned solution function f_theta(x, t, s), in the parameterization of cfg (a SoFlowConfig)."""
+    return f_from_F(cfg.param, net(x, t, s, y, cond), x, t, s)
 
 
-def velocity(net, x, t, y=None, cond=None, param="euler"):
-    """The learned velocity field v_theta(x, t) (Eq. 10)."""
-    return v_from_F(param, net(x, t, t, y, cond), x, t)
+def velocity(net, x, t, y=None, cond=None, *, cfg):
+    """The learned velocity field v_theta(x, t) (Eq. 10), in the parameterization of cfg."""
+    return v_from_F(cfg.param, net(x, t, t, y, cond), x, t)
 
 
-# ----- Hyperparameters (App. A; DESIGN section 4) -----
+# ----- Time sampling (Sec. 4.2, App. A) -----
+def logit_normal(n, mu, sd, device=None):
+    """sigmoid(N(mu, sd^2)) samples, shape (n,)."""
+    return torch.sigmoid(torch.randn(n, device=device) * sd + mu)
+
+
+R_SCHEDULES = ("exp", "cosine", "linear", "constant")
+
+
+def r_schedule(k, K, cfg):
+    """r(k, K): how far l sits from t as a fraction of t - s, from r_init down to r_end (App. A)."""
+    progress = min(max(k / max(K, 1), 0.0), 1.0)
+    if cfg.r_schedule == "exp":
+        return cfg.r_init * (cfg.r_end / cfg.r_init) ** progress
+    if cfg.r_schedule == "cosine":
+        return cfg.r_end + (cfg.r_init - cfg.r_end) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.r_schedule == "linear":
+        return cfg.r_init + (cfg.r_end - cfg.r_init) * progress
+    return cfg.r_end                                                          # "constant"
+
+
+def consistency_times(n, r, cfg, device=None):
+    """(t, s, l), each (n,), with 0 <= s <= l <= t - 1e-4 (Sec. 4.2, App. A)."""
+    t = logit_normal(n, cfg.t_mu, cfg.t_sd, device).clamp(min=1e-4)
+    s = torch.minimum(logit_normal(n, cfg.s_mu, cfg.s_sd, device), t - 1e-4)
+    l = torch.minimum(t + (s - t) * r, t - 1e-4)                             # Eq. (16), then clamped
+    return t, s, l
+
+
+# ----- The flow matching loss (Eq. 11-12) -----
+def fm_loss(v_pred, v_target, t, cfg):
+    """Per-sample L_FM: the weighted squared error of the model's velocity (Eq. 11) with the weight of Eq. 12.
+
+    v_pred: v_theta(x_t, t) of Eq. 10, with gradient. v_target: the velocity to match, alpha'_t x_0 + beta'_t x_1
+    or its guided mix (Eq. 19). Returns (loss, mse, weight), each (B,).
+    """
+    mse = mean_per_sample((v_pred - v_target) ** 2)
+    db_ds = PARAMETERIZATIONS[cfg.param].db_ds(t)
+    weight = 1 / (db_ds.abs() * (mse.detach() + cfg.eps) ** cfg.p)          # Eq. (12), a constant
+    return weight * mse, mse.detach(), weight
+
+
+# ----- The solution consistency loss (Eq. 13-15) -----
+def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, cfg, F_t=None):
+    """Per-sample L_SCM (Eq. 14) with the weight of Eq. 15, in gradient form. Returns (loss, mse, weight), each (B,).
+
+    v: the velocity that moves x_t to time l (the conditional one, or its guided mix, Eq. 19).
+    F_t: F_theta(x_t, t, s) with gradient if already computed (only without dropout).
+    mse is mean(dq^2): the MSE of Eq. 15 divided by (t - l)^2.
+    The loss is sign(b(t, s)) <F_theta(x_t, t, s), stopgrad(w dq)> / D with dq = (f_t - f_l) / (t - l):
+    its gradient is exactly half that of Eq. 14 weighted by Eq. 15, and it never divides by the
+    product (t - l) |b(t, s)|, which can be tiny.
+    """
+    # Deviation: the released code trains with this gradient form, so L_SCM enters Alg. 1 at half the paper's scale.
+    x_l = x_t + per_sample(l - t, x_t) * v                                   # the step of Eq. (14)
+    # The target pass replays the random state the student pass starts from: same dropout masks in both.
+    devices = [x_t.device] if x_t.is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        f_l = solution(net, x_l, l, s, y, cond, cfg=cfg)                     # f_theta^-(x_l, l, s)
+    if F_t is None:
+        F_t = net(x_t, t, s, y, cond)
+    f_t = f_from_F(cfg.param, F_t.detach(), x_t, t, s)                       # f_theta(x_t, t, s), value only
+    dq = (f_t - f_l) / per_sample(t - l, x_t)                                # Eq. (13): ~ the residual of Eq. (6)
+    mse = mean_per_sample(dq ** 2)
+    weight = 1 / (mse + cfg.eps) ** cfg.p                                    # Eq. (15) times (t - l) |b(t, s)|
+    sign_b = torch.sign(PARAMETERIZATIONS[cfg.param].b(t, s))
+    loss = sign_b * mean_per_sample(F_t * (per_sample(weight, dq) * dq))
+    return loss, mse, weight
+
+
+# ----- Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -----
+DECAYS = ("exp", "linear", "none")
+
+
+def guidance_decay(t, cfg):
+    """g(t): 1 for t <= decay_t, falling to 0 at t = 1, so that guidance fades out at high noise (App. A).
+
+    "exp" is the released code's smooth curve, with which its checkpoints were trained: the default.
+    "linear" is a straight line from 1 to 0 over (decay_t, 1].
+    Either decays the extra strength w - 1, so the strength 1 + g(t) (w - 1) falls to 1 (no guidance) at t = 1.
+    """
+    # Deviation: App. A says the CFG strength decays linearly "to 0"; like the released code, it decays to 1 here.
+    d = (1 - t) / (1 - cfg.decay_t)
+    if cfg.decay == "linear":
+        return d.clamp(0, 1)
+    if cfg.decay == "exp":
+        d = d.clamp(0, 1 - 1e-6)
+        return 1 - torch.exp(-0.025 * d / (1 - d))
+    return torch.ones_like(t)                                                # "none"
+
+
+def guidance_strength(t, cfg):
+    """The CFG strength in force at time t: 1 + g(t) (w - 1)."""
+    return 1 + guidance_decay(t, cfg) * (cfg.w - 1)
+
+
+def guided_target(v_t, v_uncond, t, cfg):
+    """v_cfg = w v_t + (1 - w) v_uncond (Eq. 18), with v_t standing in for v(x_t, t | c) (Eq. 17)."""
+    return v_t + per_sample(guidance_strength(t, cfg) - 1, v_t) * (v_t - v_uncond)
+
+
+def mix_velocity(v_cfg, v_guided, m):
+    """v_mix = m v_cfg + (1 - m) v_guided (Eq. 19), m (B,): the model's own guided velocity lowers the variance."""
+    return per_sample(m, v_cfg) * v_cfg + (1 - per_sample(m, v_cfg)) * v_guided
+
+
+def drop_labels(y, keep, num_classes):
+    """Replace the labels where keep is False by the null label num_classes (Sec. 4.3)."""
+    return torch.where(keep, y, num_classes)
+
+
+def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, cfg):
+    """The guided target v_cfg of every row (Eq. 18), its mix ratio m, and v_guided on the consistency rows.
+
+    Rows with a kept label get Eq. 18 and the mix ratio cfg.m; dropped rows keep v_t with m = 1.
+    One no-grad pass computes v_uncond (null label) for every row and, when m < 1, the model's guided
+    velocity v_guided (label kept) for the consistency rows. On the flow matching rows v_guided is the
+    student pass's own prediction, so it costs nothing there. Returns (v_cfg (B, ...), m (B,), v_guided).
+    """
+    if y is None or cfg.w == 1:                                              # no guidance: Eq. (19) gives v_t
+        return v_t, torch.ones_like(t), v_t[n_fm:]
+    x_in, t_in, y_in = x_t, t, torch.full_like(y, net.num_classes)
+    cond_in = cond
+    if cfg.m < 1:                                                            # append the consistency rows
+        x_in = torch.cat([x_in, x_t[n_fm:]])
+        t_in = torch.cat([t_in, t[n_fm:]])
+        y_in = torch.cat([y_in, y[n_fm:]])
+        cond_in = None if cond is None else torch.cat([cond, cond[n_fm:]])
+    with torch.no_grad():
+        v_pred = velocity(net, x_in, t_in, y_in, cond_in, cfg=cfg)         # (B [+ n_scm], ...)
+    v_uncond = v_pred[:x_t.shape[0]]
+    v_guided = v_pred[x_t.shape[0]:] if cfg.m < 1 else v_t[n_fm:]          # with m = 1 it has weight 0
+    v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, cfg), v_t)   # Eq. (18)
+    m = torch.where(keep, cfg.m, 1.0).to(t.dtype)
+    return v_cfg, m, v_guided
+
+
+# ----- Hyperparameters (App. A) -----
 @dataclass(frozen=True)
 class SoFlowConfig:
     """The method's hyperparameters. Defaults: the released ImageNet 256 configuration."""
-    schedule: str = "linear"       # noising schedule (Sec. 3)
-    param: str = "euler"           # parameterization of f_theta (Sec. 4.2)
+    schedule: str = "linear"       # noising schedule (Sec. 3): "linear" or "triangular"
+    param: str = "euler"           # parameterization of f_theta (Sec. 4.2): "euler" or "triangular"
     lam: float = 0.75              # flow matching data ratio lambda (Alg. 1)
     p: float = 1.0                 # adaptive weight exponent (Eq. 12, 15)
     eps: float = 0.01              # adaptive weight smoothing (Eq. 12, 15)
@@ -124,119 +277,47 @@ class SoFlowConfig:
     t_sd: float = 0.8
     s_mu: float = -1.0             # s ~ sigmoid(N(s_mu, s_sd^2)); the paper says -0.2
     s_sd: float = 0.8
-    r_schedule: str = "exp"        # r(k, K): "exp", "cosine", "linear", "constant" (App. A)
+    r_schedule: str = "exp"        # r(k, K): "exp", "cosine", "linear" or "constant" (App. A)
     r_init: float = 0.1
     r_end: float = 0.002           # the paper says 1/320
     w: float = 3.0                 # CFG strength (Eq. 18); 1 turns guidance off
     m: float = 0.25                # velocity mix ratio (Eq. 19)
     drop: float = 0.1              # probability of replacing a label by the null label
-    decay_t: float = 0.8           # guidance decays to 0 over t in (decay_t, 1]
-    decay: str = "exp"             # "exp" (released code), "linear" (the paper's text), "none"
+    decay_t: float = 0.8           # guidance decays over t in (decay_t, 1]
+    decay: str = "exp"             # "exp" (released code), "linear" or "none": see guidance_decay
+
+    def __post_init__(self):
+        choices = {"schedule": SCHEDULES, "param": PARAMETERIZATIONS, "r_schedule": R_SCHEDULES,
+                   "decay": DECAYS}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"SoFlowConfig: unknown {name} {getattr(self, name)!r}; "
+                                 f"choose one of {', '.join(map(repr, valid))}")
+        for name in ("lam", "m", "drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"SoFlowConfig: {name} = {getattr(self, name)} must lie in [0, 1]")
+        for name in ("p", "eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SoFlowConfig: {name} = {getattr(self, name)} must be >= 0")
+        if not 0 <= self.decay_t < 1:
+            raise ValueError(f"SoFlowConfig: decay_t = {self.decay_t} must lie in [0, 1)")
 
 
 PRESETS = {
     "imagenet": SoFlowConfig(),
-    "imagenet-paper": SoFlowConfig(s_mu=-0.2, r_end=1 / 320, decay="linear"),  # the paper's App. A, where it differs
+    # The paper's App. A, where it differs from the released ImageNet configuration.
+    "imagenet-paper": SoFlowConfig(s_mu=-0.2, r_end=1 / 320, decay="linear"),
     # Released CIFAR-10 (unconditional, no CFG): consistency loss only, r starting at 1.
-    "cifar10": SoFlowConfig(lam=0.0, p=0.75, eps=1e-3, fm_mu=-0.9, fm_sd=1.6, t_mu=-0.9, t_sd=1.6, s_mu=-4.0,
-                            s_sd=1.6, r_init=1.0, r_end=0.0003125, w=1.0, m=1.0, drop=0.0),
+    "cifar10": SoFlowConfig(lam=0.0, p=0.75, eps=1e-3, fm_mu=-0.9, fm_sd=1.6, t_mu=-0.9, t_sd=1.6,
+                            s_mu=-4.0, s_sd=1.6, r_init=1.0, r_end=0.0003125, w=1.0, m=1.0, drop=0.0),
     # The paper's CIFAR-10 values; it gives no eps, so the released one is kept.
     "cifar10-paper": SoFlowConfig(lam=0.25, p=0.5, eps=1e-3, fm_mu=-0.4, fm_sd=1.7, t_mu=-0.6, t_sd=1.5,
-                                  s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500, w=1.0, m=1.0, drop=0.0),
-    "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0, s_mu=-1.0, s_sd=1.0,
-                        r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),  # 2D toys (demo, notebook, tests): short runs
+                                  s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500,
+                                  w=1.0, m=1.0, drop=0.0),
+    # 2D toys (demo, notebook, tests): short runs.
+    "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0, s_mu=-1.0,
+                        s_sd=1.0, r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
 }
-
-
-# ----- Time sampling (Sec. 4.2, App. A) -----
-def logit_normal(n, mu, sd, device=None):
-    """sigmoid(N(mu, sd^2)) samples, shape (n,)."""
-    return torch.sigmoid(torch.randn(n, device=device) * sd + mu)
-
-
-def r_schedule(k, K, kind="exp", r_init=0.1, r_end=0.002):
-    """r(k, K): how far l sits from t as a fraction of t - s, decreasing over training (App. A)."""
-    q = min(max(k / max(K, 1), 0.0), 1.0)
-    if kind == "exp":
-        return r_init * (r_end / r_init) ** q
-    if kind == "cosine":
-        return r_end + (r_init - r_end) * 0.5 * (1 + math.cos(math.pi * q))
-    if kind == "linear":
-        return r_init + (r_end - r_init) * q
-    if kind == "constant":
-        return r_end
-    raise ValueError(f"unknown r schedule {kind!r}; use 'exp', 'cosine', 'linear' or 'constant'")
-
-
-def consistency_times(n, r, cfg, device=None):
-    """(t, s, l), each (n,), with 0 <= s <= l <= t - 1e-4 (Sec. 4.2, App. A)."""
-    t = logit_normal(n, cfg.t_mu, cfg.t_sd, device).clamp(min=1e-4)
-    s = torch.minimum(logit_normal(n, cfg.s_mu, cfg.s_sd, device), t - 1e-4)
-    return t, s, torch.minimum(t + (s - t) * r, t - 1e-4)                  # l, Eq. (16)
-
-
-# ----- The losses: flow matching (Eq. 11-12) and solution consistency (Eq. 13-15) -----
-def fm_loss(net, x_t, t, v_target, mix, y=None, cond=None, param="euler", p=1.0, eps=0.01, F_out=None):
-    """Per-sample L_FM (Eq. 11: Eq. 3 in the conditional form of Eq. 4) with the weight of Eq. 12; returns (loss, mse,
-    weight), each (B,). v_target: the velocity to match (alpha'_t x_0 + beta'_t x_1, or Eq. 18's guided form); mix:
-    the per-sample m of Eq. 19, whose v_guided is this pass's own prediction (detached): no extra pass.
-    F_out: F_theta(x_t, t, t) if already computed."""
-    F_out = net(x_t, t, t, y, cond) if F_out is None else F_out
-    v_pred = v_from_F(param, F_out, x_t, t)                                     # Eq. (10)
-    v_mix = mix_velocity(v_target, v_pred.detach(), per_sample(mix, x_t))       # Eq. (19)
-    mse = mean_per_sample((v_pred - v_mix) ** 2)
-    weight = 1 / (PARAMETERIZATIONS[param].d2b(t).abs() * (mse.detach() + eps) ** p)   # Eq. (12), a constant
-    return weight * mse, mse.detach(), weight
-
-
-def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, param="euler", p=1.0, eps=0.01, F_t=None):
-    """Per-sample L_SCM (Eq. 14) with the weight of Eq. 15, in gradient form; returns (loss, mse, weight), each (B,).
-    v: the velocity that moves x_t to time l (the conditional one, or its guided mix, Eq. 19). F_t: F_theta(x_t, t, s)
-    if already computed (with gradient; only without dropout). loss = sign(b) <F_theta(x_t, t, s), stopgrad(w dq)> / D
-    with dq = (f_t - f_l) / (t - l): its gradient is exactly 1/2 of that of Eq. 14 weighted by Eq. 15, and it never
-    divides by (t - l) |b(t, s)|, which can be tiny. mse is mean(dq^2), the MSE of Eq. 15 divided by (t - l)^2.
-    # Deviation: the released code trains with this form, so L_SCM enters Alg. 1 at half the paper's scale."""
-    x_l = x_t + per_sample(l - t, x_t) * v                                   # the step of Eq. (14)
-    # The target pass replays the random state the student pass starts from: same dropout masks in both.
-    with torch.random.fork_rng(devices=[x_t.device] if x_t.is_cuda else []), torch.no_grad():
-        f_l = solution(net, x_l, l, s, y, cond, param)                       # f_theta^-(x_l, l, s)
-    F_t = net(x_t, t, s, y, cond) if F_t is None else F_t
-    f_t = f_from_F(param, F_t.detach(), x_t, t, s)                          # f_theta(x_t, t, s), value only
-    dq = (f_t - f_l) / per_sample(t - l, x_t)                                # Eq. (13): ~ the residual of Eq. (6)
-    mse = mean_per_sample(dq ** 2)
-    weight = 1 / (mse + eps) ** p                                            # Eq. (15) times (t - l) |b(t, s)|
-    loss = torch.sign(PARAMETERIZATIONS[param].b(t, s)) * mean_per_sample(F_t * (per_sample(weight, dq) * dq))
-    return loss, mse, weight
-
-
-# ----- Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -----
-def guidance_decay(t, decay_t=0.8, kind="exp"):
-    """g(t): 1 for t <= decay_t, falling to 0 at t = 1 (App. A: guidance fades out at high noise).
-    "linear" is the paper's text; "exp" is the released code's smooth version, used for its checkpoints."""
-    d = (1 - t) / (1 - decay_t)
-    if kind == "linear":
-        return d.clamp(0, 1)
-    if kind == "exp":
-        d = d.clamp(0, 1 - 1e-6)
-        return 1 - torch.exp(-0.025 * d / (1 - d))
-    if kind == "none":
-        return torch.ones_like(t)
-    raise ValueError(f"unknown guidance decay {kind!r}; use 'exp', 'linear' or 'none'")
-
-
-def guidance_strength(t, cfg):
-    """The CFG strength in force at time t: 1 + g(t) (w - 1)."""
-    return 1 + guidance_decay(t, cfg.decay_t, cfg.decay) * (cfg.w - 1)
-
-
-def guided_target(v, v_uncond, t, cfg):
-    """w v + (1 - w) v_uncond (Eq. 18) with the sample velocity v standing in for v(x_t, t | c) (Eq. 17)."""
-    return v + per_sample(guidance_strength(t, cfg) - 1, v) * (v - v_uncond)
-
-
-def mix_velocity(v_cfg, v_guided, m):
-    """v_mix = m (guided target) + (1 - m) v_guided (Eq. 19): the model's own guided velocity lowers the variance."""
-    return m * v_cfg + (1 - m) * v_guided
 
 
 # ----- Algorithm 1 -----
@@ -244,106 +325,151 @@ def mix_velocity(v_cfg, v_guided, m):
 class Draws:
     """Everything Algorithm 1 draws at random for one batch: noise, times and which labels are kept."""
     x1: torch.Tensor                       # (B, ...) noise
-    t_fm: torch.Tensor                     # (n_FM,) flow matching times
-    t: torch.Tensor                        # (B - n_FM,) consistency times, s <= l < t
+    t_fm: torch.Tensor                     # (n_fm,) flow matching times
+    t: torch.Tensor                        # (B - n_fm,) consistency times, s <= l < t
     s: torch.Tensor
     l: torch.Tensor
     keep: Optional[torch.Tensor] = None    # (B,) bool, False where the label is replaced by the null label
 
 
 def draw(x0, cfg, r, labelled):
-    """Sample the noise, times (Sec. 4.2) and label drops (Sec. 4.3) for a batch x0."""
-    B, n_fm = x0.shape[0], int(cfg.lam * x0.shape[0])
+    """Sample the noise, the times (Sec. 4.2) and the label drops (Sec. 4.3) for a batch x0."""
+    B = x0.shape[0]
+    n_fm = int(cfg.lam * B)                                                   # Alg. 1's split, rounded down
     t, s, l = consistency_times(B - n_fm, r, cfg, x0.device)
     keep = torch.rand(B, device=x0.device) >= cfg.drop if labelled else None
-    return Draws(torch.randn_like(x0), logit_normal(n_fm, cfg.fm_mu, cfg.fm_sd, x0.device), t, s, l, keep)
+    x1 = torch.randn_like(x0)
+    t_fm = logit_normal(n_fm, cfg.fm_mu, cfg.fm_sd, x0.device)
+    return Draws(x1, t_fm, t, s, l, keep)
+
+
+def unwrap(net):
+    """The bare network inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if isinstance(net, nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        else:
+            return net
+
+
+def has_active_dropout(net):
+    return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in net.modules())
+
+
+def rows(z, part):
+    """z[part], or None for an absent input (labels, cond)."""
+    return None if z is None else z[part]
+
+
+def check_labels(net, y, cfg):
+    if y is None:
+        return
+    if net.num_classes == 0:
+        raise ValueError("labels y were given to an unconditional network: build it with num_classes > 0")
+    if cfg.w != 1 and cfg.drop <= 0:
+        raise ValueError(f"CFG with w={cfg.w} needs label dropping (drop > 0): the null label's velocity, "
+                         "which guidance subtracts, would never be trained")
 
 
 def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=None):
-    """Algorithm 1: the loss (n_FM / B) L_FM + (1 - n_FM / B) L_SCM and detached diagnostics. x0: (B, ...) data,
-    y: (B,) labels or None, cond: (B, ...) or None. Network calls: one no-grad pass for CFG (v_uncond for all rows,
-    v_guided for the consistency rows), the consistency target pass, and one student pass over the whole batch
-    (two, one per loss, if the network has active dropout: the target pass must replay the student's masks)."""
-    r = r_schedule(step, total_steps, cfg.r_schedule, cfg.r_init, cfg.r_end)
-    d = draws if draws is not None else draw(x0, cfg, r, y is not None)
-    B, n, t_all = x0.shape[0], d.t_fm.shape[0], torch.cat([d.t_fm, d.t])
-    x_t, v = interpolate(cfg.schedule, x0, d.x1, t_all)                      # (B, ...) each
+    """Algorithm 1: L = (n_fm / B) L_FM + (1 - n_fm / B) L_SCM, and detached diagnostics.
+
+    x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) or None. net may be wrapped in
+    DistributedDataParallel or torch.compile. Network calls: one no-grad pass for CFG, the consistency
+    target pass, and one student pass over the whole batch (one per loss if the network has active dropout:
+    the target pass must replay the student's masks).
+    """
+    bare = unwrap(net)
+    check_labels(bare, y, cfg)
+    # Sample t_FM, t_SCM, l_SCM, s_SCM (Sec. 4.2) and the label drops; the first n_fm rows go to L_FM.
+    r = r_schedule(step, total_steps, cfg)
+    d = draws if draws is not None else draw(x0, cfg, r, labelled=y is not None)
+    B = x0.shape[0]
+    n_fm = d.t_fm.shape[0]
+    fm, scm = slice(0, n_fm), slice(n_fm, B)
+    t = torch.cat([d.t_fm, d.t])                                              # (B,)
+    s = torch.cat([d.t_fm, d.s])                                              # (B,): s = t on the FM rows
+    # Get x_t and v_t = alpha'_t x_0 + beta'_t x_1 by the standard flow matching framework (Eq. 4).
+    x_t, v_t = interpolate(cfg.schedule, x0, d.x1, t)                         # (B, ...) each
+    # Compute the CFG targets (Eq. 18) on the rows whose label is kept.
     if y is not None:
-        if net.num_classes == 0:
-            raise ValueError("labels y were given to an unconditional network: build it with num_classes > 0")
-        if cfg.w != 1 and cfg.drop <= 0:
-            raise ValueError(f"CFG with w={cfg.w} needs label dropping (drop > 0): the null label's velocity, "
-                             "which guidance subtracts, would never be trained")
-        y = torch.where(d.keep, y, net.num_classes)                           # CFG label drop
-    target, mix, v_guided = v, torch.ones_like(t_all), v[n:]                 # without CFG Eq. (19) gives v
-    if y is not None and cfg.w != 1:
-        # One batched pass: v_uncond for every row, and v_guided (label kept) for the consistency rows if m < 1.
-        rows = slice(n, B) if cfg.m < 1 else slice(B, B)
-        x_c, t_c, cond_c = (None if z is None else torch.cat([z, z[rows]]) for z in (x_t, t_all, cond))
-        y_c = torch.cat([torch.full_like(y, net.num_classes), y[rows]])
-        with torch.no_grad():
-            v_c = v_from_F(cfg.param, net(x_c, t_c, t_c, y_c, cond_c), x_c, t_c)
-        v_guided = v_c[B:] if cfg.m < 1 else v_guided
-        target = torch.where(per_sample(d.keep, v), guided_target(v, v_c[:B], t_all, cfg), v)   # Eq. (18)
-        mix = torch.where(d.keep, cfg.m, 1.0).to(t_all.dtype)                 # dropped rows keep the plain v
-    part = lambda z, rows: None if z is None else z[rows]                  # noqa: E731
-    fm, scm = slice(0, n), slice(n, B)
-    losses, diag, F_all = [], {}, None
-    # One student pass serves both losses (s = t on the flow matching rows): the same values and gradients as two
-    # passes, at less cost. Not with dropout, where the target pass replays the masks of the consistency rows alone.
-    dropout = any(isinstance(m_, nn.Dropout) and m_.p > 0 and m_.training for m_ in net.modules())
-    if 0 < n < B and not dropout:
-        F_all = net(x_t, t_all, torch.cat([d.t_fm, d.s]), y, cond)
-    if n > 0:
-        loss, mse, weight = fm_loss(net, x_t[fm], d.t_fm, target[fm], mix[fm], part(y, fm), part(cond, fm),
-                                    cfg.param, cfg.p, cfg.eps, part(F_all, fm))
-        losses.append(loss.mean() * n / B)
-        diag.update(fm_loss=loss.mean(), fm_mse=mse.mean(), fm_weight=weight.mean())
-    if n < B:
-        v_scm = mix_velocity(target[scm], v_guided, per_sample(mix[scm], v_guided))   # Eq. (19)
-        loss, mse, weight = scm_loss(net, x_t[scm], d.t, d.s, d.l, v_scm, part(y, scm), part(cond, scm),
-                                     cfg.param, cfg.p, cfg.eps, part(F_all, scm))
-        losses.append(loss.mean() * (B - n) / B)
-        diag.update(scm_mse=mse.mean(), scm_weight=weight.mean())
-    diag["loss"] = total = sum(losses)
-    return total, {k: v_.detach() for k, v_ in diag.items()}
+        y = drop_labels(y, d.keep, bare.num_classes)
+    v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, cfg)
+    # The student pass F_theta(x_t, t, s), with gradient.
+    if has_active_dropout(bare):
+        # The consistency rows get their own pass in scm_loss, after the target pass that replays its masks.
+        F_fm = net(x_t[fm], t[fm], s[fm], rows(y, fm), rows(cond, fm)) if n_fm > 0 else None
+        F_scm = None
+    else:
+        F_all = net(x_t, t, s, y, cond)                                        # one pass serves both losses
+        F_fm, F_scm = F_all[fm], F_all[scm]
+    diagnostics = {}
+    loss = 0
+    if n_fm > 0:
+        # L_FM (Eq. 11) towards v_mix (Eq. 19), whose v_guided is this pass's own prediction, detached.
+        v_pred = v_from_F(cfg.param, F_fm, x_t[fm], t[fm])                   # Eq. (10)
+        v_mix = mix_velocity(v_cfg[fm], v_pred.detach(), m[fm])               # Eq. (19)
+        loss_fm, mse, weight = fm_loss(v_pred, v_mix, t[fm], cfg)             # Eq. (11-12)
+        loss = loss + loss_fm.mean() * n_fm / B
+        diagnostics.update(fm_loss=loss_fm.mean(), fm_mse=mse.mean(), fm_weight=weight.mean())
+    if n_fm < B:
+        # L_SCM (Eq. 14), the step to x_l taken along v_mix (Eq. 19).
+        v_mix = mix_velocity(v_cfg[scm], v_guided, m[scm])                    # Eq. (19)
+        loss_scm, mse, weight = scm_loss(net, x_t[scm], d.t, d.s, d.l, v_mix, rows(y, scm), rows(cond, scm),
+                                         cfg=cfg, F_t=F_scm)
+        loss = loss + loss_scm.mean() * (B - n_fm) / B
+        diagnostics.update(scm_mse=mse.mean(), scm_weight=weight.mean())
+    diagnostics["loss"] = loss
+    return loss, {name: value.detach() for name, value in diagnostics.items()}
 
 
 # ----- Sampling -----
 @torch.no_grad()
-def sample(net, x1, y=None, cond=None, *, steps=1, times=None, mode="chain", schedule="linear", param="euler"):
-    """Generate from noise x1, one network call per step; steps=1 is f_theta(x_1, 1, 0). times: a decreasing grid
-    t_0 > ... > t_N (default: `steps` equal steps from 1 to 0). "chain": x <- f_theta(x, t_i, t_{i+1}).
-    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps, fresh noise
-    each step; at t_N = 0 that is f_theta(x, t_{N-1}, 0). No guidance here: it was learned (Sec. 4.3)."""
-    times = torch.linspace(1, 0, steps + 1) if times is None else torch.as_tensor(times, dtype=torch.float32)
+def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"):
+    """Generate from noise x1 with one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0).
+
+    cfg: the SoFlowConfig the network was trained with (its noising schedule and parameterization).
+    times: a decreasing grid t_0 > ... > t_N (default: `steps` equal steps from 1 to 0).
+    "chain": x <- f_theta(x, t_i, t_{i+1}).
+    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps with fresh
+    noise eps at each step; at t_N = 0 that is f_theta(x, t_{N-1}, 0).
+    No guidance here: it was learned (Sec. 4.3).
+    """
+    if times is None:
+        times = torch.linspace(1, 0, steps + 1)
+    times = torch.as_tensor(times, dtype=torch.float32)
     if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
         raise ValueError(f"times must be a strictly decreasing 1D grid of at least two points, got {times.tolist()}")
     if mode not in ("chain", "renoise"):
         raise ValueError(f"unknown sampling mode {mode!r}; use 'chain' or 'renoise'")
-    S, x = SCHEDULES[schedule], x1
+    schedule = SCHEDULES[cfg.schedule]
+    x = x1
     for t_i, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
-        s = torch.full_like(t, t_next if mode == "chain" else 0.0)
-        x = solution(net, x, t, s, y, cond, param)
-        if mode == "renoise":
+        if mode == "chain":
+            x = solution(net, x, t, torch.full_like(t, t_next), y, cond, cfg=cfg)
+        else:
+            x0_hat = solution(net, x, t, torch.zeros_like(t), y, cond, cfg=cfg)
             s = torch.full_like(t, t_next)
-            x = per_sample(S.alpha(s), x) * x + per_sample(S.beta(s), x) * torch.randn_like(x)
+            x = per_sample(schedule.alpha(s), x) * x0_hat + per_sample(schedule.beta(s), x) * torch.randn_like(x)
     return x
 
 
 @torch.no_grad()
-def sample_euler(net, x1, y=None, cond=None, *, steps=50, param="euler"):
+def sample_euler(net, x1, y=None, cond=None, *, cfg, steps=50):
     """Flow matching's sampler, the baseline: Euler steps of the ODE of Eq. (2) along v_theta(x, t) (Eq. 10)."""
-    x, times = x1, torch.linspace(1, 0, steps + 1).tolist()
+    x = x1
+    times = torch.linspace(1, 0, steps + 1).tolist()
     for t_i, t_next in zip(times[:-1], times[1:]):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
-        x = x + (t_next - t_i) * velocity(net, x, t, y, cond, param)
+        x = x + (t_next - t_i) * velocity(net, x, t, y, cond, cfg=cfg)
     return x
 
 
-# ----- Networks: each computes F_theta(x, t, s, y=None, cond=None); init_kwargs lets a checkpoint rebuild it -----
-# Times enter as t and the gap t - s, each with its own embedder.
+# ----- Networks: each computes F_theta(x, t, s, y=None, cond=None) -----
+# Times enter as t and the gap t - s, each with its own embedder. init_kwargs lets a checkpoint rebuild a network.
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal features of t in [0, 1], (B,) -> (B, dim): cosines, then sines."""
     half = dim // 2
@@ -361,7 +487,8 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+        features = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -389,7 +516,10 @@ def constructor_args(local_vars):
 
 
 def xavier(layer, gain=1.0):
-    """Xavier-uniform weight times gain (DiT's init; EDM's for DDPM++), zero bias; gain=0: a zero weight, no draw."""
+    """Xavier-uniform weight times gain (DiT's init; EDM's for DDPM++) and a zero bias.
+
+    gain=0 gives a zero weight without drawing random numbers.
+    """
     if gain:
         nn.init.xavier_uniform_(layer.weight, gain)
     else:
@@ -404,7 +534,8 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, hidden))
 
     def forward(self, h, c):
         shift, scale = self.modulation(c).chunk(2, dim=-1)
@@ -413,26 +544,32 @@ class ResidualBlock(nn.Module):
 
 class MLP(nn.Module):
     """F_theta for low-dimensional data (2D toys, action chunks): residual blocks on the flattened x.
-    data_shape: the shape of one sample, e.g. (2,) or (horizon, action_dim). num_classes > 0 adds class labels
-    (with a null label, for CFG); cond_dim > 0 adds a conditioning vector, e.g. an observation."""
+
+    data_shape: the shape of one sample, e.g. (2,) or (horizon, action_dim).
+    num_classes > 0 adds class labels (with a null label, for CFG).
+    cond_dim > 0 adds a conditioning vector, e.g. an observation.
+    """
     def __init__(self, data_shape=(2,), hidden=256, depth=4, num_classes=0, cond_dim=0, dropout=0.0):
         super().__init__()
         self.init_kwargs = constructor_args(locals())
-        self.num_classes, dim = num_classes, math.prod(data_shape)
-        self.t_embedder, self.s_embedder = TimestepEmbedder(hidden), TimestepEmbedder(hidden)
+        self.num_classes = num_classes
+        dim = math.prod(data_shape)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.s_embedder = TimestepEmbedder(hidden)                             # embeds the gap t - s
         self.y_embedder = LabelEmbedder(num_classes, hidden) if num_classes > 0 else None
         self.cond_proj = nn.Linear(cond_dim, hidden) if cond_dim > 0 else None
         self.x_proj = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, dropout) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(hidden), xavier(nn.Linear(hidden, dim), gain=0))  # F = 0 at init: f = a x
+        # A zero output layer: F = 0 at init, so f = a x.
+        self.out = nn.Sequential(nn.LayerNorm(hidden), xavier(nn.Linear(hidden, dim), gain=0))
 
     def forward(self, x, t, s, y=None, cond=None):
         c = self.t_embedder(t) + self.s_embedder(t - s)                       # (B, hidden)
         if self.y_embedder is not None:
             c = c + self.y_embedder(labels_or_null(y, x.shape[0], self.num_classes, x.device))
         if (cond is None) != (self.cond_proj is None):
-            raise ValueError(f"this MLP was built with cond_dim={self.init_kwargs['cond_dim']}: "
-                             f"{'pass' if cond is None else 'do not pass'} cond")
+            action = "pass" if cond is None else "do not pass"
+            raise ValueError(f"this MLP was built with cond_dim={self.init_kwargs['cond_dim']}: {action} cond")
         if cond is not None:
             c = c + self.cond_proj(cond.flatten(1))
         h = self.x_proj(x.flatten(1))                                         # (B, hidden)
@@ -443,44 +580,37 @@ class MLP(nn.Module):
 
 # ----- DiT (Table 4): the original DiT (Peebles & Xie 2023) plus s_embedder, which embeds the gap t - s -----
 # Module names follow the released checkpoints, so that their state dicts load by name (load_network).
-DiT_models = {  # Table 4, plus DiT's S/2 and two tiny sizes for tests on a CPU
-    "DiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
-    "DiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
-    "DiT-M/2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),
-    "DiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
-    "DiT-B/4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4),
-    "DiT-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
-    "DiT-T/2": dict(depth=2, hidden_size=64, num_heads=2, patch_size=2),
-    "DiT-T/4": dict(depth=2, hidden_size=64, num_heads=2, patch_size=4),
-}
-
-
 def modulate(x, shift, scale):
     """adaLN: x * (1 + scale) + shift, with (B, D) shift and scale broadcast over the tokens of x (B, T, D)."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def sincos_pos_embed_2d(dim, grid_size):
-    """DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major; halves: [sin, cos] of column, of row."""
+    """DiT's fixed 2D sin-cos position embedding, (grid_size^2, dim), tokens in row-major order.
+
+    The first half of the channels encodes the column, the second the row, each as [sin, cos].
+    """
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))    # (dim/4,)
     pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None]         # (G, dim/4)
     emb = torch.cat([pos.sin(), pos.cos()], dim=1)                                    # (G, dim/2)
     G, half = grid_size, dim // 2
-    cols, rows = emb[None].expand(G, G, half), emb[:, None].expand(G, G, half)        # at [i, j]: column j, row i
-    return torch.cat([cols, rows], dim=-1).reshape(G * G, dim).float()
+    cols = emb[None].expand(G, G, half)                                               # at [i, j]: column j
+    rows_ = emb[:, None].expand(G, G, half)                                           # at [i, j]: row i
+    return torch.cat([cols, rows_], dim=-1).reshape(G * G, dim).float()
 
 
 class Attention(nn.Module):
     """Multi-head self-attention; qkv packs q, k, v (in that order) along its output."""
     def __init__(self, dim, num_heads):
         super().__init__()
-        self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)                                   # (B, H, T, D/H)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+        qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                    # (B, H, T, D/H)
+        return self.proj(rearrange(x, "b h t d -> b t (h d)"))
 
 
 class DiTBlock(nn.Module):
@@ -520,13 +650,17 @@ class DiT(nn.Module):
                  mlp_ratio=4.0, num_classes=1000):
         super().__init__()
         self.init_kwargs = constructor_args(locals())
-        self.num_classes, self.in_channels, self.patch_size = num_classes, in_channels, patch_size
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.patch_size = patch_size
         self.grid_size = input_size // patch_size
         # Fixed, yet a frozen parameter rather than a buffer: the released checkpoints store it that way.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         # Patches -> tokens: a convolution with kernel = stride = patch size (named as DiT's timm PatchEmbed).
-        self.x_embedder = nn.Sequential(OrderedDict(proj=nn.Conv2d(in_channels, hidden_size, patch_size, patch_size)))
-        self.t_embedder, self.s_embedder = TimestepEmbedder(hidden_size), TimestepEmbedder(hidden_size)  # t; t - s
+        patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, patch_size)
+        self.x_embedder = nn.Sequential(OrderedDict(proj=patch_embed))
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.s_embedder = TimestepEmbedder(hidden_size)                               # embeds the gap t - s
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
@@ -534,38 +668,51 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         """DiT's initialisation: Xavier for linear layers, N(0, 0.02) for embedders, adaLN-Zero, a zero output."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                xavier(m)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                xavier(module)
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size)[None])
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))       # as a linear layer on flattened patches
+        patch_weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))   # as a linear map of patches
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for layer in (e.mlp[i] for e in (self.t_embedder, self.s_embedder) for i in (0, 2)):
-            nn.init.normal_(layer.weight, std=0.02)
+        for embedder in (self.t_embedder, self.s_embedder):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         # Zero modulation makes every block the identity; the zero output layer makes F = 0, so f(x, t, s) = a x.
-        final = self.final_layer
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [final.adaLN_modulation[-1], final.linear]:
-            xavier(layer, gain=0)
-
-    def unpatchify(self, x):
-        """(B, T, p*p*C) -> (B, C, H, W); within a patch the channel index runs fastest."""
-        B, G, p, C = x.shape[0], self.grid_size, self.patch_size, self.in_channels
-        x = x.reshape(B, G, G, p, p, C)                                               # (B, h, w, p, q, C)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, G * p, G * p)
+        for block in self.blocks:
+            xavier(block.adaLN_modulation[-1], gain=0)
+        xavier(self.final_layer.adaLN_modulation[-1], gain=0)
+        xavier(self.final_layer.linear, gain=0)
 
     def forward(self, x, t, s, y=None, cond=None):
         if cond is not None:
             raise ValueError("DiT takes no cond tensor; class labels go in y")
         y = labels_or_null(y, x.shape[0], self.num_classes, x.device)
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed            # (B, T, D)
+        h = rearrange(self.x_embedder(x), "b d h w -> b (h w) d") + self.pos_embed    # (B, T, D)
         c = self.t_embedder(t) + self.s_embedder(t - s) + self.y_embedder(y)          # (B, D)
         for block in self.blocks:
             h = block(h, c)
         h = self.final_layer(h, c)                                                    # (B, T, p*p*C)
         return self.unpatchify(h).to(x.dtype)     # autocast may give bf16; f_theta is computed in x's dtype
 
+    def unpatchify(self, x):
+        """(B, T, p*p*C) -> (B, C, H, W); within a patch the channel index runs fastest."""
+        p = self.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid_size, p=p, q=p)
+
+
+# Table 4, plus DiT's S/2 and two tiny sizes for tests on a CPU.
+DiT_models = {
+    "DiT-XL/2": partial(DiT, depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    "DiT-L/2": partial(DiT, depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "DiT-M/2": partial(DiT, depth=16, hidden_size=1024, num_heads=16, patch_size=2),
+    "DiT-B/2": partial(DiT, depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "DiT-B/4": partial(DiT, depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "DiT-S/2": partial(DiT, depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "DiT-T/2": partial(DiT, depth=2, hidden_size=64, num_heads=2, patch_size=2),
+    "DiT-T/4": partial(DiT, depth=2, hidden_size=64, num_heads=2, patch_size=4),
+}
 
 # ----- U-Net (DDPM++ of EDM, 32x32 pixels) -----
 # EDM's SongUNet in its "ddpmpp" configuration (Karras et al. 2022; DDPM++ of Song et al. 2021), with its module names.
@@ -692,7 +839,8 @@ def dit_kwargs_from_state_dict(sd):
     """DiT constructor arguments read off a state dict's shapes (the released checkpoints store no config)."""
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    heads = {(v["depth"], v["hidden_size"]): v["num_heads"] for v in DiT_models.values()}.get((depth, hidden))
+    sizes = [size.keywords for size in DiT_models.values()]
+    heads = {(k["depth"], k["hidden_size"]): k["num_heads"] for k in sizes}.get((depth, hidden))
     if heads is None:
         raise ValueError(f"no size in DiT_models has depth {depth} and width {hidden}: add it there with its heads")
     return dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * patch, patch_size=patch, in_channels=in_channels,
@@ -768,21 +916,29 @@ def rng_state():
 
 
 def set_rng_state(state):
-    random.setstate(state["python"]), np.random.set_state(state["numpy"]), torch.set_rng_state(state["torch"])
+    """Restore what rng_state() returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, **state):
-    """torch.save to a temporary file, then rename it: a crash never leaves a half-written checkpoint."""
+def atomic_write(path, write):
+    """write(tmp) to a temporary file beside path, then rename it: a crash never leaves a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, **state):
+    """torch.save(state) atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 # ----- A 2D toy with an exact answer: a mixture of isotropic Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
@@ -812,13 +968,19 @@ class GaussianMixture:
 
     def velocity(self, x, t, y=None, w=1.0):
         """Eq. 1 (y None), Eq. 17 (labels y), Eq. 18 (labels y, strength w: float or (B,)). x (B, D), t (B,)."""
-        S = SCHEDULES[self.schedule]
+        schedule = SCHEDULES[self.schedule]
         x, t = x.double(), t.double()
-        a, b, da, db = (per_sample(f(t), x)[..., None] for f in (S.alpha, S.beta, S.d_alpha, S.d_beta))  # (B, 1, 1)
+
+        def coefficient(fn):                                                  # (B,) -> (B, 1, 1)
+            return per_sample(fn(t), x)[..., None]
+        a, b = coefficient(schedule.alpha), coefficient(schedule.beta)
+        da, db = coefficient(schedule.d_alpha), coefficient(schedule.d_beta)
         var = a ** 2 * self.std ** 2 + b ** 2                                 # Var(x_t | k) per dimension
-        r = x[:, None] - a * self.means[None]                                 # (B, K, D): x_t - E[x_t | k]
-        v_k = da * (self.means[None] + a * self.std ** 2 / var * r) + db * (b / var * r)  # E[a'x0 + b'x1 | x_t, k]
-        logp = self.weights.log()[None] - (r ** 2).sum(-1) / (2 * var[..., 0])  # (B, K); log det is shared
+        offset = x[:, None] - a * self.means[None]                            # (B, K, D): x_t - E[x_t | k]
+        x0_mean = self.means[None] + a * self.std ** 2 / var * offset         # E[x_0 | x_t, k]
+        x1_mean = b / var * offset                                            # E[x_1 | x_t, k]
+        v_k = da * x0_mean + db * x1_mean                                     # E[a'x_0 + b'x_1 | x_t, k]
+        logp = self.weights.log()[None] - (offset ** 2).sum(-1) / (2 * var[..., 0])   # (B, K); log det is shared
 
         def average(mask):
             post = torch.softmax(logp.masked_fill(~mask, -math.inf), dim=1)   # p(k | x_t[, c])
@@ -858,7 +1020,8 @@ def train_toy(toy, cfg, steps=1500, batch=512, lr=1e-3, seed=0, net=None, progre
     from tqdm import trange
     for k in trange(steps, desc=f"lam={cfg.lam}", leave=False, disable=not progress):
         x0, y = toy.sample(batch)
-        loss, _ = soflow_loss(net, x0, y if net.num_classes else None, cfg=cfg, step=k, total_steps=steps)
+        y = y if net.num_classes else None
+        loss, _ = soflow_loss(net, x0, y, cfg=cfg, step=k, total_steps=steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -876,34 +1039,46 @@ def main():
     parser.add_argument("--out", default="soflow_toy.png", help="where to save the figure")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    toy, cfg, start = GaussianMixture.ring(), PRESETS["toy"], time.time()
+    toy = GaussianMixture.ring()
+    cfg = PRESETS["toy"]
+    fm_cfg = replace(cfg, lam=1.0)                                       # lam = 1: flow matching only
+    start = time.time()
     soflow = train_toy(toy, cfg, args.steps, seed=args.seed, progress=True)
-    fm = train_toy(toy, replace(cfg, lam=1.0), args.steps, seed=args.seed, progress=True)  # lam=1: flow matching only
+    fm = train_toy(toy, fm_cfg, args.steps, seed=args.seed, progress=True)
     print(f"trained SoFlow and flow matching for {args.steps} steps each in {time.time() - start:.0f} s")
     x1 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
     x0_exact = toy.solution(x1, 1.0, 0.0)
     print("mean squared distance to the exact solution map f(x_1, 1, 0), 4096 noise samples:")
-    rows = [(f"SoFlow, {k} step{'s' * (k > 1)}", lambda x, k=k: sample(soflow, x, steps=k)) for k in (1, 2)]
-    rows += [(f"flow matching, {k} Euler step{'s' * (k > 1)}", lambda x, k=k: sample_euler(fm, x, steps=k))
-             for k in (1, 2, 4, 8, 50)]
-    for name, fn in rows:
-        print(f"  {name:<32} {map_error(x1, x0_exact, fn):.4f}")
+    samplers = {}
+    for k in (1, 2):
+        samplers[f"SoFlow, NFE={k}"] = partial(sample, soflow, cfg=cfg, steps=k)
+    for k in (1, 2, 4, 8, 50):
+        samplers[f"flow matching, Euler NFE={k}"] = partial(sample_euler, fm, cfg=fm_cfg, steps=k)
+    for name, sampler in samplers.items():
+        print(f"  {name:<36} {map_error(x1, x0_exact, sampler):.4f}")
     # Figure: one-step samples over the data; learned trajectories s -> f_theta(x_1, 1, s) over the exact ones.
     import matplotlib.pyplot as plt        # with no display, matplotlib falls back to its Agg backend
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5.5), layout="tight")
     ax0.scatter(*toy.sample(2000)[0].T, s=2, c="0.6", label="data")
-    ax0.scatter(*sample(soflow, x1[:2000]).T, s=2, c="C1", label="SoFlow, one step")
-    x, grid = x1[:40], torch.linspace(1, 0, 41).tolist()
-    learned = torch.stack([solution(soflow, x, torch.ones(40), torch.full((40,), s)).detach() for s in grid])
-    exact = torch.stack([toy.solution(x, 1.0, s) for s in grid])                # (41, 40, 2)
+    ax0.scatter(*sample(soflow, x1[:2000], cfg=cfg).T, s=2, c="C1", label="SoFlow, one step")
+    x = x1[:40]
+    grid = torch.linspace(1, 0, 41).tolist()
+    ones = torch.ones(len(x))
+    learned = torch.stack([solution(soflow, x, ones, s * ones, cfg=cfg).detach() for s in grid])   # (41, 40, 2)
+    exact = [x]
+    for t, s in zip(grid[:-1], grid[1:]):                                 # one pass that records its states
+        exact.append(toy.solution(exact[-1], t, s, steps=5))
+    exact = torch.stack(exact)                                               # (41, 40, 2)
     ax1.plot(*exact.permute(2, 0, 1), c="k", lw=1)
     ax1.plot(*learned.permute(2, 0, 1), c="C1", lw=1, ls="--")
     ax1.scatter(*exact[-1].T, c="k", s=8)                                    # where the exact paths end: data
     ax0.legend(loc="upper right", markerscale=5)
-    for ax, title in ((ax0, "one-step samples"), (ax1, "f(x_1, 1, s), s from 1 to 0: exact (black), learned (orange)")):
-        ax.set(title=title, aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5))
-    fig.savefig(f"{args.out}.tmp", dpi=100, format=os.path.splitext(args.out)[1][1:] or "png")
-    os.replace(f"{args.out}.tmp", args.out)                                  # never a half-written figure
+    ax0.set(title="one-step samples")
+    ax1.set(title="f(x_1, 1, s), s from 1 to 0: exact (black), learned (orange)")
+    for ax in (ax0, ax1):
+        ax.set(aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5))
+    image_format = os.path.splitext(args.out)[1][1:] or "png"
+    atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100, format=image_format))
     print(f"figure saved to {args.out}")
 
 

@@ -1,16 +1,15 @@
 """What both benchmarks share: the DiT sizes, the command-line flags of the setup, the setup itself (one network and
 one batch on one device), GPU synchronisation and an atomic JSON write."""
 import json
-import os
-import sys
+from functools import partial
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import soflow  # noqa: E402
+import soflow
 
 # DiT sizes: soflow's table, plus DiT's S/4 (Peebles & Xie 2023), the CPU default.
-SIZES = {**soflow.DiT_models, "DiT-S/4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4)}
+SIZES = {**soflow.DiT_models, "DiT-S/4": partial(soflow.DiT, depth=12, hidden_size=384, num_heads=6, patch_size=4)}
+CONFIG = soflow.PRESETS["imagenet"]     # the samplers read its schedule and parameterization
 
 
 def add_setup_args(parser):
@@ -33,7 +32,7 @@ def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    net = soflow.DiT(**SIZES[args.model], input_size=32, in_channels=4, num_classes=1000).to(device)
+    net = SIZES[args.model](input_size=32, in_channels=4, num_classes=1000).to(device)
     model = torch.compile(net) if args.compile else net
     x = torch.randn(args.batch_size, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -52,8 +51,8 @@ def sync(device):
 
 
 def write_json(path, results):
-    """Write to a temporary file, then rename: an interrupted run never leaves a truncated file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    """Write atomically: an interrupted run never leaves a truncated file."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+    soflow.atomic_write(path, write)

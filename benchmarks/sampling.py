@@ -1,8 +1,8 @@
 """Sampling throughput on the same DiT and the same batch of noise: the bare network forward F(x_1, 1, 0, y), SoFlow's
 one-step sampler x_0 = f(x_1, 1, 0) (soflow.sample, 1 NFE) and flow matching's Euler sampler (soflow.sample_euler).
 
-    python benchmarks/sampling.py                            # CPU default: DiT-S/4, batch 16, ~1 min on 2 cores
-    python benchmarks/sampling.py --model DiT-XL/2 --batch-size 256 --device cuda --dtype bf16 --compile --json s.json
+    python -m benchmarks.sampling                            # CPU default: DiT-S/4, batch 16, ~1 min on 2 cores
+    python -m benchmarks.sampling --model DiT-XL/2 --batch-size 256 --device cuda --dtype bf16 --compile --json s.json
 
 The one-call samplers first run --warmup times; then --repeats interleaved rounds each run every sampler once (the
 Euler sampler, 50 network calls, only in the first --euler-repeats rounds). Under torch.no_grad, between
@@ -10,16 +10,13 @@ torch.cuda.synchronize() calls on a GPU. Printed: images/s from the median time,
 the fastest run), and the ratio to the bare forward, whose images/s is the ceiling of a 1-NFE sampler.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import soflow  # noqa: E402
-from benchmarks.common import add_setup_args, describe, setup, sync, write_json  # noqa: E402
+import soflow
+from benchmarks.common import CONFIG, add_setup_args, describe, setup, sync, write_json
 
 
 def samplers(euler_steps):
@@ -29,9 +26,9 @@ def samplers(euler_steps):
         return net(x1, t, torch.zeros_like(t), y)
     return {
         "network forward F(x_1, 1, 0)": (forward, 1),
-        "SoFlow 1-NFE": (lambda net, x1, y: soflow.sample(net, x1, y), 1),
+        "SoFlow 1-NFE": (lambda net, x1, y: soflow.sample(net, x1, y, cfg=CONFIG), 1),
         f"flow matching, {euler_steps} Euler steps": (
-            lambda net, x1, y: soflow.sample_euler(net, x1, y, steps=euler_steps), euler_steps),
+            lambda net, x1, y: soflow.sample_euler(net, x1, y, cfg=CONFIG, steps=euler_steps), euler_steps),
     }
 
 
@@ -65,7 +62,7 @@ def main(argv=None):
     for name, (fn, nfe) in table.items():
         for _ in range(args.warmup if nfe == 1 else 0):
             timed(fn, model, x1, y, autocast)
-    timed(lambda net, x, y_: soflow.sample_euler(net, x, y_, steps=1), model, x1, y, autocast)
+    timed(lambda net, x, y_: soflow.sample_euler(net, x, y_, cfg=CONFIG, steps=1), model, x1, y, autocast)
     times = {name: [] for name in table}
     rounds = max(args.repeats, args.euler_repeats)
     for k in range(rounds):

@@ -1,8 +1,8 @@
 """Cost of one training step on the same DiT and the same batch: flow matching, SoFlow (Algorithm 1) without and
 with CFG, and MeanFlow (Geng et al. 2025, arXiv 2505.13447) with its JVP, without and with CFG.
 
-    python benchmarks/train_step.py                 # CPU default: DiT-S/4, batch 16, 1-2 min on 2 cores
-    python benchmarks/train_step.py --model DiT-B/2 --batch-size 64 --device cuda --dtype bf16 --compile --json gpu.json
+    python -m benchmarks.train_step                 # CPU default: DiT-S/4, batch 16, 1-2 min on 2 cores
+    python -m benchmarks.train_step --model DiT-B/2 --batch-size 64 --device cuda --dtype bf16 --compile --json gpu.json
 
 Time: each method runs --warmup steps, then --repeats rounds each run one step of every method, in an order that
 rotates from round to round (interleaved: changes in machine load touch every method alike). A step is zero_grad,
@@ -27,9 +27,8 @@ from dataclasses import replace
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import soflow  # noqa: E402
-from benchmarks.common import add_setup_args, describe, setup, sync, write_json  # noqa: E402
+import soflow
+from benchmarks.common import add_setup_args, describe, setup, sync, write_json
 COST_MODEL = (
     "a forward pass over one row of the batch costs 1 (with or without gradient), a backward pass 2: flow matching "
     "3 a row. SoFlow: n = lam B rows of flow matching 3, B - n consistency rows 1 (no-grad target) + 3; CFG adds a "
@@ -40,7 +39,7 @@ COST_MODEL = (
 
 # ----- Flow matching, the baseline: v = F(x_t, t, t, y) (Euler parameterization, Eq. 10) -----
 
-def fm_loss(net, x0, y, mu=-0.2, sd=1.0):
+def flow_matching_baseline(net, x0, y, mu=-0.2, sd=1.0):
     """Plain flow matching: mean ||F(x_t, t, t, y) - (x_1 - x_0)||^2, t ~ logit-normal(mu, sd); one forward."""
     t = soflow.logit_normal(x0.shape[0], mu, sd, x0.device)
     x1 = torch.randn_like(x0)
@@ -104,7 +103,7 @@ def methods(B, steps=400_000):
     n = int(cfg.lam * B)
     sof = lambda c: lambda net, x0, y, k: soflow.soflow_loss(net, x0, y, cfg=c, step=k, total_steps=steps)[0]  # noqa
     return {
-        "flow matching": (lambda net, x0, y, k: fm_loss(net, x0, y), 3 * B),
+        "flow matching": (lambda net, x0, y, k: flow_matching_baseline(net, x0, y), 3 * B),
         "SoFlow": (sof(replace(cfg, w=1.0)), 3 * n + 4 * (B - n)),
         "SoFlow CFG (w 3, m 0.25)": (sof(cfg), 3 * n + 4 * (B - n) + B + (B - n)),
         "MeanFlow (JVP)": (lambda net, x0, y, k: meanflow_loss(net, x0, y), 5 * B),

@@ -27,7 +27,7 @@ def one_thread():
 def tiny_dit(dtype=torch.float32, seed=0):
     """DiT-T/4 whose zero-initialised layers get random weights, so that every input reaches the output."""
     torch.manual_seed(seed)
-    net = soflow.DiT(**soflow.DiT_models["DiT-T/4"], input_size=16, num_classes=10).to(dtype)
+    net = soflow.DiT_models["DiT-T/4"](input_size=16, num_classes=10).to(dtype)
     with torch.no_grad():
         for p in net.parameters():
             if p.dim() >= 2 and p.abs().max() == 0:
@@ -45,12 +45,12 @@ def batch(B=4, dtype=torch.float32):
 def test_flow_matching_baseline_is_soflow_velocity_regression():
     net, (x0, y) = tiny_dit(), batch()
     torch.manual_seed(3)
-    loss = ts.fm_loss(net, x0, y)
+    loss = ts.flow_matching_baseline(net, x0, y)
     torch.manual_seed(3)                                           # the same draws: t, then x1
     cfg = soflow.PRESETS["imagenet"]
     t = soflow.logit_normal(4, cfg.fm_mu, cfg.fm_sd)
     x_t, v = soflow.interpolate("linear", x0, torch.randn_like(x0), t)
-    assert torch.allclose(loss, ((soflow.velocity(net, x_t, t, y) - v) ** 2).mean(), rtol=1e-6)
+    assert torch.allclose(loss, ((soflow.velocity(net, x_t, t, y, cfg=cfg) - v) ** 2).mean(), rtol=1e-6)
 
 
 def test_meanflow_jvp_matches_central_finite_difference():
@@ -149,6 +149,6 @@ def test_samplers_compute_what_they_claim():
     fns = list(sampling.samplers(3).values())
     with torch.no_grad():
         F_out, x_one, x_euler = (fn(net, x1, y) for fn, _ in fns)
-        assert torch.equal(x_one, soflow.sample(net, x1, y))
+        assert torch.equal(x_one, soflow.sample(net, x1, y, cfg=soflow.PRESETS["imagenet"]))
         assert torch.allclose(x_one, x1 - F_out, atol=1e-6)          # Euler parameterization: f(x, 1, 0) = x - F
-        assert torch.allclose(x_euler, soflow.sample_euler(net, x1, y, steps=3))
+        assert torch.allclose(x_euler, soflow.sample_euler(net, x1, y, cfg=soflow.PRESETS["imagenet"], steps=3))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import soflow as nets
+import soflow
 
 # Trainable parameters of the released networks, in millions (reference/official_dit_state_dict.md).
 REFERENCE_COUNTS = {"DiT-B/4": 131.17, "DiT-B/2": 131.09, "DiT-M/2": 308.02, "DiT-L/2": 459.14, "DiT-XL/2": 676.44}
@@ -30,11 +30,11 @@ REFERENCE_B4_LAYOUT = {
 
 
 def tiny_dit(**kw):
-    return nets.DiT(**{**nets.DiT_models["DiT-T/4"], "num_classes": 10, **kw})
+    return soflow.DiT_models["DiT-T/4"](**{"num_classes": 10, **kw})
 
 
 def tiny_unet(**kw):
-    return nets.UNet(**{**nets.UNet_models["UNet-T"], "num_classes": 10, **kw})
+    return soflow.UNet(**{**soflow.UNet_models["UNet-T"], "num_classes": 10, **kw})
 
 
 NETS = {"DiT": (tiny_dit, (4, 32, 32)), "UNet": (tiny_unet, (3, 32, 32))}
@@ -71,8 +71,8 @@ def test_output_shape_is_input_shape(kind):
 
 
 @pytest.mark.parametrize("build,shape", [
-    (lambda: nets.DiT(**nets.DiT_models["DiT-T/2"], input_size=16, in_channels=3, num_classes=0), (2, 3, 16, 16)),
-    (lambda: nets.UNet(**nets.UNet_models["UNet-T"], img_resolution=16, in_channels=1), (2, 1, 16, 16)),
+    (lambda: soflow.DiT_models["DiT-T/2"](input_size=16, in_channels=3, num_classes=0), (2, 3, 16, 16)),
+    (lambda: soflow.UNet(**soflow.UNet_models["UNet-T"], img_resolution=16, in_channels=1), (2, 1, 16, 16)),
 ])
 def test_other_input_sizes(build, shape):
     net = perturb(build())
@@ -92,23 +92,23 @@ def test_zero_output_layer_gives_identity_solution_at_init(kind):
 @pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
 def test_dit_parameter_counts_match_released(name):
     with torch.device("meta"):
-        net = nets.DiT(**nets.DiT_models[name])
+        net = soflow.DiT_models[name]()
     assert trainable(net) / 1e6 == pytest.approx(REFERENCE_COUNTS[name], rel=5e-3)
     assert not net.pos_embed.requires_grad                              # fixed, so not counted
 
 
 def test_unet_parameter_count_matches_released():
     with torch.device("meta"):
-        net = nets.UNet(**nets.UNet_models["UNet-CIFAR10"])
+        net = soflow.UNet(**soflow.UNet_models["UNet-CIFAR10"])
     assert trainable(net) / 1e6 == pytest.approx(REFERENCE_UNET_COUNT, rel=5e-3)
     # The released U-Net trains with dropout 0.3, as visible modules (forward hooks see them).
     drops = [m for m in net.modules() if isinstance(m, nn.Dropout)]
-    assert len(drops) == sum(isinstance(m, nets.UNetBlock) for m in net.modules()) and {m.p for m in drops} == {0.3}
+    assert len(drops) == sum(isinstance(m, soflow.UNetBlock) for m in net.modules()) and {m.p for m in drops} == {0.3}
 
 
 def test_dit_b4_state_dict_layout_equals_released():
     with torch.device("meta"):
-        net = nets.DiT(**nets.DiT_models["DiT-B/4"])
+        net = soflow.DiT_models["DiT-B/4"]()
     expected = {}
     for key, shape in REFERENCE_B4_LAYOUT.items():
         for n in range(12) if ".N." in key else [None]:
@@ -117,7 +117,7 @@ def test_dit_b4_state_dict_layout_equals_released():
 
 
 def test_pos_embed_is_frozen_2d_sincos_with_column_half_first():
-    net = nets.DiT(**nets.DiT_models["DiT-T/4"])                        # 8 x 8 tokens, width 64
+    net = soflow.DiT_models["DiT-T/4"]()                        # 8 x 8 tokens, width 64
     D, G = 64, 8
     assert not net.pos_embed.requires_grad and "pos_embed" in net.state_dict()
     omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))
@@ -130,7 +130,7 @@ def test_pos_embed_is_frozen_2d_sincos_with_column_half_first():
 
 
 def test_unpatchify_puts_channels_last_within_a_patch():
-    net = nets.DiT(**nets.DiT_models["DiT-T/4"], in_channels=3)         # grid 8, patch 4, C 3
+    net = soflow.DiT_models["DiT-T/4"](in_channels=3)         # grid 8, patch 4, C 3
     G, p, C = 8, 4, 3
     tokens = torch.arange(G * G * p * p * C, dtype=torch.float32).view(1, G * G, p * p * C)
     img = net.unpatchify(tokens)
@@ -171,12 +171,12 @@ def test_dit_second_embedder_sees_the_gap_t_minus_s():
 
 def test_unet_embeds_t_and_the_gap_t_minus_s(monkeypatch):
     net, x, t, s = make("UNet")
-    seen, original = [], nets.timestep_embedding
+    seen, original = [], soflow.timestep_embedding
 
     def spy(tt, dim, *args, **kw):
         seen.append((tt.clone(), dim))
         return original(tt, dim, *args, **kw)
-    monkeypatch.setattr(nets, "timestep_embedding", spy)
+    monkeypatch.setattr(soflow, "timestep_embedding", spy)
     net(x, t, s)
     assert [dim for _, dim in seen] == [2 * 16, 2 * 16]                  # channel_mult_noise 2, 16 channels
     torch.testing.assert_close(seen[0][0], t)
@@ -227,7 +227,7 @@ def test_bf16_autocast_is_close_to_fp32(kind):
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
-    dit = perturb(nets.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=2,
+    dit = perturb(soflow.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=2,
                            num_classes=10)).eval()
     unet, xu, t, s = make("UNet")
     perturb(unet).eval()
@@ -274,7 +274,7 @@ def our_file(path, net, ema_net, arch):
 @pytest.mark.slow
 def test_released_dit_b4_loads_and_matches_the_source(tmp_path):
     torch.manual_seed(0)
-    src = nets.DiT(**nets.DiT_models["DiT-B/4"])                        # 131M parameters, as released
+    src = soflow.DiT_models["DiT-B/4"]()                        # 131M parameters, as released
     with torch.no_grad():
         for b in src.blocks:
             b.adaLN_modulation[1].weight.normal_(0, 0.02)
@@ -285,22 +285,22 @@ def test_released_dit_b4_loads_and_matches_the_source(tmp_path):
     torch.save({"model": {"network." + k: v for k, v in raw.items()},
                 "ema_model": {"network." + k: v for k, v in src.state_dict().items()},
                 "optimizer": {}, "finished_steps": 400000, "finished_epochs": 80}, path)
-    net = nets.load_network(path)
+    net = soflow.load_network(path)
     assert net.init_kwargs == {"input_size": 32, "in_channels": 4, "num_classes": 1000, "mlp_ratio": 4.0,
-                               **nets.DiT_models["DiT-B/4"]}
+                               **soflow.DiT_models["DiT-B/4"].keywords}
     assert not net.training and not net.pos_embed.requires_grad
     x, t, s, y = torch.randn(1, 4, 32, 32), torch.tensor([0.7]), torch.tensor([0.1]), torch.tensor([207])
     with torch.no_grad():
         assert torch.equal(net(x, t, s, y), src(x, t, s, y))            # EMA weights by default
         del net
-        raw_net = nets.load_network(path, use_ema=False)
+        raw_net = soflow.load_network(path, use_ema=False)
         torch.testing.assert_close(raw_net(x, t, s, y), src(x, t, s, y) + 1.0)
 
 
 def test_released_layout_infers_every_size_argument(tmp_path):
     torch.manual_seed(0)
-    src = perturb(nets.DiT(**nets.DiT_models["DiT-T/2"], input_size=16, in_channels=3, num_classes=7))
-    net = nets.load_network(released_file(tmp_path / "r.pt", src))
+    src = perturb(soflow.DiT_models["DiT-T/2"](input_size=16, in_channels=3, num_classes=7))
+    net = soflow.load_network(released_file(tmp_path / "r.pt", src))
     assert net.init_kwargs == src.init_kwargs
     x, t, s = torch.randn(2, 3, 16, 16), torch.rand(2), torch.zeros(2)
     with torch.no_grad():
@@ -315,10 +315,10 @@ def test_our_checkpoint_round_trips_with_ema_by_default(kind, tmp_path):
     path = our_file(tmp_path / "ours.pt", net, ema, kind)
     y = torch.tensor([0, 4, 10])
     with torch.no_grad():
-        loaded = nets.load_network(path)
+        loaded = soflow.load_network(path)
         assert type(loaded) is type(net) and not loaded.training
         assert torch.equal(loaded(x, t, s, y), ema.eval()(x, t, s, y))
-        assert torch.equal(nets.load_network(path, use_ema=False)(x, t, s, y), net.eval()(x, t, s, y))
+        assert torch.equal(soflow.load_network(path, use_ema=False)(x, t, s, y), net.eval()(x, t, s, y))
 
 
 def test_mismatched_checkpoint_names_missing_unexpected_and_misshapen_keys(tmp_path):
@@ -330,7 +330,7 @@ def test_mismatched_checkpoint_names_missing_unexpected_and_misshapen_keys(tmp_p
     path = tmp_path / "bad.pt"
     torch.save({"ema_model": sd, "model": sd}, path)
     with pytest.raises(ValueError) as err:
-        nets.load_network(path)
+        soflow.load_network(path)
     msg = str(err.value)
     assert "missing keys (1): blocks.1.attn.proj.bias" in msg
     assert "unexpected keys (1): blocks.0.attn.extra" in msg
@@ -345,18 +345,18 @@ def test_our_checkpoint_with_wrong_arch_kwargs_is_reported(tmp_path):
     ckpt["arch_kwargs"] = {**ckpt["arch_kwargs"], "num_blocks": 2}
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=r"missing keys \(\d+\): enc\.32x32_block1"):
-        nets.load_network(path)
+        soflow.load_network(path)
 
 
 def test_files_that_are_not_checkpoints_are_reported(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
-        nets.load_network(text)
+        soflow.load_network(text)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, other)
     with pytest.raises(ValueError, match=r"is not a SoFlow checkpoint.*found \['state_dict'\]"):
-        nets.load_network(other)
+        soflow.load_network(other)
 
 
 def test_missing_ema_weights_are_reported(tmp_path):
@@ -364,8 +364,8 @@ def test_missing_ema_weights_are_reported(tmp_path):
     path = tmp_path / "noema.pt"
     torch.save({"arch": "DiT", "arch_kwargs": net.init_kwargs, "model": net.state_dict(), "ema": None}, path)
     with pytest.raises(ValueError, match="no 'ema' weights; pass use_ema=False"):
-        nets.load_network(path)
-    assert nets.load_network(path, use_ema=False).init_kwargs == net.init_kwargs
+        soflow.load_network(path)
+    assert soflow.load_network(path, use_ema=False).init_kwargs == net.init_kwargs
 
 
 # ================================================================================================================
@@ -376,7 +376,7 @@ def test_missing_ema_weights_are_reported(tmp_path):
 def test_soflow_loss_training_lowers_the_one_step_error():
     import soflow
     torch.manual_seed(0)
-    net = nets.UNet(**{**nets.UNet_models["UNet-T"], "img_resolution": 16, "dropout": 0.1})
+    net = soflow.UNet(**{**soflow.UNet_models["UNet-T"], "img_resolution": 16, "dropout": 0.1})
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1                               # a tiny fixed "dataset"
     x0[:4] = x0[:4].mean((1, 2, 3), keepdim=True)                       # half of it flat images
     cfg = replace(soflow.PRESETS["cifar10"], lam=0.25)
@@ -406,7 +406,7 @@ def test_soflow_loss_training_lowers_the_one_step_error():
 def test_unet_dropout_masks_are_shared_by_student_and_target_passes():
     import soflow
     torch.manual_seed(0)
-    net = nets.UNet(**{**nets.UNet_models["UNet-T"], "img_resolution": 16, "dropout": 0.3}).train()
+    net = soflow.UNet(**{**soflow.UNet_models["UNet-T"], "img_resolution": 16, "dropout": 0.3}).train()
     passes, current = [], {}
 
     def hook(module, inputs, output):

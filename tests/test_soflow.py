@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import soflow as S
+import soflow
 
 torch.set_default_dtype(torch.float32)
 
@@ -14,22 +14,27 @@ torch.set_default_dtype(torch.float32)
 def random_mlp(dtype=torch.float64, **kw):
     """An MLP whose output layer is not zero, so F_theta is a smooth non-trivial function."""
     torch.manual_seed(0)
-    net = S.MLP(hidden=32, depth=2, **kw).to(dtype)
+    net = soflow.MLP(hidden=32, depth=2, **kw).to(dtype)
     nn.init.normal_(net.out[1].weight, std=0.5)
     nn.init.normal_(net.out[1].bias, std=0.5)
     return net
 
 
+def config(param="euler", schedule="linear", **kw):
+    """The released ImageNet configuration with another parameterization, schedule or values."""
+    return replace(soflow.PRESETS["imagenet"], param=param, schedule=schedule, **kw)
+
+
 @pytest.fixture(scope="module")
 def toy():
-    return S.GaussianMixture.ring(k=4, radius=1.5, std=0.3, num_classes=2)
+    return soflow.GaussianMixture.ring(k=4, radius=1.5, std=0.3, num_classes=2)
 
 
 # ----- Schedules and parameterizations -----
 
 @pytest.mark.parametrize("name", ["linear", "triangular"])
 def test_schedule_boundaries_and_derivatives(name):
-    sch = S.SCHEDULES[name]
+    sch = soflow.SCHEDULES[name]
     t = torch.linspace(0, 1, 11, dtype=torch.float64, requires_grad=True)
     assert torch.allclose(sch.alpha(t[[0, -1]]), torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-12)
     assert torch.allclose(sch.beta(t[[0, -1]]), torch.tensor([0.0, 1.0], dtype=torch.float64), atol=1e-12)
@@ -40,49 +45,50 @@ def test_schedule_boundaries_and_derivatives(name):
 
 @pytest.mark.parametrize("name", ["euler", "triangular"])
 def test_parameterization_boundary_and_derivatives(name):
-    P = S.PARAMETERIZATIONS[name]
+    P = soflow.PARAMETERIZATIONS[name]
     t = torch.rand(7, dtype=torch.float64)
     s = t.clone().requires_grad_(True)
     assert torch.allclose(P.a(t, t), torch.ones_like(t)) and torch.allclose(P.b(t, t), torch.zeros_like(t))
     (da,) = torch.autograd.grad((P.a(t, s) + 0 * s).sum(), s)          # Euler: a does not depend on s
     (db,) = torch.autograd.grad(P.b(t, s).sum(), s)
-    assert torch.allclose(P.d2a(t), da, atol=1e-12) and torch.allclose(P.d2b(t), db, atol=1e-12)
+    assert torch.allclose(P.da_ds(t), da, atol=1e-12) and torch.allclose(P.db_ds(t), db, atol=1e-12)
 
 
 @pytest.mark.parametrize("param", ["euler", "triangular"])
 def test_solution_is_identity_at_s_equals_t(param):
     net, x, t = random_mlp(), torch.randn(5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
     assert net(x, t, t).abs().min() > 0                                     # F is not zero, yet
-    assert torch.equal(S.solution(net, x, t, t, param=param), x)             # f(x, t, t) = x exactly
+    assert torch.equal(soflow.solution(net, x, t, t, cfg=config(param)), x)             # f(x, t, t) = x exactly
 
 
 @pytest.mark.parametrize("param", ["euler", "triangular"])
 def test_velocity_eq10_is_derivative_of_f_in_s(param):
     net, x = random_mlp(), torch.randn(5, 2, dtype=torch.float64)
     t, h = torch.rand(5, dtype=torch.float64) * 0.8 + 0.1, 1e-5
-    fd = (S.solution(net, x, t, t + h, param=param) - S.solution(net, x, t, t - h, param=param)) / (2 * h)
-    assert torch.allclose(S.velocity(net, x, t, param=param), fd, atol=1e-7)
+    fd = (soflow.solution(net, x, t, t + h, cfg=config(param)) - soflow.solution(net, x, t, t - h, cfg=config(param))) / (2 * h)
+    assert torch.allclose(soflow.velocity(net, x, t, cfg=config(param)), fd, atol=1e-7)
 
 
 # ----- Time sampling -----
 
 @pytest.mark.parametrize("kind", ["exp", "cosine", "linear", "constant"])
 def test_r_schedule_end_points_and_monotone(kind):
-    r = [S.r_schedule(k, 100, kind, 0.1, 0.002) for k in range(0, 121)]
+    cfg = config(r_schedule=kind, r_init=0.1, r_end=0.002)
+    r = [soflow.r_schedule(k, 100, cfg) for k in range(0, 121)]
     assert r[0] == pytest.approx(0.002 if kind == "constant" else 0.1)
     assert r[100] == pytest.approx(0.002) and r[120] == pytest.approx(0.002)   # past K it stays at r_end
     assert all(b <= a + 1e-15 for a, b in zip(r, r[1:]))
     if kind != "constant":
         assert r[50] < r[0] and r[100] < r[50]
-    with pytest.raises(ValueError, match="unknown r schedule"):
-        S.r_schedule(0, 1, "step")
+    with pytest.raises(ValueError, match="unknown r_schedule 'step'; choose one of 'exp', 'cosine'"):
+        config(r_schedule="step")
 
 
 @pytest.mark.parametrize("r", [1.0, 0.1, 1e-3, 1e-7])
 def test_consistency_times_are_ordered(r):
     torch.manual_seed(0)
-    cfg = S.PRESETS["cifar10"]                                               # mu_s = -4: many s near 0
-    t, s, l = S.consistency_times(20000, r, cfg)
+    cfg = soflow.PRESETS["cifar10"]                                               # mu_s = -4: many s near 0
+    t, s, l = soflow.consistency_times(20000, r, cfg)
     assert (s >= 0).all() and (s <= l + 1e-7).all() and (l <= t - 1e-4 + 1e-7).all() and (t >= 1e-4).all()
     if r < 1:                                                                # s = l only where s was clamped
         assert ((s < l) | (s >= t - 1e-4 - 1e-7)).all() and (s < l).any()
@@ -113,11 +119,14 @@ def test_fm_loss_by_hand():
     vmix = torch.stack([v[0], 0.25 * v[1] + 0.75 * vt[1]])
     mse = ((vt - vmix) ** 2).mean(1)
     w = 1 / (math.pi / 2 * (mse + 0.1) ** 0.5)
-    loss, got_mse, got_w = S.fm_loss(Fixed(F_out), x_t, t, v, mix, param="triangular", p=0.5, eps=0.1)
+    cfg = config("triangular", p=0.5, eps=0.1)
+    net = Fixed(F_out)
+    v_pred = soflow.velocity(net, x_t, t, cfg=cfg)
+    v_mix = soflow.mix_velocity(v, v_pred.detach(), mix)                    # as Algorithm 1 builds it
+    loss, got_mse, got_w = soflow.fm_loss(v_pred, v_mix, t, cfg)
     assert torch.allclose(got_mse, mse) and torch.allclose(got_w, w) and torch.allclose(loss, w * mse)
     # The weight is a constant and the mixed-in guided velocity has no gradient: d loss / d scale = w * d mse.
-    net = Fixed(F_out)
-    S.fm_loss(net, x_t, t, v, mix, param="triangular", p=0.5, eps=0.1)[0].sum().backward()
+    loss.sum().backward()
     expected = (w * ((2 * (vt - vmix) * vt).mean(1))).sum()
     assert torch.allclose(net.scale.grad, expected)
 
@@ -132,15 +141,15 @@ def test_scm_loss_by_hand_and_gradient_matches_eq14_with_eq15():
         s = t * torch.rand(B, dtype=torch.float64) * 0.5
         l = t - 0.05 * (t - s)
         p, eps = 0.75, 1e-3
-        loss, mse, w = S.scm_loss(net, x_t, t, s, l, v, param=param, p=p, eps=eps)
+        loss, mse, w = soflow.scm_loss(net, x_t, t, s, l, v, cfg=config(param, p=p, eps=eps))
         # By hand: the target is f at x_l = x_t + v (l - t), without gradient.
         x_l = x_t + (l - t)[:, None] * v
-        f_l = S.solution(net, x_l, l, s, param=param).detach()
-        f_t = S.solution(net, x_t, t, s, param=param)
+        f_l = soflow.solution(net, x_l, l, s, cfg=config(param)).detach()
+        f_t = soflow.solution(net, x_t, t, s, cfg=config(param))
         dq = (f_t.detach() - f_l) / (t - l)[:, None]
         assert torch.allclose(mse, (dq ** 2).mean(1)) and torch.allclose(w, 1 / ((dq ** 2).mean(1) + eps) ** p)
         # Eq. 14 with Eq. 15's weight (weight held constant): its gradient is twice that of the returned loss.
-        w15 = 1 / ((t - l) * S.PARAMETERIZATIONS[param].b(t, s).abs()) / (((f_t.detach() - f_l) ** 2).mean(1)
+        w15 = 1 / ((t - l) * soflow.PARAMETERIZATIONS[param].b(t, s).abs()) / (((f_t.detach() - f_l) ** 2).mean(1)
                                                                           / (t - l) ** 2 + eps) ** p
         eq14 = (w15 * ((f_t - f_l) ** 2).mean(1)).sum()
         g14 = torch.autograd.grad(eq14, list(net.parameters()))
@@ -152,19 +161,19 @@ def test_scm_loss_by_hand_and_gradient_matches_eq14_with_eq15():
 # ----- Classifier-free guidance -----
 
 def test_guided_target_is_eq18_where_decay_is_one():
-    cfg = S.PRESETS["imagenet"]
+    cfg = soflow.PRESETS["imagenet"]
     v, vu = torch.randn(5, 3), torch.randn(5, 3)
     t = torch.tensor([0.0, 0.2, 0.5, 0.7, 0.8])                              # t <= decay_t: g = 1
-    assert torch.allclose(S.guided_target(v, vu, t, cfg), cfg.w * v + (1 - cfg.w) * vu, atol=1e-6)
-    assert torch.allclose(S.mix_velocity(S.guided_target(v, vu, t, cfg), v, 1.0), cfg.w * v + (1 - cfg.w) * vu,
-                          atol=1e-6)                                          # m = 1: Eq. 18 exactly
-    assert torch.allclose(S.guided_target(v, vu, torch.ones(5), cfg), v)     # t = 1: no guidance
+    assert torch.allclose(soflow.guided_target(v, vu, t, cfg), cfg.w * v + (1 - cfg.w) * vu, atol=1e-6)
+    v_mix = soflow.mix_velocity(soflow.guided_target(v, vu, t, cfg), v, torch.ones(5))
+    assert torch.allclose(v_mix, cfg.w * v + (1 - cfg.w) * vu, atol=1e-6)    # m = 1: Eq. 18 exactly
+    assert torch.allclose(soflow.guided_target(v, vu, torch.ones(5), cfg), v)     # t = 1: no guidance
 
 
 @pytest.mark.parametrize("kind", ["exp", "linear"])
 def test_guidance_decay(kind):
     t = torch.linspace(0, 1, 1001)
-    g = S.guidance_decay(t, 0.8, kind)
+    g = soflow.guidance_decay(t, config(decay=kind, decay_t=0.8))
     assert torch.allclose(g[t <= 0.8], torch.ones(1)) and g[-1] == 0
     assert (g[1:] <= g[:-1] + 1e-7).all() and g[900] < 1                      # falls over (0.8, 1]
     if kind == "linear":
@@ -173,12 +182,12 @@ def test_guidance_decay(kind):
 
 def recording(monkeypatch, name):
     """Wrap soflow.<name> to record the arguments of every call."""
-    calls, fn = [], getattr(S, name)
+    calls, fn = [], getattr(soflow, name)
 
     def wrapper(*args, **kw):
-        calls.append(args)
-        return fn(*args, **kw)
-    monkeypatch.setattr(S, name, wrapper)
+        calls.append((args, kw, fn(*args, **kw)))
+        return calls[-1][2]
+    monkeypatch.setattr(soflow, name, wrapper)
     return calls
 
 
@@ -186,16 +195,17 @@ def test_cfg_targets_in_algorithm1(monkeypatch, toy):
     """Kept labels get the guided target with mix m; dropped labels get the null label and the plain velocity."""
     torch.manual_seed(0)
     net = random_mlp(torch.float32, num_classes=2)
-    cfg = replace(S.PRESETS["imagenet"], lam=1.0, m=0.25)
+    cfg = replace(soflow.PRESETS["imagenet"], lam=1.0, m=0.25)
     x0, y = toy.sample(64)
-    d = S.draw(x0, cfg, 0.1, labelled=True)
+    d = soflow.draw(x0, cfg, 0.1, labelled=True)
     d.keep[:10] = False
-    calls = recording(monkeypatch, "fm_loss")
-    S.soflow_loss(net, x0, y, cfg=cfg, step=0, total_steps=1, draws=d)
-    _, x_t, t, target, mix, y_used, _ = calls[0][:7]
-    x_t_ref, v = S.interpolate("linear", x0, d.x1, d.t_fm)
-    v_unc = S.velocity(net, x_t_ref, d.t_fm, torch.full_like(y, 2)).detach()
-    w = S.guidance_strength(d.t_fm, cfg)[:, None]
+    calls = recording(monkeypatch, "cfg_targets")
+    soflow.soflow_loss(net, x0, y, cfg=cfg, step=0, total_steps=1, draws=d)
+    (_, x_t, t, v_t, y_used, _, _, _, _), _, (target, mix, _) = calls[0]
+    x_t_ref, v = soflow.interpolate("linear", x0, d.x1, d.t_fm)
+    assert torch.equal(x_t, x_t_ref) and torch.equal(v_t, v)
+    v_unc = soflow.velocity(net, x_t_ref, d.t_fm, torch.full_like(y, 2), cfg=cfg).detach()
+    w = soflow.guidance_strength(d.t_fm, cfg)[:, None]
     keep = d.keep
     assert torch.allclose(target[~keep], v[~keep]) and torch.all(mix[~keep] == 1) and torch.all(y_used[~keep] == 2)
     assert torch.allclose(target[keep], (w * v + (1 - w) * v_unc)[keep], atol=1e-5)
@@ -205,36 +215,38 @@ def test_cfg_targets_in_algorithm1(monkeypatch, toy):
 def test_algorithm1_rejects_labels_it_cannot_use(toy):
     x0, y = toy.sample(8)
     with pytest.raises(ValueError, match="unconditional network"):
-        S.soflow_loss(random_mlp(torch.float32), x0, y, cfg=S.PRESETS["imagenet"], step=0, total_steps=1)
+        soflow.soflow_loss(random_mlp(torch.float32), x0, y, cfg=soflow.PRESETS["imagenet"], step=0, total_steps=1)
     with pytest.raises(ValueError, match="needs label dropping"):             # the null label would stay untrained
-        S.soflow_loss(random_mlp(torch.float32, num_classes=2), x0, y, cfg=replace(S.PRESETS["imagenet"], drop=0.0),
+        soflow.soflow_loss(random_mlp(torch.float32, num_classes=2), x0, y, cfg=replace(soflow.PRESETS["imagenet"], drop=0.0),
                       step=0, total_steps=1)
 
 
 def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
     torch.manual_seed(0)
     net = random_mlp(torch.float64, num_classes=2)
-    cfg = replace(S.PRESETS["imagenet"], lam=0.25, m=0.5)
+    cfg = replace(soflow.PRESETS["imagenet"], lam=0.25, m=0.5)
     x0, y = toy.sample(40)
     x0 = x0.double()
-    d = S.draw(x0, cfg, 0.05, labelled=True)
+    d = soflow.draw(x0, cfg, 0.05, labelled=True)
     calls = []                                                               # (gradient on?, rows) per call
     net.register_forward_hook(lambda mod, inp, out: calls.append((torch.is_grad_enabled(), inp[0].shape[0])))
-    loss, diag = S.soflow_loss(net, x0, y, cfg=cfg, step=0, total_steps=1, draws=d)
+    loss, diag = soflow.soflow_loss(net, x0, y, cfg=cfg, step=0, total_steps=1, draws=d)
     # Three network calls: CFG (v_uncond for all 40 rows, v_guided for the 30 consistency rows), one student pass
     # for both losses, the consistency target pass.
     assert calls == [(False, 70), (True, 40), (False, 30)]
     n = 10
-    x_t, v = S.interpolate("linear", x0, d.x1, torch.cat([d.t_fm, d.t]))
+    x_t, v = soflow.interpolate("linear", x0, d.x1, torch.cat([d.t_fm, d.t]))
     y_in = torch.where(d.keep, y, 2)
     t_all = torch.cat([d.t_fm, d.t])
-    v_unc = S.velocity(net, x_t, t_all, torch.full_like(y, 2)).detach()
-    v_gui = S.velocity(net, x_t, t_all, y_in).detach()
-    target = torch.where(d.keep[:, None], S.guided_target(v, v_unc, t_all, cfg), v)
+    v_unc = soflow.velocity(net, x_t, t_all, torch.full_like(y, 2), cfg=cfg).detach()
+    v_gui = soflow.velocity(net, x_t, t_all, y_in, cfg=cfg).detach()
+    target = torch.where(d.keep[:, None], soflow.guided_target(v, v_unc, t_all, cfg), v)
     mix = torch.where(d.keep, 0.5, 1.0).double()
-    l_fm = S.fm_loss(net, x_t[:n], d.t_fm, target[:n], mix[:n], y_in[:n], p=cfg.p, eps=cfg.eps)[0].mean()
+    v_pred = soflow.velocity(net, x_t[:n], d.t_fm, y_in[:n], cfg=cfg)      # Eq. 10, with gradient
+    v_fm = mix[:n, None] * target[:n] + (1 - mix[:n, None]) * v_pred.detach()
+    l_fm = soflow.fm_loss(v_pred, v_fm, d.t_fm, cfg)[0].mean()
     v_scm = mix[n:, None] * target[n:] + (1 - mix[n:, None]) * v_gui[n:]
-    l_scm = S.scm_loss(net, x_t[n:], d.t, d.s, d.l, v_scm, y_in[n:], p=cfg.p, eps=cfg.eps)[0].mean()
+    l_scm = soflow.scm_loss(net, x_t[n:], d.t, d.s, d.l, v_scm, y_in[n:], cfg=cfg)[0].mean()
     assert torch.allclose(loss, 0.25 * l_fm + 0.75 * l_scm, rtol=1e-10)
     params = list(net.parameters())                                          # and so are the gradients
     for g, g_ref in zip(torch.autograd.grad(loss, params), torch.autograd.grad(0.25 * l_fm + 0.75 * l_scm, params)):
@@ -244,14 +256,14 @@ def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
 
 def test_dropout_masks_shared_between_student_and_target(toy):
     torch.manual_seed(0)
-    net = S.MLP(hidden=64, depth=2, dropout=0.5).train()
+    net = soflow.MLP(hidden=64, depth=2, dropout=0.5).train()
     records = []
     for m in net.modules():
         if isinstance(m, nn.Dropout):
             m.register_forward_hook(lambda mod, inp, out: records.append(
                 (torch.is_grad_enabled(), out.shape[0], (out != 0) | (inp[0] == 0))))
     x0, _ = toy.sample(16)
-    S.soflow_loss(net, x0, cfg=replace(S.PRESETS["toy"], lam=0.5), step=0, total_steps=10)
+    soflow.soflow_loss(net, x0, cfg=replace(soflow.PRESETS["toy"], lam=0.5), step=0, total_steps=10)
     fm, target, student = records[:2], records[2:4], records[4:]            # FM pass, target pass, SCM student
     assert [r[0] for r in records] == [True, True, False, False, True, True]
     for a, b, c in zip(target, student, fm):
@@ -268,9 +280,9 @@ class Oracle(nn.Module):
         self.toy, self.param, self.num_classes = toy, param, 0
 
     def forward(self, x, t, s, y=None, cond=None):
-        P = S.PARAMETERIZATIONS[self.param]
-        if torch.equal(t, s):                                                # v = d2b F at s = t (Eq. 10)
-            return self.toy.velocity(x, t).to(x.dtype) / P.d2b(t)[:, None]
+        P = soflow.PARAMETERIZATIONS[self.param]
+        if torch.equal(t, s):                                                # v = d_2 b F at s = t (Eq. 10)
+            return self.toy.velocity(x, t).to(x.dtype) / P.db_ds(t)[:, None]
         return (self.toy.solution(x, t, s, steps=100).to(x.dtype) - P.a(t, s)[:, None] * x) / P.b(t, s)[:, None]
 
 
@@ -279,31 +291,32 @@ def test_one_step_and_chained_sampling_reproduce_the_exact_map(toy, param):
     x1 = torch.randn(64, 2, dtype=torch.float64)
     exact = toy.solution(x1, 1.0, 0.0, steps=300).double()
     net = Oracle(toy, param)
-    assert torch.allclose(S.sample(net, x1, param=param), exact, atol=1e-4)
-    chained = S.sample(net, x1, times=[1.0, 0.7, 0.2, 0.0], param=param)
+    cfg = config(param)
+    assert torch.allclose(soflow.sample(net, x1, cfg=cfg), exact, atol=1e-4)
+    chained = soflow.sample(net, x1, times=[1.0, 0.7, 0.2, 0.0], cfg=cfg)
     assert torch.allclose(chained, exact, atol=1e-4)
-    assert torch.allclose(S.sample_euler(net, x1, steps=400, param=param), exact, atol=2e-2)
+    assert torch.allclose(soflow.sample_euler(net, x1, steps=400, cfg=cfg), exact, atol=2e-2)
 
 
 def test_renoise_sampler_follows_its_definition(toy):
     net, x1, times = Oracle(toy), torch.randn(32, 2, dtype=torch.float64), [1.0, 0.6, 0.3, 0.0]
     torch.manual_seed(5)
-    got = S.sample(net, x1, times=times, mode="renoise")
+    got = soflow.sample(net, x1, times=times, mode="renoise", cfg=config())
     torch.manual_seed(5)
     x = x1
     for t_i, t_next in zip(times[:-1], times[1:]):
         x0_hat = toy.solution(x, t_i, 0.0, steps=100).double()
         x = (1 - t_next) * x0_hat + t_next * torch.randn_like(x)
     assert torch.allclose(got, x, atol=1e-6)
-    assert not torch.allclose(got, S.sample(net, x1, times=times), atol=1e-3)   # differs from chaining
+    assert not torch.allclose(got, soflow.sample(net, x1, times=times, cfg=config()), atol=1e-3)   # differs from chaining
 
 
 def test_sampling_rejects_bad_grids():
     net = random_mlp(torch.float32)
     with pytest.raises(ValueError, match="strictly decreasing"):
-        S.sample(net, torch.randn(2, 2), times=[0.0, 1.0])
+        soflow.sample(net, torch.randn(2, 2), times=[0.0, 1.0], cfg=config())
     with pytest.raises(ValueError, match="unknown sampling mode"):
-        S.sample(net, torch.randn(2, 2), mode="ddim")
+        soflow.sample(net, torch.randn(2, 2), mode="ddim", cfg=config())
 
 
 # ----- The exact toy solution -----
@@ -314,7 +327,7 @@ def test_toy_velocity_is_the_conditional_expectation(toy):
     n = 400_000
     x0, y = toy.sample(n, g)
     x1, t = torch.randn(n, 2, generator=g), torch.rand(n, generator=g)
-    x_t, u = S.interpolate("linear", x0.double(), x1.double(), t.double())
+    x_t, u = soflow.interpolate("linear", x0.double(), x1.double(), t.double())
     sign = (2 * y - 1).double()                                              # a test function of the label
     r_u, r_c = u - toy.velocity(x_t, t), u - toy.velocity(x_t, t, y)
     for phi in (torch.ones_like(sign), x_t[:, 0], torch.sin(2 * x_t[:, 1]), t.double()):
@@ -345,7 +358,7 @@ def test_toy_solution_boundary_pde_and_semigroup(toy):
 
 
 def test_toy_solution_pushes_noise_onto_the_data():
-    toy = S.GaussianMixture.ring(k=4, radius=2.0, std=0.1)
+    toy = soflow.GaussianMixture.ring(k=4, radius=2.0, std=0.1)
     x0 = toy.solution(torch.randn(4000, 2), 1.0, 0.0)
     dist = torch.cdist(x0.double(), toy.means).min(1).values
     assert dist.pow(2).mean() < 2 * 0.1 ** 2 * 1.2                          # E||x0 - mu||^2 = 2 sigma^2
@@ -365,27 +378,27 @@ def test_mlp_conditioning_and_shapes():
     assert torch.equal(net(x, t, s, None, c), net(x, t, s, torch.tensor([5, 5]), c))
     with pytest.raises(ValueError, match="cond_dim=6"):
         net(x, t, s)
-    assert torch.equal(S.MLP()(torch.randn(3, 2), t[:1].expand(3), s[:1].expand(3)), torch.zeros(3, 2))
+    assert torch.equal(soflow.MLP()(torch.randn(3, 2), t[:1].expand(3), s[:1].expand(3)), torch.zeros(3, 2))
 
 
 def test_training_lowers_the_one_step_error():
     """A short seeded run brings f_theta(x_1, 1, 0) at least 4x closer to the exact map than at init."""
-    toy = S.GaussianMixture.ring()
+    toy = soflow.GaussianMixture.ring()
     x1 = torch.randn(2048, 2, generator=torch.Generator().manual_seed(1))
     exact = toy.solution(x1, 1.0, 0.0)
-    net = S.MLP(hidden=64, depth=2)
-    before = S.map_error(x1, exact, lambda x: S.sample(net, x))
-    S.train_toy(toy, S.PRESETS["toy"], steps=300, batch=256, lr=3e-3, net=net)
-    after = S.map_error(x1, exact, lambda x: S.sample(net, x))
+    net = soflow.MLP(hidden=64, depth=2)
+    before = soflow.map_error(x1, exact, lambda x: soflow.sample(net, x, cfg=soflow.PRESETS["toy"]))
+    soflow.train_toy(toy, soflow.PRESETS["toy"], steps=300, batch=256, lr=3e-3, net=net)
+    after = soflow.map_error(x1, exact, lambda x: soflow.sample(net, x, cfg=soflow.PRESETS["toy"]))
     assert after < before / 4, (before, after)
 
 
 def test_conditioning_vector_trains(toy):
     """Algorithm 1 passes cond through every network call: the conditioning layer receives a gradient."""
-    net = S.MLP(hidden=32, depth=1, cond_dim=3)
+    net = soflow.MLP(hidden=32, depth=1, cond_dim=3)
     nn.init.normal_(net.out[1].weight)
     x0 = toy.sample(16)[0]
-    loss, _ = S.soflow_loss(net, x0, cond=torch.randn(16, 3), cfg=S.PRESETS["toy"], step=0, total_steps=1)
+    loss, _ = soflow.soflow_loss(net, x0, cond=torch.randn(16, 3), cfg=soflow.PRESETS["toy"], step=0, total_steps=1)
     loss.backward()
     assert net.cond_proj.weight.grad.abs().sum() > 0
 
@@ -393,13 +406,13 @@ def test_conditioning_vector_trains(toy):
 def test_ema_update():
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     old = a.weight.detach().clone()
-    S.ema_update(a, b, 0.9)
+    soflow.ema_update(a, b, 0.9)
     assert torch.allclose(a.weight, 0.9 * old + 0.1 * b.weight)
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    S.save_checkpoint(path, step=1)
+    soflow.save_checkpoint(path, step=1)
     assert torch.load(path)["step"] == 1
 
     def broken(obj, f):
@@ -407,7 +420,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(OSError):
-        S.save_checkpoint(path, step=2)
+        soflow.save_checkpoint(path, step=2)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
@@ -422,7 +435,8 @@ def test_demo_command(tmp_path):
     run = subprocess.run([sys.executable, "soflow.py", "--steps", "200", "--out", str(out)], capture_output=True,
                          text=True, timeout=300, cwd=__file__.rsplit("/tests/", 1)[0])
     assert run.returncode == 0, run.stderr[-2000:]
-    errors = {line[:34].strip(): float(line[34:]) for line in run.stdout.splitlines() if line.startswith("  ")}
+    rows = [line.rsplit(maxsplit=1) for line in run.stdout.splitlines() if line.startswith("  ")]
+    errors = {name.strip(): float(value) for name, value in rows}
     assert len(errors) == 7 and all(math.isfinite(e) for e in errors.values())
-    assert errors["SoFlow, 1 step"] < errors["flow matching, 1 Euler step"] / 3, errors
+    assert errors["SoFlow, NFE=1"] < errors["flow matching, Euler NFE=1"] / 3, errors
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
