@@ -19,20 +19,26 @@ One file, read top to bottom in the paper's order:
     python soflow.py      # trains a small MLP on a 2D toy on the CPU (< 1 min), compares it with flow matching
 """
 import argparse
+import contextlib
+import copy
+import json
 import math
 import os
 import random
+import signal
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm import tqdm, trange
 
 # ----- Conventions -----
 #   t = 0 is data, t = 1 is noise: x_t = alpha_t x_0 + beta_t x_1 with x_1 ~ N(0, I).
@@ -941,6 +947,317 @@ def save_checkpoint(path, **state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+# ----- Training: distributed set-up, the loop with EMA, logs, grids, checkpoints and resume -----
+# Used by train_cifar.py and train_imagenet.py. One code path: `python script.py` is a world of one process;
+# under torchrun every process drives one GPU (NCCL), or one CPU worker (gloo).
+def add_training_args(parser, global_batch_size, steps, ema_every=1):
+    """The flags both training scripts share (names as in DiT's train.py where one exists)."""
+    parser.add_argument("--results-dir", required=True, help="run folder; an existing one is resumed")
+    parser.add_argument("--global-batch-size", type=int, default=global_batch_size)
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="per-process batch of one forward pass; gradients accumulate (0: no accumulation)")
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=steps, help="total training steps K (r(k, K) depends on it)")
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--ema-every", type=int, default=ema_every, help="update the EMA every N steps")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--ckpt-every", type=int, default=10_000)
+    parser.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid (1 and 2 NFE)")
+    parser.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept on disk, the newest")
+    parser.add_argument("--stop-at", type=int, default=0, help="save and stop after this step (0: run to --steps)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--max-bad-steps", type=int, default=10,
+                        help="stop after this many non-finite steps in a row")
+
+
+def init_distributed():
+    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is rank 0 of 1."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    # LOCAL_RANK, not the global rank, picks the GPU: on a second node rank 8 drives cuda:0.
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world_size, device
+
+
+def all_reduce_mean(values, world_size):
+    """The mean over processes of a 1D tensor (itself in a world of one)."""
+    if world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world_size
+    return values
+
+
+def gather_objects(obj, world_size):
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if world_size == 1:
+        return [obj]
+    objects = [None] * world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def global_batch_indices(step, global_batch_size, num_examples, seed):
+    """Dataset rows of global batch `step` in an endless run of epochs, each shuffled by (seed, epoch).
+
+    A function of the step alone: a resumed run reads what it would have read, with any number of processes.
+    """
+    positions = step * global_batch_size + torch.arange(global_batch_size)
+    epochs = positions // num_examples
+    indices = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        at = epochs == epoch
+        indices[at] = order[positions[at] % num_examples]
+    return indices
+
+
+def image_grid(images, columns):
+    """(N, C, H, W) in [-1, 1] -> an (rows H, columns W, 3) uint8 array, one image per cell."""
+    pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()          # (N, H, W, C)
+    N, H, W, C = pixels.shape
+    pixels = np.concatenate([pixels, np.zeros((-N % columns, H, W, C), np.uint8)])
+    grid = rearrange(pixels, "(r c) h w ch -> (r h) (c w) ch", c=columns)
+    return grid if C == 3 else np.repeat(grid[..., :1], 3, axis=-1)
+
+
+def to_uint8(x):
+    """[-1, 1] -> uint8 pixels as the ADM evaluator expects: clamp(x * 127.5 + 128, 0, 255)."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(path, images, columns):
+    import matplotlib.pyplot as plt
+    grid = image_grid(images, columns)
+    atomic_write(path, lambda tmp: plt.imsave(tmp, grid, format="png"))
+
+
+class StopRequest:
+    """Within it, SIGTERM (a cluster's preemption) or SIGINT (Ctrl-C) asks the loop to save and stop at the step's end.
+
+    A second signal acts at once; the previous handlers come back on exit.
+    """
+    def __enter__(self):
+        self.signal = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class RunLog:
+    """Rank 0's account of a run: a tqdm bar, log.txt and metrics.jsonl (one JSON record per line)."""
+    def __init__(self, results_dir, rank, start, end):
+        self.active = rank == 0
+        self.bar = tqdm(total=end, initial=start, disable=not self.active, dynamic_ncols=True)
+        if self.active:
+            self.text = open(os.path.join(results_dir, "log.txt"), "a")
+            self.jsonl = open(os.path.join(results_dir, "metrics.jsonl"), "a")
+
+    def say(self, message):
+        if self.active:
+            tqdm.write(message)
+            print(message, file=self.text, flush=True)
+
+    def record(self, record):
+        if self.active:
+            shown = ("loss", "fm_mse", "scm_mse", "grad_norm", "images_per_s", "max_memory_gb")
+            self.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+            print(json.dumps(record), file=self.jsonl, flush=True)
+            print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), file=self.text, flush=True)
+
+
+def checkpoint_paths(results_dir):
+    """Our checkpoints in a run folder, oldest first."""
+    folder = os.path.join(results_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".pt")) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names]
+
+
+def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
+    """Load the newest checkpoint of a run folder into net, ema and optimizer; return the step to start from."""
+    paths = checkpoint_paths(results_dir)
+    if not paths:
+        return 0
+    ckpt = torch.load(paths[-1], map_location="cpu", weights_only=False)
+    changed = {k: (ckpt["run_config"].get(k), v) for k, v in run_config.items() if ckpt["run_config"].get(k) != v}
+    if changed:
+        lines = "\n".join(f"  {k}: {old!r} in the run, {new!r} now" for k, (old, new) in changed.items())
+        raise SystemExit(f"{results_dir} holds a run with another configuration:\n{lines}\n"
+                         "Resume it with the same settings, or pass another --results-dir for a new run")
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if len(ckpt["rng"]) == world_size:
+        set_rng_state(ckpt["rng"][rank])            # each process draws what it would have drawn
+    else:
+        if rank == 0:
+            print(f"the run had {len(ckpt['rng'])} processes, now {world_size}: new random streams", flush=True)
+        torch.manual_seed(ckpt["step"] * world_size + rank)
+    return ckpt["step"]
+
+
+def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, decode=lambda x: x,
+          grid_labels=None):
+    """Algorithm 1 in a loop, on one process or many; resumes the run folder args.results_dir if it exists.
+
+    net: the bare network, built with the same seed on every process. make_optimizer(params) -> optimizer.
+    get_batch(rows) -> (x0, y, cond) on the device, for dataset rows `rows` (augmented if the data is).
+    run_config: the script's settings that define the run (a resumed run must match them).
+    decode: x0 -> images in [-1, 1] for the sample grids. grid_labels: (N,) labels, None if unconditional.
+    """
+    # Setup: processes, batch sizes, the EMA copy (before DDP: no 'module.' prefixes), seeds, resume.
+    rank, world_size, device = init_distributed()
+    if args.global_batch_size % world_size:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} does not divide into {world_size} "
+                         "processes: pick a multiple of the number of processes")
+    local_batch = args.global_batch_size // world_size
+    micro_batch = args.micro_batch or local_batch
+    if local_batch % micro_batch:
+        raise SystemExit(f"--micro-batch {micro_batch} does not divide the per-process batch {local_batch}")
+    net = net.to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = make_optimizer(net.parameters())
+    run_config = {**run_config, "cfg": asdict(cfg), "global_batch_size": args.global_batch_size,
+                  "global_seed": args.global_seed, "steps": args.steps, "ema_decay": args.ema_decay,
+                  "ema_every": args.ema_every}
+    # The grid's noise has the shape of one example, read before the seeding below so that it changes no draw.
+    example = get_batch(torch.zeros(1, dtype=torch.long))[0]
+    grid_size = 32 if grid_labels is None else len(grid_labels)
+    grid_generator = torch.Generator().manual_seed(args.global_seed)
+    grid_noise = torch.randn(grid_size, *example.shape[1:], generator=grid_generator).to(device)
+    torch.manual_seed(args.global_seed * world_size + rank)    # each process draws its own noise and times
+    start = resume(args.results_dir, run_config, net, ema, optimizer, rank, world_size)
+    # The gradient pass goes through DDP, which all-reduces the gradients.
+    model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
+    model = torch.compile(model) if args.compile else model
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    end = min(args.steps, args.stop_at or args.steps)
+    os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
+    log = RunLog(args.results_dir, rank, start, end)
+    log.say(f"{'resuming at' if start else 'starting'} step {start} of {args.steps}: {world_size} process(es), "
+            f"{type(net).__name__} with {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
+    sums, logged_steps, train_seconds, bad_steps = {}, 0, 0.0, 0
+    with StopRequest() as stop_request:
+        for step in range(start + 1, end + 1):                    # step: the number of updates made after it
+            # One step: this process's rows of global batch step - 1, micro-batches, then one update.
+            started = time.time()
+            rows = global_batch_indices(step - 1, args.global_batch_size, num_examples, args.global_seed)
+            rows = rows[rank * local_batch:(rank + 1) * local_batch]
+            optimizer.zero_grad(set_to_none=True)
+            batches = [get_batch(part) for part in rows.split(micro_batch)]
+            diagnostics = accumulate_gradients(model, batches, cfg, step - 1, args.steps, autocast)
+            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), float("inf"))   # the same on every process
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                bad_steps = 0
+            else:                                                 # skip the update: the weights stay finite
+                bad_steps += 1
+                log.say(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+                if bad_steps >= args.max_bad_steps:
+                    raise SystemExit(f"{bad_steps} non-finite steps in a row: lower the learning rate, check "
+                                     f"the data, or resume from a checkpoint in {args.results_dir}/checkpoints")
+            if step % args.ema_every == 0:
+                ema_update(ema, net, args.ema_decay ** args.ema_every)
+            train_seconds += time.time() - started
+            log.bar.update(1)
+            # Logs: means over the steps since the last record and over processes.
+            for name, value in {**diagnostics, "grad_norm": grad_norm.float()}.items():
+                sums[name] = sums.get(name, 0) + value
+            logged_steps += 1
+            if step % args.log_every == 0 or step == end:
+                names = sorted(sums)
+                means = all_reduce_mean(torch.stack([sums[n] for n in names]) / logged_steps, world_size)
+                record = {"step": step, **dict(zip(names, means.tolist()))}
+                record["images_per_s"] = logged_steps * args.global_batch_size / train_seconds
+                if device.type == "cuda":
+                    record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                log.record(record)
+                sums, logged_steps, train_seconds = {}, 0, 0.0
+            # Sample grids, checkpoints, and a stop asked for by a signal on any process.
+            if rank == 0 and (step % args.sample_every == 0 or step == end):
+                path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
+                save_samples(path, ema, grid_noise, grid_labels, cfg, decode, args.global_seed)
+            stop = torch.tensor([float(stop_request.signal is not None)], device=device)
+            stop = bool(all_reduce_mean(stop, world_size) > 0)
+            if step % args.ckpt_every == 0 or step == end or stop:
+                check_in_sync(net, world_size)
+                states = gather_objects(rng_state(), world_size)
+                if rank == 0:
+                    save_run(args.results_dir, args.keep_ckpts, step, net, ema, optimizer, cfg, run_config, states)
+                if world_size > 1:
+                    dist.barrier()
+            if stop:
+                log.say(f"{stop_request.signal}: saved step {step}; the same command resumes the run")
+                break
+    log.bar.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return net, ema
+
+
+@torch.no_grad()
+def save_samples(path, ema, noise, labels, cfg, decode, seed):
+    """A PNG grid of EMA samples: one step, then two steps (the released sampler), 16 per row."""
+    devices = [noise.device] if noise.is_cuda else []
+    with torch.random.fork_rng(devices=devices):               # the training's random streams stay untouched
+        torch.manual_seed(seed)
+        images = [decode(sample(ema, noise, labels, cfg=cfg, steps=k, mode="renoise")) for k in (1, 2)]
+    save_grid(path, torch.cat(images), columns=16)
+
+
+def accumulate_gradients(model, batches, cfg, step, total_steps, autocast):
+    """Backward of Algorithm 1 over micro-batches [(x0, y, cond), ...]: the gradient of their mean loss over rows.
+
+    Under DDP the gradients are all-reduced on the last micro-batch only. Returns the diagnostics, row-weighted.
+    """
+    total_rows = sum(len(x0) for x0, _, _ in batches)
+    sums = {}
+    for i, (x0, y, cond) in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                loss, diagnostics = soflow_loss(model, x0, y, cond, cfg=cfg, step=step, total_steps=total_steps)
+            (loss * len(x0) / total_rows).backward()
+        for name, value in diagnostics.items():
+            sums[name] = sums.get(name, 0) + value.float() * len(x0) / total_rows
+    return sums
+
+
+def check_in_sync(net, world_size):
+    """Every process must hold the same weights (DDP keeps them so); a difference is a bug worth stopping for."""
+    checksum = sum(p.double().sum() for p in net.parameters()).reshape(1)
+    checksums = torch.cat(gather_objects(checksum.cpu(), world_size))
+    if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+        raise RuntimeError(f"the processes' weights differ (checksums {checksums.tolist()}): do not trust this run")
+
+
+def save_run(results_dir, keep, step, net, ema, optimizer, cfg, run_config, rng_states):
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise SystemExit(f"step {step}: the weights are not finite; the checkpoints on disk are kept")
+    path = os.path.join(results_dir, "checkpoints", f"{step:07d}.pt")
+    save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs, model=net.state_dict(),
+                    ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step, config=asdict(cfg),
+                    run_config=run_config, rng=rng_states)
+    for old in checkpoint_paths(results_dir)[:-keep]:
+        os.remove(old)
+
+
 # ----- A 2D toy with an exact answer: a mixture of isotropic Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
 # Given component k, (x_0, x_1, x_t) are jointly Gaussian, so E[x_0 | x_t, k] and E[x_1 | x_t, k] are linear in x_t
 # and the velocities of Eq. 1, 17 and 18 are posterior-weighted sums of linear maps. Integrating them accurately
@@ -1017,7 +1334,6 @@ def train_toy(toy, cfg, steps=1500, batch=512, lr=1e-3, seed=0, net=None, progre
     torch.manual_seed(seed)
     net = net if net is not None else MLP(hidden=128, depth=3, num_classes=toy.num_classes if cfg.w != 1 else 0)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    from tqdm import trange
     for k in trange(steps, desc=f"lam={cfg.lam}", leave=False, disable=not progress):
         x0, y = toy.sample(batch)
         y = y if net.num_classes else None

@@ -1,0 +1,169 @@
+"""The training machinery both scripts share (soflow.train and its parts), on a 2D toy in one process.
+The scripts' own tests run it under torchrun with 2 processes."""
+import argparse
+import os
+import signal
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+import soflow
+
+CFG = soflow.PRESETS["toy"]
+DATA = soflow.GaussianMixture.ring().sample(50, torch.Generator().manual_seed(0))[0]
+
+
+def parse(*flags, steps=6):
+    parser = argparse.ArgumentParser()
+    soflow.add_training_args(parser, global_batch_size=8, steps=steps)
+    return parser.parse_args([*flags])
+
+
+def get_batch(rows):
+    """Toy rows plus a little noise: the data pipeline draws random numbers too, as augmentation does."""
+    return DATA[rows] + 0.01 * torch.randn(len(rows), 2), None, None
+
+
+def as_images(x):
+    """2D points -> 2x2 grey images, for the sample grids."""
+    return x.mean(1)[:, None, None, None].expand(-1, 3, 2, 2).clamp(-1, 1)
+
+
+def toy_net():
+    torch.manual_seed(0)
+    return soflow.MLP(hidden=16, depth=1, dropout=0.2)
+
+
+def run(results_dir, *flags, steps=6, batches=get_batch, cfg=CFG):
+    args = parse("--results-dir", str(results_dir), "--sample-every", "1000", *flags, steps=steps)
+    optimizer = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
+    return soflow.train(args, toy_net(), cfg, optimizer, len(DATA), batches, {"model": "toy"}, decode=as_images)
+
+
+def checkpoint(results_dir, step):
+    return torch.load(results_dir / "checkpoints" / f"{step:07d}.pt", weights_only=False)
+
+
+def assert_same_weights(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+
+
+def test_global_batches_walk_through_shuffled_epochs():
+    n, size = 10, 4
+    rows = torch.cat([soflow.global_batch_indices(k, size, n, seed=3) for k in range(5)])       # 2 epochs
+    assert sorted(rows[:n].tolist()) == list(range(n)) and sorted(rows[n:2 * n].tolist()) == list(range(n))
+    assert not torch.equal(rows[:n], rows[n:2 * n])                           # each epoch has its own order
+    assert not torch.equal(rows[:n], torch.arange(n))
+    assert torch.equal(soflow.global_batch_indices(3, size, n, seed=3), rows[12:16])   # a function of the step
+    assert not torch.equal(soflow.global_batch_indices(3, size, n, seed=4), rows[12:16])
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
+    """On the same draws, two micro-batches of 4 rows accumulate the gradient of one batch of 8."""
+    torch.manual_seed(1)
+    net = soflow.MLP(hidden=16, depth=1, num_classes=3).double()
+    torch.nn.init.normal_(net.out[1].weight)
+    cfg = replace(CFG, lam=0.5, w=2.0, m=0.5, drop=0.25)
+    x0, y = torch.randn(8, 2, dtype=torch.float64), torch.randint(0, 3, (8,))
+    halves = [soflow.draw(x0[:4], cfg, 0.1, labelled=True), soflow.draw(x0[4:], cfg, 0.1, labelled=True)]
+    # The whole batch puts the flow matching rows (2 of each half) first.
+    order = torch.tensor([0, 1, 4, 5, 2, 3, 6, 7])
+    whole = soflow.Draws(x1=torch.cat([d.x1 for d in halves])[order], t_fm=torch.cat([d.t_fm for d in halves]),
+                         t=torch.cat([d.t for d in halves]), s=torch.cat([d.s for d in halves]),
+                         l=torch.cat([d.l for d in halves]), keep=torch.cat([d.keep for d in halves])[order])
+    draws = iter(halves)
+    monkeypatch.setattr(soflow, "draw", lambda *args, **kw: next(draws))
+    autocast = torch.autocast("cpu", enabled=False)
+    batches = [(x0[:4], y[:4], None), (x0[4:], y[4:], None)]
+    diagnostics = soflow.accumulate_gradients(net, batches, cfg, 0, 10, autocast)
+    accumulated = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    loss, whole_diagnostics = soflow.soflow_loss(net, x0[order], y[order], cfg=cfg, step=0, total_steps=10,
+                                                 draws=whole)
+    loss.backward()
+    for a, b in zip(accumulated, net.parameters()):
+        torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(diagnostics["loss"], whole_diagnostics["loss"].float())
+
+
+def test_stopped_and_resumed_run_ends_where_a_straight_run_ends(tmp_path):
+    run(tmp_path / "straight", "--micro-batch", "4")
+    run(tmp_path / "resumed", "--micro-batch", "4", "--stop-at", "3")
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["0000003.pt"]
+    run(tmp_path / "resumed", "--micro-batch", "4")
+    assert_same_weights(checkpoint(tmp_path / "straight", 6), checkpoint(tmp_path / "resumed", 6))
+    ckpt = checkpoint(tmp_path / "resumed", 6)
+    assert ckpt["step"] == 6 and ckpt["arch"] == "MLP" and ckpt["config"] == asdict(CFG)
+    log = (tmp_path / "resumed" / "log.txt").read_text()
+    assert "resuming at step 3 of 6" in log
+
+
+def test_a_run_folder_with_another_configuration_is_refused(tmp_path):
+    run(tmp_path, "--stop-at", "2")
+    with pytest.raises(SystemExit, match=r"another configuration:\n  cfg: .*lam"):
+        run(tmp_path, cfg=replace(CFG, lam=0.25))
+    with pytest.raises(SystemExit, match="global_batch_size: 8 in the run, 4 now"):
+        run(tmp_path, "--global-batch-size", "4")
+
+
+def test_only_the_newest_checkpoints_are_kept_and_a_failed_save_keeps_them(tmp_path, monkeypatch):
+    run(tmp_path, "--ckpt-every", "1", "--keep-ckpts", "2", "--stop-at", "4")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000003.pt", "0000004.pt"]
+
+    def broken(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, "--ckpt-every", "1", "--keep-ckpts", "2")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000003.pt", "0000004.pt"]
+    assert checkpoint(tmp_path, 4)["step"] == 4
+
+
+def test_non_finite_steps_are_skipped_and_many_in_a_row_stop_the_run(tmp_path, capsys):
+    calls = []
+
+    def poisoned_at_step_3(rows):                        # calls: the grid's shape, then one per step
+        calls.append(1)
+        x0, y, cond = get_batch(rows)
+        return (x0 * float("nan") if len(calls) == 4 else x0), y, cond
+    net, _ = run(tmp_path / "one", batches=poisoned_at_step_3)
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row)" in out and out.count("skipped") == 1
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert checkpoint(tmp_path / "one", 6)["step"] == 6
+
+    def always_nan(rows):
+        x0, y, cond = get_batch(rows)
+        return x0 * float("nan"), y, cond
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+        run(tmp_path / "all", "--max-bad-steps", "3", batches=always_nan)
+    assert not (tmp_path / "all" / "checkpoints").exists()                   # nothing non-finite was saved
+
+
+def test_sigterm_saves_at_the_step_boundary_and_the_same_command_resumes(tmp_path):
+    calls = []
+
+    def preempted(rows):
+        calls.append(1)
+        if len(calls) == 4:                                                   # during step 2 (0-based)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_batch(rows)
+    previous = signal.getsignal(signal.SIGTERM)
+    run(tmp_path, batches=preempted)
+    assert signal.getsignal(signal.SIGTERM) == previous                      # handlers restored
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000003.pt"]
+    run(tmp_path)
+    assert checkpoint(tmp_path, 6)["step"] == 6
+
+
+def test_sample_grid_is_written(tmp_path):
+    args = parse("--results-dir", str(tmp_path), "--sample-every", "2", steps=2)
+    soflow.train(args, toy_net(), CFG, lambda p: torch.optim.Adam(p), len(DATA), get_batch, {}, decode=as_images)
+    import matplotlib.pyplot as plt
+    grid = plt.imread(tmp_path / "samples" / "0000002.png")
+    assert grid.shape[:2] == (2 * 4, 2 * 16)             # 32 one-step and 32 two-step images, 16 per row
