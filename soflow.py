@@ -721,13 +721,24 @@ DiT_models = {
 }
 
 # ----- U-Net (DDPM++ of EDM, 32x32 pixels) -----
-# EDM's SongUNet in its "ddpmpp" configuration (Karras et al. 2022; DDPM++ of Song et al. 2021), with its module names.
-# SoFlow's change: sinusoidal features of t and t - s are concatenated, so the mapping MLP's input is twice as wide.
-UNet_models = {
-    "UNet-CIFAR10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.3),
+# EDM's SongUNet configured as DDPM++ (Karras et al. 2022; Song et al. 2021) with the released model's
+# module names, buffers and [1, 3, 3, 1] resampling filter, so that its checkpoints load (load_network).
+# SoFlow's change: the time features of t and of t - s are concatenated (the mapping MLP's input: 2x).
+UNet_models = {  # the released CIFAR-10 size (55,932,419 parameters) and a tiny one for tests on a CPU
+    "UNet-CIFAR10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
+                         dropout=0.3),
     "UNet-T": dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0),
 }
-SKIP_SCALE = 1 / math.sqrt(2)    # DDPM++ scales every residual sum by 1/sqrt(2) to keep the variance flat
+SKIP_SCALE = math.sqrt(0.5)    # DDPM++ scales every residual sum by sqrt(1/2) to keep the variance flat
+
+
+def positional_embedding(t, dim, max_period=10000):
+    """EDM's time features (endpoint=True) with the halves swapped, of t as it is (in [0, 1]):
+    (B,) -> (B, dim), sines then cosines."""
+    half = dim // 2    # freqs_i = (1 / max_period) ** (i / (half - 1)): the last is 1 / max_period
+    freqs = (1 / max_period) ** (torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t[:, None].float() * freqs[None]                                       # (B, half)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
 def group_norm(channels):
@@ -735,74 +746,93 @@ def group_norm(channels):
     return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
 
 
-def resample(x, mode):
-    """EDM's resampling with the filter [1, 1]: 2x2 average pooling down, nearest neighbour up, else nothing."""
+def resample(x, kernel, mode):
+    """EDM's FIR resampling by 2 of each channel with a (1, 1, k, k) kernel summing to 1: "down" filters
+    and keeps every other pixel; "up" (4 x the adjoint of "down") spreads each pixel over the kernel."""
+    C, pad = x.shape[1], (kernel.shape[-1] - 1) // 2
+    kernel = kernel.to(x.dtype).tile(C, 1, 1, 1)                                  # (C, 1, k, k)
     if mode == "down":
-        return F.avg_pool2d(x, 2)
-    return F.interpolate(x, scale_factor=2.0, mode="nearest") if mode == "up" else x
+        return F.conv2d(x, kernel, stride=2, padding=pad, groups=C)               # (B, C, H/2, W/2)
+    return F.conv_transpose2d(x, 4 * kernel, stride=2, padding=pad, groups=C)     # (B, C, 2H, 2W)
+
+
+class ResampleConv(nn.Conv2d):
+    """EDM's Conv2d: resample first when mode is "down" or "up" (the filter is a buffer), then convolve."""
+    def __init__(self, in_channels, out_channels, kernel, mode=None, resample_filter=(1, 3, 3, 1)):
+        super().__init__(in_channels, out_channels, kernel, padding=kernel // 2)
+        self.mode, f = mode, torch.tensor(resample_filter, dtype=torch.float32)
+        if mode:    # outer(f, f) / sum(f)^2: (1, 1, k, k)
+            self.register_buffer("resample_filter", torch.outer(f, f)[None, None] / f.sum() ** 2)
+
+    def forward(self, x):
+        return super().forward(resample(x, self.resample_filter, self.mode) if self.mode else x)
 
 
 class UNetBlock(nn.Module):
-    """DDPM++ residual block: resample ("down"/"up"), conv, add embedding, conv; then optional 1-head self-attention."""
-    def __init__(self, in_channels, out_channels, emb_channels, mode=None, attention=False, dropout=0.0):
+    """DDPM++ residual block: (resample,) conv, add the embedding, conv; then optional one-head attention."""
+    def __init__(self, in_channels, out_channels, emb_channels, mode=None, attention=False, dropout=0.0,
+                 resample_filter=(1, 3, 3, 1)):
         super().__init__()
-        self.mode, self.attention = mode, attention
+        self.attention, C = attention, out_channels
         self.norm0 = group_norm(in_channels)
-        self.conv0 = xavier(nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.affine = xavier(nn.Linear(emb_channels, out_channels))
-        self.norm1 = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv1 = xavier(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)  # block ~ its skip
-        self.skip = xavier(nn.Conv2d(in_channels, out_channels, 1)) if in_channels != out_channels or mode else None
+        self.conv0 = xavier(ResampleConv(in_channels, C, 3, mode, resample_filter))
+        self.affine = xavier(nn.Linear(emb_channels, C))
+        self.norm1, self.dropout = group_norm(C), nn.Dropout(dropout)
+        self.conv1 = xavier(nn.Conv2d(C, C, 3, padding=1), gain=1e-5)        # the block starts ~ its skip
+        self.skip = None
+        if in_channels != C or mode:
+            self.skip = xavier(ResampleConv(in_channels, C, 1, mode, resample_filter))
         if attention:
-            self.norm2 = group_norm(out_channels)
-            self.qkv = xavier(nn.Conv2d(out_channels, 3 * out_channels, 1), gain=math.sqrt(0.2))
-            self.proj = xavier(nn.Conv2d(out_channels, out_channels, 1), gain=1e-5)
+            self.norm2, self.qkv = group_norm(C), xavier(nn.Conv2d(C, 3 * C, 1), gain=math.sqrt(0.2))
+            self.proj = xavier(nn.Conv2d(C, C, 1), gain=1e-5)
 
     def forward(self, x, emb):
-        h = self.conv0(resample(F.silu(self.norm0(x)), self.mode))
+        h = self.conv0(F.silu(self.norm0(x)))
         h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
         h = self.conv1(self.dropout(h))
-        x = resample(x, self.mode)
         x = (h + (x if self.skip is None else self.skip(x))) * SKIP_SCALE
         if self.attention:
             B, C, H, W = x.shape
-            q, k, v = self.qkv(self.norm2(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # each (B, HW, C)
-            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
-            x = (x + self.proj(a)) * SKIP_SCALE
+            # qkv's 3C channels read as (C, 3): q, k, v of channel c are channels 3c, 3c + 1, 3c + 2.
+            q, k, v = self.qkv(self.norm2(x)).reshape(B, C, 3, H * W).permute(2, 0, 3, 1)  # (B, HW, C)
+            a = F.scaled_dot_product_attention(q, k, v)            # softmax(q k^T / sqrt(C)) v: (B, HW, C)
+            x = (self.proj(a.transpose(1, 2).reshape(B, C, H, W)) + x) * SKIP_SCALE
         return x
 
 
 class UNet(nn.Module):
-    """F_theta(x_t, t, s, y) on pixels: EDM's DDPM++ U-Net with embeddings of t and t - s. Defaults: CIFAR-10."""
-    def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
-                 attn_resolutions=(16,), dropout=0.3, channel_mult_noise=2, num_classes=0):
+    """F_theta(x_t, t, s, y, cond) on pixels: EDM's DDPM++ U-Net on the times t and t - s. Defaults: CIFAR-10.
+    cond: EDM's augmentation labels (B, augment_dim); None is no augmentation, the same as zeros."""
+    def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
+                 num_blocks=4, attn_resolutions=(16,), dropout=0.3, channel_mult_noise=2, num_classes=0,
+                 augment_dim=6, resample_filter=(1, 3, 3, 1)):
         super().__init__()
         self.init_kwargs = constructor_args(locals())
-        # Each time gets channel_mult_noise * model_channels sinusoidal features. 2 (as in MeanFlow's PyTorch
-        # U-Net; EDM's DDPM++ has 1) gives the released model's 55.93M parameters; 1 would give 55.80M.
+        # Each time gets channel_mult_noise * model_channels features (EDM's DDPM++: 1; the released: 2).
         self.num_classes, self.noise_channels = num_classes, channel_mult_noise * model_channels
-        emb = 4 * model_channels                                                      # EDM: channel_mult_emb = 4
-        # Optional labels (CFG; row num_classes is null), added to the time features: default N(0, 1) rows, their scale.
-        self.map_label = nn.Embedding(num_classes + 1, 2 * self.noise_channels) if num_classes > 0 else None
-        self.map_layer0 = xavier(nn.Linear(2 * self.noise_channels, emb))             # SoFlow: [emb(t), emb(t - s)]
-        self.map_layer1 = xavier(nn.Linear(emb, emb))
-        block = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, dropout=dropout, **kw)  # noqa: E731
+        noise, emb = 2 * self.noise_channels, 4 * model_channels              # EDM: channel_mult_emb = 4
+        # Optional labels (CFG; row num_classes is null), added to the time features: N(0, 1) rows.
+        self.map_label = nn.Embedding(num_classes + 1, noise) if num_classes > 0 else None
+        self.map_augment = nn.Linear(augment_dim, noise, bias=False) if augment_dim > 0 else None
+        if self.map_augment is not None:
+            nn.init.xavier_uniform_(self.map_augment.weight)
+        self.map_layer0, self.map_layer1 = xavier(nn.Linear(noise, emb)), xavier(nn.Linear(emb, emb))
+        block = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, dropout=dropout,  # noqa: E731
+                                                  resample_filter=resample_filter, **kw)
         # Encoder: a 3x3 conv, then per resolution a downsampling block (below the top) and num_blocks blocks.
-        self.enc, cout, skips = nn.ModuleDict(), model_channels, [model_channels]
-        self.enc[f"{img_resolution}x{img_resolution}_conv"] = xavier(nn.Conv2d(in_channels, cout, 3, padding=1))
+        top, cout, skips = f"{img_resolution}x{img_resolution}", model_channels, [model_channels]
+        self.enc = nn.ModuleDict({f"{top}_conv": xavier(nn.Conv2d(in_channels, cout, 3, padding=1))})
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level > 0:
                 self.enc[f"{res}x{res}_down"] = block(cout, cout, mode="down")
                 skips.append(cout)
             for i in range(num_blocks):
-                attn = res in attn_resolutions
-                self.enc[f"{res}x{res}_block{i}"] = block(cout, model_channels * mult, attention=attn)
-                cout = model_channels * mult
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{i}"] = block(cin, cout, attention=res in attn_resolutions)
                 skips.append(cout)
-        # Decoder: two middle blocks (the first with attention) at the bottom, an upsampling block above, then
-        # num_blocks + 1 blocks that each take one encoder output; attention in the last one at attn_resolutions.
+        # Decoder: two middle blocks (the first with attention) at the bottom, an upsampling block above,
+        # then num_blocks + 1 blocks that each take an encoder output; attention in the last one.
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -812,32 +842,34 @@ class UNet(nn.Module):
             else:
                 self.dec[f"{res}x{res}_up"] = block(cout, cout, mode="up")
             for i in range(num_blocks + 1):
-                attn = i == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{i}"] = block(cout + skips.pop(), model_channels * mult, attention=attn)
-                cout = model_channels * mult
-        self.out_norm = group_norm(cout)
-        # Deviation: EDM starts the output conv at 1e-5 x Xavier; exact zero makes f_theta(x, t, s) = a x at init.
-        self.out_conv = xavier(nn.Conv2d(cout, in_channels, 3, padding=1), gain=0)
+                cin, cout, attn = cout + skips.pop(), model_channels * mult, res in attn_resolutions
+                self.dec[f"{res}x{res}_block{i}"] = block(cin, cout, attention=attn and i == num_blocks)
+        self.dec[f"{top}_aux_norm"] = group_norm(cout)
+        # Deviation: EDM starts aux_conv at 1e-5 x Xavier; exact zero makes F = 0, so f_theta = a x at init.
+        self.dec[f"{top}_aux_conv"] = xavier(nn.Conv2d(cout, in_channels, 3, padding=1), gain=0)
 
     def forward(self, x, t, s, y=None, cond=None):
-        if cond is not None:
-            raise ValueError("UNet takes no cond tensor; class labels go in y")
+        if cond is not None and self.map_augment is None:
+            raise ValueError("this UNet was built with augment_dim=0: pass cond=None")
         y = labels_or_null(y, x.shape[0], self.num_classes, x.device)
-        # Deviation: EDM's DDPM++ puts sines first and spaces its frequencies to reach 1/10000 exactly; this is
-        # DiT's embedding (cosines first). Times enter as they are, in [0, 1], as in MeanFlow's U-Net.
-        emb = torch.cat([timestep_embedding(t, self.noise_channels), timestep_embedding(t - s, self.noise_channels)], 1)
+        nc = self.noise_channels
+        emb = torch.cat([positional_embedding(t, nc), positional_embedding(t - s, nc)], dim=1)  # (B, 2 nc)
         if self.map_label is not None:
-            emb = emb + self.map_label(y)                                             # (B, 2 noise_channels)
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))                   # (B, 4 model_channels)
+            emb = emb + self.map_label(y)
+        if self.map_augment is not None:    # None as zero labels keeps map_augment in the graph (for DDP)
+            cond = emb.new_zeros(len(x), self.map_augment.in_features) if cond is None else cond
+            emb = emb + self.map_augment(cond)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))                 # (B, 4 model_channels)
         skips, h = [], x
         for block in self.enc.values():
             h = block(h, emb) if isinstance(block, UNetBlock) else block(h)
             skips.append(h)
-        for name, block in self.dec.items():
-            if "_block" in name:                                                      # takes an encoder output
+        *blocks, (_, aux_norm), (_, aux_conv) = self.dec.items()
+        for name, block in blocks:
+            if "_block" in name:                                                    # takes an encoder output
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb)
-        return self.out_conv(F.silu(self.out_norm(h))).to(x.dtype)
+        return aux_conv(F.silu(aux_norm(h))).to(x.dtype)
 
 
 # ----- Checkpoints (ours and the released ones), EMA, random state -----
@@ -855,6 +887,26 @@ def dit_kwargs_from_state_dict(sd):
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
 
 
+def unet_kwargs_from_state_dict(sd):
+    """UNet constructor arguments read off a released state dict's names and shapes. Dropout is not stored:
+    it keeps its default (the released 0.3), which acts in training only."""
+    conv = next((k for k in sd if k.startswith("enc.") and k.endswith("_conv.weight")), "enc.RxR_conv.weight")
+    model_channels, in_channels = sd[conv].shape[:2]
+    levels = sorted({int(k[4:].split("x")[0]) for k in sd if k.startswith("enc.")}, reverse=True)  # 32, 16, ..
+    top = f"dec.{levels[0]}x{levels[0]}_block"
+    num_blocks = len({k.split(".")[1] for k in sd if k.startswith(top)}) - 1
+    last = [f"dec.{r}x{r}_block{num_blocks}" for r in levels]           # per level, the block that may attend
+    kernel = [v[0, 0] for k, v in sd.items() if k.endswith("resample_filter")]   # outer(f, f) / sum(f)^2
+    return dict(img_resolution=levels[0], in_channels=in_channels, model_channels=model_channels,
+                channel_mult=tuple(sd[f"{b}.conv1.weight"].shape[0] // model_channels for b in last),
+                num_blocks=num_blocks,
+                attn_resolutions=tuple(r for r, b in zip(levels, last) if f"{b}.qkv.weight" in sd),
+                channel_mult_noise=sd["map_layer0.weight"].shape[1] // (2 * model_channels),
+                num_classes=len(sd["map_label.weight"]) - 1 if "map_label.weight" in sd else 0,
+                augment_dim=sd["map_augment.weight"].shape[1] if "map_augment.weight" in sd else 0,
+                resample_filter=tuple((kernel[0][0] / kernel[0][0, 0]).tolist()) if kernel else (1, 3, 3, 1))
+
+
 def check_state_dict(net, sd, source):
     """Raise an error that lists the missing keys, unexpected keys and shape mismatches, if there are any."""
     own = net.state_dict()
@@ -870,7 +922,7 @@ def check_state_dict(net, sd, source):
 
 
 def load_network(path, use_ema=True, map_location="cpu"):
-    """A network in eval mode from our checkpoint or a released SoFlow DiT one; use_ema: EMA weights (sampled from)."""
+    """A network in eval mode from our checkpoint or a released SoFlow DiT or U-Net; use_ema: EMA weights."""
     try:   # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
@@ -892,10 +944,15 @@ def load_network(path, use_ema=True, map_location="cpu"):
         cls, kwargs = NETWORKS[ckpt["arch"]], ckpt["arch_kwargs"]
     else:
         sd = {k[len("network."):]: v for k, v in sd.items() if k.startswith("network.")}
+        unet = "map_layer0.weight" in sd      # told apart by their keys: EDM's mapping layers, a patch embedder
+        if not unet and "x_embedder.proj.weight" not in sd:
+            raise ValueError(f"{path}: '{key}' has neither a released U-Net's map_layer0.weight "
+                             "nor a released DiT's x_embedder.proj.weight")
+        cls = UNet if unet else DiT
         try:
-            cls, kwargs = DiT, dit_kwargs_from_state_dict(sd)
+            kwargs = unet_kwargs_from_state_dict(sd) if unet else dit_kwargs_from_state_dict(sd)
         except KeyError as e:
-            raise ValueError(f"{path}: cannot read the DiT size, key {e} is missing from '{key}'") from e
+            raise ValueError(f"{path}: cannot read the {cls.__name__} size, no key {e} in '{key}'") from e
     with torch.device("meta"):     # no random init: every tensor comes from the checkpoint
         net = cls(**kwargs)
     check_state_dict(net, sd, path)

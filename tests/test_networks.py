@@ -171,21 +171,28 @@ def test_dit_second_embedder_sees_the_gap_t_minus_s():
 
 def test_unet_embeds_t_and_the_gap_t_minus_s(monkeypatch):
     net, x, t, s = make("UNet")
-    seen, original = [], soflow.timestep_embedding
+    seen, original = [], soflow.positional_embedding
 
     def spy(tt, dim, *args, **kw):
         seen.append((tt.clone(), dim))
         return original(tt, dim, *args, **kw)
-    monkeypatch.setattr(soflow, "timestep_embedding", spy)
+    monkeypatch.setattr(soflow, "positional_embedding", spy)
     net(x, t, s)
     assert [dim for _, dim in seen] == [2 * 16, 2 * 16]                  # channel_mult_noise 2, 16 channels
     torch.testing.assert_close(seen[0][0], t)
     torch.testing.assert_close(seen[1][0], t - s)
 
 
-@pytest.mark.parametrize("kind", ["DiT", "UNet"])
-def test_cond_tensor_is_rejected(kind):
-    net, x, t, s = make(kind)
+def test_unet_time_features_are_edm_positional_embedding_with_sines_first():
+    t = torch.tensor([0.0, 0.3, 1.0])
+    freqs = torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3), 1e-4])    # endpoint=True: 1 ... 1/10000
+    expected = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=1)
+    torch.testing.assert_close(soflow.positional_embedding(t, 8), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind,kw", [("DiT", {}), ("UNet", {"augment_dim": 0})])
+def test_cond_tensor_is_rejected(kind, kw):
+    net, x, t, s = make(kind, **kw)
     with pytest.raises(ValueError, match="cond"):
         net(x, t, s, cond=torch.zeros(3, 5))
 
