@@ -724,11 +724,6 @@ DiT_models = {
 # EDM's SongUNet configured as DDPM++ (Karras et al. 2022; Song et al. 2021) with the released model's
 # module names, buffers and [1, 3, 3, 1] resampling filter, so that its checkpoints load (load_network).
 # SoFlow's change: the time features of t and of t - s are concatenated (the mapping MLP's input: 2x).
-UNet_models = {  # the released CIFAR-10 size (55,932,419 parameters) and a tiny one for tests on a CPU
-    "UNet-CIFAR10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
-                         dropout=0.3),
-    "UNet-T": dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0),
-}
 SKIP_SCALE = math.sqrt(0.5)    # DDPM++ scales every residual sum by sqrt(1/2) to keep the variance flat
 
 
@@ -871,6 +866,15 @@ class UNet(nn.Module):
             h = block(h, emb)
         return aux_conv(F.silu(aux_norm(h))).to(x.dtype)
 
+# The released CIFAR-10 size (55,932,419 parameters) and a tiny one for tests on a CPU.
+UNet_models = {
+    "UNet-CIFAR10": partial(UNet, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+                            attn_resolutions=(16,), dropout=0.3),
+    "UNet-T": partial(UNet, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,),
+                      dropout=0.0),
+}
+NETWORKS = {"MLP": MLP, "DiT": DiT, "UNet": UNet}
+
 
 # ----- Checkpoints (ours and the released ones), EMA, random state -----
 def dit_kwargs_from_state_dict(sd):
@@ -958,9 +962,6 @@ def load_network(path, use_ema=True, map_location="cpu"):
     check_state_dict(net, sd, path)
     net.load_state_dict(sd, assign=True)    # assign keeps pos_embed's requires_grad=False
     return net.eval()
-
-
-NETWORKS = {"MLP": MLP, "DiT": DiT, "UNet": UNet}
 
 
 @torch.no_grad()

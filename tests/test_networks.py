@@ -34,7 +34,7 @@ def tiny_dit(**kw):
 
 
 def tiny_unet(**kw):
-    return soflow.UNet(**{**soflow.UNet_models["UNet-T"], "num_classes": 10, **kw})
+    return soflow.UNet_models["UNet-T"](**{"num_classes": 10, **kw})
 
 
 NETS = {"DiT": (tiny_dit, (4, 32, 32)), "UNet": (tiny_unet, (3, 32, 32))}
@@ -72,7 +72,7 @@ def test_output_shape_is_input_shape(kind):
 
 @pytest.mark.parametrize("build,shape", [
     (lambda: soflow.DiT_models["DiT-T/2"](input_size=16, in_channels=3, num_classes=0), (2, 3, 16, 16)),
-    (lambda: soflow.UNet(**soflow.UNet_models["UNet-T"], img_resolution=16, in_channels=1), (2, 1, 16, 16)),
+    (lambda: soflow.UNet_models["UNet-T"](img_resolution=16, in_channels=1), (2, 1, 16, 16)),
 ])
 def test_other_input_sizes(build, shape):
     net = perturb(build())
@@ -99,7 +99,7 @@ def test_dit_parameter_counts_match_released(name):
 
 def test_unet_parameter_count_matches_released():
     with torch.device("meta"):
-        net = soflow.UNet(**soflow.UNet_models["UNet-CIFAR10"])
+        net = soflow.UNet_models["UNet-CIFAR10"]()
     assert trainable(net) / 1e6 == pytest.approx(REFERENCE_UNET_COUNT, rel=5e-3)
     # The released U-Net trains with dropout 0.3, as visible modules (forward hooks see them).
     drops = [m for m in net.modules() if isinstance(m, nn.Dropout)]
@@ -383,7 +383,7 @@ def test_missing_ema_weights_are_reported(tmp_path):
 def test_soflow_loss_training_lowers_the_one_step_error():
     import soflow
     torch.manual_seed(0)
-    net = soflow.UNet(**{**soflow.UNet_models["UNet-T"], "img_resolution": 16, "dropout": 0.1})
+    net = soflow.UNet_models["UNet-T"](img_resolution=16, dropout=0.1)
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1                               # a tiny fixed "dataset"
     x0[:4] = x0[:4].mean((1, 2, 3), keepdim=True)                       # half of it flat images
     cfg = replace(soflow.PRESETS["cifar10"], lam=0.25)
@@ -413,7 +413,7 @@ def test_soflow_loss_training_lowers_the_one_step_error():
 def test_unet_dropout_masks_are_shared_by_student_and_target_passes():
     import soflow
     torch.manual_seed(0)
-    net = soflow.UNet(**{**soflow.UNet_models["UNet-T"], "img_resolution": 16, "dropout": 0.3}).train()
+    net = soflow.UNet_models["UNet-T"](img_resolution=16, dropout=0.3).train()
     passes, current = [], {}
 
     def hook(module, inputs, output):

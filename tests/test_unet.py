@@ -99,7 +99,7 @@ def test_released_tiny_unet_loads_strictly_and_reproduces_its_outputs(released):
 
 def test_full_size_unet_has_the_released_parameter_count_and_state_dict():
     with torch.device("meta"):
-        net = soflow.UNet(**soflow.UNet_models["UNet-CIFAR10"])
+        net = soflow.UNet_models["UNet-CIFAR10"]()
     assert sum(p.numel() for p in net.parameters() if p.requires_grad) == RELEASED_UNET_PARAMS
     layout = released_layout()
     assert len(layout) == 425
@@ -155,7 +155,7 @@ def test_augment_labels_change_the_output_and_zero_labels_equal_none(released):
         plain = net(x, t, s)
         assert (net(x, t, s, cond=labels) - plain).abs().max() > 1e-2 * plain.abs().max()
         assert torch.equal(net(x, t, s, cond=torch.zeros_like(labels)), plain)
-    unaugmented = soflow.UNet(**soflow.UNet_models["UNet-T"], augment_dim=0)
+    unaugmented = soflow.UNet_models["UNet-T"](augment_dim=0)
     assert unaugmented.map_augment is None and "map_augment.weight" not in unaugmented.state_dict()
     with pytest.raises(ValueError, match="augment_dim=0"):
         unaugmented(torch.zeros(1, 3, 32, 32), torch.ones(1), torch.zeros(1), cond=torch.zeros(1, 6))
@@ -187,7 +187,7 @@ def test_load_network_reads_a_released_unet_and_its_size(released, tmp_path):
 
 def test_load_network_reads_a_class_conditional_unet_with_another_filter(tmp_path):
     torch.manual_seed(0)
-    src = soflow.UNet(**soflow.UNet_models["UNet-T"], num_classes=5, augment_dim=0, resample_filter=(1, 1),
+    src = soflow.UNet_models["UNet-T"](num_classes=5, augment_dim=0, resample_filter=(1, 1),
                       in_channels=1)
     net = soflow.load_network(save_released(tmp_path / "r.pt", src.state_dict()))
     assert net.init_kwargs == {**src.init_kwargs, "dropout": 0.3, "resample_filter": (1.0, 1.0)}
