@@ -57,6 +57,17 @@ def mean_per_sample(z):
     return z.flatten(1).mean(1)
 
 
+def unwrap(net):
+    """The bare network inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if isinstance(net, nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        else:
+            return net
+
+
 # ----- Noising schedules (Sec. 3): x_t = alpha_t x_0 + beta_t x_1 -----
 # alpha_0 = beta_1 = 1 and alpha_1 = beta_0 = 0: x_0 is data and x_1 is noise.
 class LinearSchedule:
@@ -252,7 +263,7 @@ def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, cfg):
     """
     if y is None or cfg.w == 1:                                              # no guidance: Eq. (19) gives v_t
         return v_t, torch.ones_like(t), v_t[n_fm:]
-    x_in, t_in, y_in = x_t, t, torch.full_like(y, net.num_classes)
+    x_in, t_in, y_in = x_t, t, torch.full_like(y, unwrap(net).num_classes)      # the null label
     cond_in = cond
     if cfg.m < 1:                                                            # append the consistency rows
         x_in = torch.cat([x_in, x_t[n_fm:]])
@@ -347,17 +358,6 @@ def draw(x0, cfg, r, labelled):
     x1 = torch.randn_like(x0)
     t_fm = logit_normal(n_fm, cfg.fm_mu, cfg.fm_sd, x0.device)
     return Draws(x1, t_fm, t, s, l, keep)
-
-
-def unwrap(net):
-    """The bare network inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        if isinstance(net, nn.parallel.DistributedDataParallel):
-            net = net.module
-        elif hasattr(net, "_orig_mod"):
-            net = net._orig_mod
-        else:
-            return net
 
 
 def has_active_dropout(net):

@@ -3,18 +3,23 @@
     torchrun --nproc_per_node=8 train_cifar.py --data-path data/cifar10 --results-dir runs/cifar10
     python train_cifar.py --model UNet-T --steps 200      # a laptop try on the CPU
 """
+import argparse
 import hashlib
 import os
 import pickle
 import tarfile
 import tempfile
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import soflow
 
 # ----- CIFAR-10: the archive and the training set in memory -----
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -155,5 +160,55 @@ def augment(images, p=0.12, generator=None, xflip=1e8, scale=1.0, aniso=1.0, tra
     return out, labels.to(images.dtype)
 
 
-# ----- Training -----
-# main() and its flags follow (DESIGN section 8); the loop itself lives in soflow.py.
+# ----- Training: the flags and the data of CIFAR-10; the loop is soflow.train -----
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train SoFlow on CIFAR-10 pixels (one process or torchrun).")
+    parser.add_argument("--data-path", default="data/cifar10", help=f"folder with {FOLDER}/ or {ARCHIVE}")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading the archive")
+    parser.add_argument("--model", default="UNet-CIFAR10", choices=sorted(soflow.UNet_models))
+    parser.add_argument("--preset", default="cifar10", choices=["cifar10", "cifar10-paper"],
+                        help="cifar10: the released recipe; cifar10-paper: the paper's App. A values")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--augment-p", type=float, default=0.12, help="EDM augmentation probability (0: off)")
+    parser.add_argument("--class-cond", action="store_true", help="class labels and CFG (not in the paper)")
+    parser.add_argument("--cfg-w", type=float, default=2.0, help="--class-cond: CFG strength w (Eq. 18)")
+    parser.add_argument("--cfg-m", type=float, default=0.5, help="--class-cond: velocity mix ratio m (Eq. 19)")
+    parser.add_argument("--cfg-drop", type=float, default=0.1, help="--class-cond: label drop probability")
+    parser.add_argument("--cfg-decay", default="exp", choices=soflow.DECAYS, help="--class-cond: g(t)")
+    # The released recipe: global batch 1024, 800k steps, EMA 0.9999 applied every 16 steps as 0.9999^16.
+    soflow.add_training_args(parser, global_batch_size=1024, steps=800_000, ema_every=16)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = soflow.PRESETS[args.preset]
+    if args.class_cond:
+        cfg = replace(cfg, w=args.cfg_w, m=args.cfg_m, drop=args.cfg_drop, decay=args.cfg_decay)
+    rank, world_size, device = soflow.init_distributed()
+    if rank == 0:                                         # one process downloads, the others wait
+        images, labels = load_cifar10(args.data_path, download=not args.no_download)
+    if world_size > 1:
+        dist.barrier()
+    if rank > 0:
+        images, labels = load_cifar10(args.data_path, download=False)
+    images, labels = images.to(device), labels.to(device)            # uint8: 150 MB for the 50,000 images
+    torch.manual_seed(args.global_seed)                   # the same initial weights on every process
+    net = soflow.UNet_models[args.model](num_classes=10 if args.class_cond else 0)
+
+    def get_batch(rows):
+        rows = rows.to(device)
+        x0, augment_labels = augment(to_model_range(images[rows]), p=args.augment_p)   # (B, 3, 32, 32), (B, 6)
+        return x0, labels[rows] if args.class_cond else None, augment_labels
+
+    def make_optimizer(params):
+        return torch.optim.RAdam(params, lr=args.lr, betas=(0.9, 0.999))             # the released optimizer
+
+    run_config = dict(model=args.model, preset=args.preset, lr=args.lr, augment_p=args.augment_p,
+                      class_cond=args.class_cond)
+    grid_labels = torch.arange(32, device=device) % 10 if args.class_cond else None
+    soflow.train(args, net, cfg, make_optimizer, len(images), get_batch, run_config, grid_labels=grid_labels)
+
+
+if __name__ == "__main__":
+    main()

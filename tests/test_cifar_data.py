@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_cifar as T
+import train_cifar
 
 PER_BATCH = 6  # 30 training images
 
@@ -22,21 +22,21 @@ def archive(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5 * PER_BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (5 * PER_BATCH,), generator=g)
-    path = tmp_path_factory.mktemp("src") / T.ARCHIVE
+    path = tmp_path_factory.mktemp("src") / train_cifar.ARCHIVE
     with tarfile.open(path, "w:gz") as tar:
         def add(name, obj):
             data = pickle.dumps(obj)
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        for i, name in enumerate(T.TRAIN_BATCHES + ["test_batch"]):
+        for i, name in enumerate(train_cifar.TRAIN_BATCHES + ["test_batch"]):
             rows = slice(i * PER_BATCH, (i + 1) * PER_BATCH) if i < 5 else slice(0, PER_BATCH)
             # Channel-major rows as in the real files: (n, 3, 32, 32) -> (n, 3072).
-            add(f"{T.FOLDER}/{name}", {b"batch_label": name.encode(), b"filenames": [],
+            add(f"{train_cifar.FOLDER}/{name}", {b"batch_label": name.encode(), b"filenames": [],
                                        b"labels": labels[rows].tolist(),
                                        b"data": images[rows].reshape(-1, 3072).numpy()})
         add("../escape", {b"data": None})  # members outside the folder must never be written
-        add(f"{T.FOLDER}/extra", {b"data": None})
+        add(f"{train_cifar.FOLDER}/extra", {b"data": None})
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     return path, md5, images, labels
 
@@ -52,51 +52,51 @@ def check_loaded(got, archive):
 
 def test_load_from_archive_then_folders(tmp_path, archive):
     path, md5, *_ = archive
-    (tmp_path / T.ARCHIVE).write_bytes(path.read_bytes())
-    check_loaded(T.load_cifar10(tmp_path, download=False, md5=md5), archive)  # extracts it
+    (tmp_path / train_cifar.ARCHIVE).write_bytes(path.read_bytes())
+    check_loaded(train_cifar.load_cifar10(tmp_path, download=False, md5=md5), archive)  # extracts it
     assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "escape").exists()
-    assert sorted(os.listdir(tmp_path)) == sorted([T.ARCHIVE, T.FOLDER])  # no temporary folder
-    assert sorted(os.listdir(tmp_path / T.FOLDER)) == T.TRAIN_BATCHES + ["test_batch"]
-    (tmp_path / T.ARCHIVE).unlink()
-    check_loaded(T.load_cifar10(tmp_path, download=False), archive)  # root holds the folder
-    check_loaded(T.load_cifar10(tmp_path / T.FOLDER, download=False), archive)  # root is it
+    assert sorted(os.listdir(tmp_path)) == sorted([train_cifar.ARCHIVE, train_cifar.FOLDER])  # no temporary folder
+    assert sorted(os.listdir(tmp_path / train_cifar.FOLDER)) == train_cifar.TRAIN_BATCHES + ["test_batch"]
+    (tmp_path / train_cifar.ARCHIVE).unlink()
+    check_loaded(train_cifar.load_cifar10(tmp_path, download=False), archive)  # root holds the folder
+    check_loaded(train_cifar.load_cifar10(tmp_path / train_cifar.FOLDER, download=False), archive)  # root is it
 
 
 def test_download_via_url(tmp_path, archive):
     path, md5, *_ = archive
-    folder = T.download_cifar10(tmp_path / "dl", url=path.as_uri(), md5=md5)
-    assert folder == str(tmp_path / "dl" / T.FOLDER)
-    assert (tmp_path / "dl" / T.ARCHIVE).read_bytes() == path.read_bytes()
-    check_loaded(T.load_cifar10(tmp_path / "dl", download=False), archive)
-    check_loaded(T.load_cifar10(tmp_path / "dl2", url=path.as_uri(), md5=md5), archive)
+    folder = train_cifar.download_cifar10(tmp_path / "dl", url=path.as_uri(), md5=md5)
+    assert folder == str(tmp_path / "dl" / train_cifar.FOLDER)
+    assert (tmp_path / "dl" / train_cifar.ARCHIVE).read_bytes() == path.read_bytes()
+    check_loaded(train_cifar.load_cifar10(tmp_path / "dl", download=False), archive)
+    check_loaded(train_cifar.load_cifar10(tmp_path / "dl2", url=path.as_uri(), md5=md5), archive)
 
 
 def test_download_wrong_md5_keeps_nothing(tmp_path, archive):
     path, md5, *_ = archive
     with pytest.raises(ValueError) as e:
-        T.download_cifar10(tmp_path, url=path.as_uri(), md5="0" * 32)
+        train_cifar.download_cifar10(tmp_path, url=path.as_uri(), md5="0" * 32)
     msg = str(e.value)
-    assert md5 in msg and "0" * 32 in msg and T.ARCHIVE in msg and "--data-path" in msg
+    assert md5 in msg and "0" * 32 in msg and train_cifar.ARCHIVE in msg and "--data-path" in msg
     assert os.listdir(tmp_path) == []
 
 
 def test_existing_archive_wrong_md5(tmp_path, archive):
-    (tmp_path / T.ARCHIVE).write_bytes(archive[0].read_bytes()[:-10])
+    (tmp_path / train_cifar.ARCHIVE).write_bytes(archive[0].read_bytes()[:-10])
     with pytest.raises(ValueError, match="Delete it"):
-        T.load_cifar10(tmp_path)
-    assert os.listdir(tmp_path) == [T.ARCHIVE]  # the user's file stays; nothing extracted
+        train_cifar.load_cifar10(tmp_path)
+    assert os.listdir(tmp_path) == [train_cifar.ARCHIVE]  # the user's file stays; nothing extracted
 
 
 def test_download_failure_says_what_to_do(tmp_path):
     with pytest.raises(RuntimeError, match="by hand to .*cifar-10-python.tar.gz.*--data-path"):
-        T.download_cifar10(tmp_path, url=(tmp_path / "nowhere.tar.gz").as_uri())
+        train_cifar.download_cifar10(tmp_path, url=(tmp_path / "nowhere.tar.gz").as_uri())
     assert os.listdir(tmp_path) == []
 
 
 def test_missing_without_download(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        T.load_cifar10(tmp_path, download=False)
-    for looked_for in ["data_batch_1", T.FOLDER, T.ARCHIVE]:
+        train_cifar.load_cifar10(tmp_path, download=False)
+    for looked_for in ["data_batch_1", train_cifar.FOLDER, train_cifar.ARCHIVE]:
         assert looked_for in str(e.value)
     assert os.listdir(tmp_path) == []
 
@@ -106,16 +106,16 @@ def test_missing_without_download(tmp_path):
                                    {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}])
 def test_corrupt_batch(tmp_path, archive, batch):
     path, md5, *_ = archive
-    T.download_cifar10(tmp_path, url=path.as_uri(), md5=md5)
+    train_cifar.download_cifar10(tmp_path, url=path.as_uri(), md5=md5)
     content = batch if isinstance(batch, bytes) else pickle.dumps(batch)
-    (tmp_path / T.FOLDER / "data_batch_3").write_bytes(content)
+    (tmp_path / train_cifar.FOLDER / "data_batch_3").write_bytes(content)
     with pytest.raises(ValueError, match="data_batch_3.*extract the archive again"):
-        T.load_cifar10(tmp_path)
+        train_cifar.load_cifar10(tmp_path)
 
 
 def test_model_range_round_trip():
     u = torch.arange(256, dtype=torch.uint8)
-    x = T.to_model_range(u)
+    x = train_cifar.to_model_range(u)
     assert x.dtype == torch.float32 and x[0] == -1 and x[-1] == 1
     assert torch.equal((x * 127.5 + 128).clamp(0, 255).to(torch.uint8), u)  # DESIGN section 6
 
@@ -150,14 +150,14 @@ def warp(x, theta):
 
 def test_p0_is_identity():
     x = images(64)
-    y, labels = T.augment(x, p=0)
-    assert torch.equal(y, x) and labels.shape == (64, T.AUGMENT_DIM) and not labels.any()
+    y, labels = train_cifar.augment(x, p=0)
+    assert torch.equal(y, x) and labels.shape == (64, train_cifar.AUGMENT_DIM) and not labels.any()
 
 
 def test_flip_only_is_exact():
     x = images(256)
     g = torch.Generator().manual_seed(1)
-    y, labels = T.augment(x, p=0.12, generator=g, scale=0, aniso=0, translate=0)
+    y, labels = train_cifar.augment(x, p=0.12, generator=g, scale=0, aniso=0, translate=0)
     flipped = labels[:, 0] == 1
     assert not labels[:, 1:].any() and 0.35 < flipped.float().mean() < 0.65
     assert torch.equal(y[flipped], x[flipped].flip(3)) and torch.equal(y[~flipped], x[~flipped])
@@ -165,11 +165,11 @@ def test_flip_only_is_exact():
 
 def test_seeded_generator_is_deterministic():
     x = images(64)
-    a = T.augment(x, p=0.5, generator=torch.Generator().manual_seed(3))
-    b = T.augment(x, p=0.5, generator=torch.Generator().manual_seed(3))
+    a = train_cifar.augment(x, p=0.5, generator=torch.Generator().manual_seed(3))
+    b = train_cifar.augment(x, p=0.5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     torch.manual_seed(3)
-    c = T.augment(x, p=0.5)
+    c = train_cifar.augment(x, p=0.5)
     assert torch.equal(a[1], c[1])  # generator=None draws from the global RNG
 
 
@@ -177,7 +177,7 @@ def test_integer_translation_against_a_shift():
     # w = 0.25 moves by 0.25 * 32 * 0.125 = 1 pixel (right in x, down in y); border pixels repeat.
     x = images(1, size=32)[0]
     zero = torch.zeros(1)
-    theta = T.affine_theta(zero, zero, zero, torch.tensor([[0.25], [-0.5]]), 32, 32)[0]
+    theta = train_cifar.affine_theta(zero, zero, zero, torch.tensor([[0.25], [-0.5]]), 32, 32)[0]
     expect = torch.cat([x[:, :, :1], x[:, :, :-1]], 2)  # 1 px right
     expect = torch.cat([expect[:, 2:], expect[:, -1:], expect[:, -2:-1]], 1)  # 2 px up, reflected
     assert torch.allclose(warp(x, theta), expect, atol=1e-5)
@@ -187,7 +187,7 @@ def test_isotropic_scale_against_bilinear_by_hand():
     x = images(1, size=32, dtype=torch.float64)[0]
     zero = torch.zeros(1, dtype=torch.float64)
     five, no_shift = zero + 5, torch.zeros(2, 1, dtype=torch.float64)
-    theta = T.affine_theta(five, zero, zero, no_shift, 32, 32)[0]  # 2 ** (5 * 0.2) = 2x zoom
+    theta = train_cifar.affine_theta(five, zero, zero, no_shift, 32, 32)[0]  # 2 ** (5 * 0.2) = 2x zoom
     # Output pixel i samples the input at (i - 15.5) / 2 + 15.5: linear interpolation matrix A.
     pos = (torch.arange(32, dtype=torch.float64) - 15.5) / 2 + 15.5
     A = torch.zeros(32, 32, dtype=torch.float64)
@@ -201,12 +201,12 @@ def test_theta_matches_edm_composition():
     # The labels cannot tell an anisotropic stretch from its inverse, so check the convention here:
     # w = 5, r = 0 stretches x by 2 (output x samples the input at x / 2) and squeezes y by 2.
     zero = torch.zeros(1, dtype=torch.float64)
-    theta = T.affine_theta(zero, zero + 5, zero, torch.zeros(2, 1, dtype=torch.float64), 8, 8)[0]
+    theta = train_cifar.affine_theta(zero, zero + 5, zero, torch.zeros(2, 1, dtype=torch.float64), 8, 8)[0]
     assert torch.allclose(theta, torch.tensor([[0.5, 0, 0], [0, 2, 0]], dtype=torch.float64))
     g = torch.Generator().manual_seed(5)
     w_scale, w_aniso, r = torch.randn(3, 20, generator=g, dtype=torch.float64)
     w_t = torch.randn(2, 20, generator=g, dtype=torch.float64)
-    thetas = T.affine_theta(w_scale, w_aniso, r, w_t, 8, 12)
+    thetas = train_cifar.affine_theta(w_scale, w_aniso, r, w_t, 8, 12)
     for i in range(20):
         w, ri = w_aniso[i].item(), r[i].item()
         expect = edm_theta(w_scale[i].item(), w * math.cos(ri), w * math.sin(ri), w_t[0, i].item(),
@@ -218,7 +218,7 @@ def test_theta_matches_edm_composition():
 def test_labels_reproduce_the_output(kind):
     x = images(300, dtype=torch.float64)
     only = {} if kind == "all" else dict(scale=0, aniso=0, translate=0) | {kind: 1}
-    y, labels = T.augment(x, p=0.5, generator=torch.Generator().manual_seed(2), **only)
+    y, labels = train_cifar.augment(x, p=0.5, generator=torch.Generator().manual_seed(2), **only)
     moved = labels[:, 1:].any(1).nonzero().squeeze(1)
     assert len(moved) > 50
     unflipped = torch.where(labels[:, :1, None, None] == 1, x.flip(3), x)
@@ -239,7 +239,7 @@ def test_range_and_rates():
     x = images(20000, size=4)
     x[:, :, 0] = 1.0  # images at both ends of the range
     x[:, :, -1] = -1.0
-    y, labels = T.augment(x, generator=torch.Generator().manual_seed(4))
+    y, labels = train_cifar.augment(x, generator=torch.Generator().manual_seed(4))
     assert y.min() >= -1 and y.max() <= 1
     rate = (labels != 0).float().mean(0)
     assert abs(rate[0] - 0.5) < 0.02
@@ -252,7 +252,7 @@ def test_range_and_rates():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_dtype_and_device(dtype):
     x = images(128, dtype=torch.float32).to(dtype)
-    y, labels = T.augment(x, p=0.5)
+    y, labels = train_cifar.augment(x, p=0.5)
     assert y.dtype == labels.dtype == dtype and y.device == labels.device == x.device
     assert labels[:, 1:].any() and y.float().abs().max() <= 1
 
@@ -260,7 +260,7 @@ def test_dtype_and_device(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda():
     x = images(256).cuda()
-    y, labels = T.augment(x, p=0.5, generator=torch.Generator("cuda").manual_seed(0))
+    y, labels = train_cifar.augment(x, p=0.5, generator=torch.Generator("cuda").manual_seed(0))
     assert y.is_cuda and labels.is_cuda
     still = labels.eq(0).all(1)
     assert torch.equal(y[still], x[still])
