@@ -1,22 +1,13 @@
 """SoFlow: Solution Flow Models for one-step generative modeling (Luo, Yuan, Liu; arXiv 2512.15657).
 
-One file, read top to bottom in the paper's order:
-    Conventions
-    Noising schedules (Sec. 3, Eq. 4)
-    Parameterizations and the learned solution and velocity (Sec. 4.2, Eq. 6-10)
-    Time sampling and the schedule r(k, K) (Sec. 4.2, Eq. 16, App. A)
-    The flow matching loss (Eq. 11-12)
-    The solution consistency loss (Eq. 13-15)
-    Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19)
-    Hyperparameters: SoFlowConfig and its presets (App. A)
-    Algorithm 1
-    Sampling: one step, few steps, and flow matching's Euler baseline
-    Networks: MLP, DiT (Table 4), U-Net
-    Checkpoints, EMA and random state
-    A 2D toy with an exact solution map
-    The demo
+One file, read top to bottom in the paper's order: conventions -> noising schedules (Sec. 3) ->
+parameterizations, the learned solution and velocity (Sec. 4.2, Eq. 6-10) -> time sampling and r(k, K)
+(Eq. 16, App. A) -> the flow matching loss (Eq. 11-12) -> the solution consistency loss (Eq. 13-15) ->
+classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -> hyperparameters and presets (App. A) ->
+Algorithm 1 -> sampling -> networks (MLP, DiT, U-Net) -> checkpoints and EMA -> training (used by
+train_cifar.py and train_imagenet.py) -> a 2D toy with an exact solution map -> the demo.
 
-    python soflow.py      # trains a small MLP on a 2D toy on the CPU (< 1 min), compares it with flow matching
+    python soflow.py      # trains a small MLP on a 2D toy on the CPU, compares it with flow matching
 """
 import argparse
 import contextlib
@@ -42,9 +33,9 @@ from tqdm import tqdm, trange
 
 # ----- Conventions -----
 #   t = 0 is data, t = 1 is noise: x_t = alpha_t x_0 + beta_t x_1 with x_1 ~ N(0, I).
-#   f(x_t, t, s) carries a point of the velocity ODE from time t to time s; generation is x_0 = f(x_1, 1, 0).
-#   A network computes F_theta(x, t, s, y=None, cond=None) with the shape of x. t and s are (B,) tensors;
-#   y holds class labels, where the index num_classes is the null label ("no label") of CFG.
+#   f(x_t, t, s) carries a point of the velocity ODE from time t to time s: x_0 = f(x_1, 1, 0).
+#   A network computes F_theta(x, t, s, y=None, cond=None) with the shape of x; t and s are (B,).
+#   y holds class labels; the index num_classes is the null label ("no label") of CFG.
 
 
 def per_sample(t, x):
@@ -58,7 +49,7 @@ def mean_per_sample(z):
 
 
 def unwrap(net):
-    """The bare network inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    """The bare network inside DistributedDataParallel (.module) and torch.compile (._orig_mod)."""
     while True:
         if isinstance(net, nn.parallel.DistributedDataParallel):
             net = net.module
@@ -90,7 +81,7 @@ SCHEDULES = {"linear": LinearSchedule(), "triangular": TriangularSchedule()}
 
 
 def interpolate(schedule_name, x0, x1, t):
-    """x_t, and the conditional velocity v_t = alpha'_t x_0 + beta'_t x_1 that stands in for v(x_t, t) (Eq. 4)."""
+    """x_t, and v_t = alpha'_t x_0 + beta'_t x_1, which stands in for v(x_t, t) in training (Eq. 4)."""
     schedule = SCHEDULES[schedule_name]
     x_t = per_sample(schedule.alpha(t), x0) * x0 + per_sample(schedule.beta(t), x0) * x1
     v_t = per_sample(schedule.d_alpha(t), x0) * x0 + per_sample(schedule.d_beta(t), x0) * x1
@@ -98,9 +89,9 @@ def interpolate(schedule_name, x0, x1, t):
 
 
 # ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) -----
-# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) hold for any network.
-# da_ds(t) and db_ds(t) are the derivatives of a(t, s) and b(t, s) in s at s = t, the paper's
-# d_2 a(t, t) and d_2 b(t, t): by Eq. 9 the velocity is v = d_3 f(x, t, t), which gives Eq. 10.
+# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) for any network.
+# da_ds(t), db_ds(t): the derivatives of a(t, s), b(t, s) in s at s = t, the paper's d_2 a(t, t) and
+# d_2 b(t, t). By Eq. 9 the velocity is v = d_3 f(x, t, t), which gives Eq. 10.
 class EulerParam:
     """f_theta = x_t + (s - t) F_theta."""
     def a(self, t, s): return torch.ones_like(t)
@@ -133,7 +124,7 @@ def v_from_F(param_name, F_out, x, t):
 
 
 def solution(net, x, t, s, y=None, cond=None, *, cfg):
-    """The learned solution function f_theta(x, t, s), in the parameterization of cfg (a SoFlowConfig)."""
+    """The learned solution function f_theta(x, t, s), in the parameterization of cfg."""
     return f_from_F(cfg.param, net(x, t, s, y, cond), x, t, s)
 
 
@@ -160,53 +151,51 @@ def r_schedule(k, K, cfg):
         return cfg.r_end + (cfg.r_init - cfg.r_end) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.r_schedule == "linear":
         return cfg.r_init + (cfg.r_end - cfg.r_init) * progress
-    return cfg.r_end                                                          # "constant"
+    return cfg.r_end                                                  # "constant"
 
 
 def consistency_times(n, r, cfg, device=None):
     """(t, s, l), each (n,), with 0 <= s <= l <= t - 1e-4 (Sec. 4.2, App. A)."""
     t = logit_normal(n, cfg.t_mu, cfg.t_sd, device).clamp(min=1e-4)
     s = torch.minimum(logit_normal(n, cfg.s_mu, cfg.s_sd, device), t - 1e-4)
-    l = torch.minimum(t + (s - t) * r, t - 1e-4)                             # Eq. (16), then clamped
+    l = torch.minimum(t + (s - t) * r, t - 1e-4)                     # Eq. (16), then clamped
     return t, s, l
 
 
 # ----- The flow matching loss (Eq. 11-12) -----
 def fm_loss(v_pred, v_target, t, cfg):
-    """Per-sample L_FM: the weighted squared error of the model's velocity (Eq. 11) with the weight of Eq. 12.
+    """Per-sample L_FM: the squared error of v_theta (Eq. 11) weighted by Eq. 12; (loss, mse, weight).
 
-    v_pred: v_theta(x_t, t) of Eq. 10, with gradient. v_target: the velocity to match, alpha'_t x_0 + beta'_t x_1
-    or its guided mix (Eq. 19). Returns (loss, mse, weight), each (B,).
+    v_pred: v_theta(x_t, t) (Eq. 10), with gradient.
+    v_target: alpha'_t x_0 + beta'_t x_1, or its guided mix (Eq. 19).
     """
     mse = mean_per_sample((v_pred - v_target) ** 2)
     db_ds = PARAMETERIZATIONS[cfg.param].db_ds(t)
-    weight = 1 / (db_ds.abs() * (mse.detach() + cfg.eps) ** cfg.p)          # Eq. (12), a constant
+    weight = 1 / (db_ds.abs() * (mse.detach() + cfg.eps) ** cfg.p)  # Eq. (12), a constant
     return weight * mse, mse.detach(), weight
 
 
 # ----- The solution consistency loss (Eq. 13-15) -----
 def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, cfg, F_t=None):
-    """Per-sample L_SCM (Eq. 14) with the weight of Eq. 15, in gradient form. Returns (loss, mse, weight), each (B,).
+    """Per-sample L_SCM (Eq. 14) weighted by Eq. 15, in gradient form; (loss, mse, weight), each (B,).
 
-    v: the velocity that moves x_t to time l (the conditional one, or its guided mix, Eq. 19).
-    F_t: F_theta(x_t, t, s) with gradient if already computed (only without dropout).
-    mse is mean(dq^2): the MSE of Eq. 15 divided by (t - l)^2.
-    The loss is sign(b(t, s)) <F_theta(x_t, t, s), stopgrad(w dq)> / D with dq = (f_t - f_l) / (t - l):
-    its gradient is exactly half that of Eq. 14 weighted by Eq. 15, and it never divides by the
-    product (t - l) |b(t, s)|, which can be tiny.
+    v: the velocity that moves x_t to time l (v_t, or its mix, Eq. 19). F_t: F_theta(x_t, t, s) with
+    gradient if already computed (only without dropout). mse: the MSE of Eq. 15 over (t - l)^2.
+    The loss sign(b(t, s)) <F_theta(x_t, t, s), stopgrad(w dq)> / D, dq = (f_t - f_l) / (t - l), has half
+    the gradient of Eq. 14 weighted by Eq. 15, and never divides by (t - l) |b(t, s)|, which can be tiny.
     """
-    # Deviation: the released code trains with this gradient form, so L_SCM enters Alg. 1 at half the paper's scale.
-    x_l = x_t + per_sample(l - t, x_t) * v                                   # the step of Eq. (14)
-    # The target pass replays the random state the student pass starts from: same dropout masks in both.
+    # Deviation: the released code trains with this gradient form: L_SCM enters at half the paper's scale.
+    x_l = x_t + per_sample(l - t, x_t) * v                           # the step of Eq. (14)
+    # The target pass replays the random state the student pass starts from: the same dropout masks.
     devices = [x_t.device] if x_t.is_cuda else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        f_l = solution(net, x_l, l, s, y, cond, cfg=cfg)                     # f_theta^-(x_l, l, s)
+        f_l = solution(net, x_l, l, s, y, cond, cfg=cfg)             # f_theta^-(x_l, l, s)
     if F_t is None:
         F_t = net(x_t, t, s, y, cond)
-    f_t = f_from_F(cfg.param, F_t.detach(), x_t, t, s)                       # f_theta(x_t, t, s), value only
-    dq = (f_t - f_l) / per_sample(t - l, x_t)                                # Eq. (13): ~ the residual of Eq. (6)
+    f_t = f_from_F(cfg.param, F_t.detach(), x_t, t, s)  # f_theta(x_t, t, s), value only
+    dq = (f_t - f_l) / per_sample(t - l, x_t)  # Eq. (13): ~ the residual of Eq. (6)
     mse = mean_per_sample(dq ** 2)
-    weight = 1 / (mse + cfg.eps) ** cfg.p                                    # Eq. (15) times (t - l) |b(t, s)|
+    weight = 1 / (mse + cfg.eps) ** cfg.p  # Eq. (15) times (t - l) |b(t, s)|
     sign_b = torch.sign(PARAMETERIZATIONS[cfg.param].b(t, s))
     loss = sign_b * mean_per_sample(F_t * (per_sample(weight, dq) * dq))
     return loss, mse, weight
@@ -217,20 +206,19 @@ DECAYS = ("exp", "linear", "none")
 
 
 def guidance_decay(t, cfg):
-    """g(t): 1 for t <= decay_t, falling to 0 at t = 1, so that guidance fades out at high noise (App. A).
+    """g(t): 1 for t <= decay_t, falling to 0 at t = 1: guidance fades out at high noise (App. A).
 
-    "exp" is the released code's smooth curve, with which its checkpoints were trained: the default.
-    "linear" is a straight line from 1 to 0 over (decay_t, 1].
-    Either decays the extra strength w - 1, so the strength 1 + g(t) (w - 1) falls to 1 (no guidance) at t = 1.
+    "exp": the released code's smooth curve, with which its checkpoints were trained (the default);
+    "linear": a straight line over (decay_t, 1]. Both scale w - 1, so the strength falls to 1, not 0.
     """
-    # Deviation: App. A says the CFG strength decays linearly "to 0"; like the released code, it decays to 1 here.
+    # Deviation: App. A says the strength decays linearly "to 0"; as in the released code, it ends at 1.
     d = (1 - t) / (1 - cfg.decay_t)
     if cfg.decay == "linear":
         return d.clamp(0, 1)
     if cfg.decay == "exp":
         d = d.clamp(0, 1 - 1e-6)
         return 1 - torch.exp(-0.025 * d / (1 - d))
-    return torch.ones_like(t)                                                # "none"
+    return torch.ones_like(t)                                        # "none"
 
 
 def guidance_strength(t, cfg):
@@ -239,12 +227,12 @@ def guidance_strength(t, cfg):
 
 
 def guided_target(v_t, v_uncond, t, cfg):
-    """v_cfg = w v_t + (1 - w) v_uncond (Eq. 18), with v_t standing in for v(x_t, t | c) (Eq. 17)."""
+    """v_cfg = w v_t + (1 - w) v_uncond (Eq. 18), v_t standing in for v(x_t, t | c) (Eq. 17)."""
     return v_t + per_sample(guidance_strength(t, cfg) - 1, v_t) * (v_t - v_uncond)
 
 
 def mix_velocity(v_cfg, v_guided, m):
-    """v_mix = m v_cfg + (1 - m) v_guided (Eq. 19), m (B,): the model's own guided velocity lowers the variance."""
+    """v_mix = m v_cfg + (1 - m) v_guided (Eq. 19), m (B,): the model's own v_guided lowers the variance."""
     return per_sample(m, v_cfg) * v_cfg + (1 - per_sample(m, v_cfg)) * v_guided
 
 
@@ -254,27 +242,26 @@ def drop_labels(y, keep, num_classes):
 
 
 def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, cfg):
-    """The guided target v_cfg of every row (Eq. 18), its mix ratio m, and v_guided on the consistency rows.
+    """(v_cfg (B, ...), m (B,), v_guided): the guided target of each row (Eq. 18), its mix ratio, and the
+    model's guided velocity on the consistency rows. Dropped rows keep v_t with m = 1.
 
-    Rows with a kept label get Eq. 18 and the mix ratio cfg.m; dropped rows keep v_t with m = 1.
-    One no-grad pass computes v_uncond (null label) for every row and, when m < 1, the model's guided
-    velocity v_guided (label kept) for the consistency rows. On the flow matching rows v_guided is the
-    student pass's own prediction, so it costs nothing there. Returns (v_cfg (B, ...), m (B,), v_guided).
+    One no-grad pass computes v_uncond (null label) for every row and, if m < 1, v_guided (label kept)
+    for the consistency rows; on the flow matching rows v_guided is the student pass's own prediction.
     """
-    if y is None or cfg.w == 1:                                              # no guidance: Eq. (19) gives v_t
+    if y is None or cfg.w == 1:  # no guidance: Eq. (19) gives v_t
         return v_t, torch.ones_like(t), v_t[n_fm:]
-    x_in, t_in, y_in = x_t, t, torch.full_like(y, unwrap(net).num_classes)      # the null label
+    x_in, t_in, y_in = x_t, t, torch.full_like(y, unwrap(net).num_classes)    # the null label
     cond_in = cond
-    if cfg.m < 1:                                                            # append the consistency rows
+    if cfg.m < 1:                                                    # append the consistency rows
         x_in = torch.cat([x_in, x_t[n_fm:]])
         t_in = torch.cat([t_in, t[n_fm:]])
         y_in = torch.cat([y_in, y[n_fm:]])
         cond_in = None if cond is None else torch.cat([cond, cond[n_fm:]])
     with torch.no_grad():
-        v_pred = velocity(net, x_in, t_in, y_in, cond_in, cfg=cfg)         # (B [+ n_scm], ...)
-    v_uncond = v_pred[:x_t.shape[0]]
-    v_guided = v_pred[x_t.shape[0]:] if cfg.m < 1 else v_t[n_fm:]          # with m = 1 it has weight 0
-    v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, cfg), v_t)   # Eq. (18)
+        v_pred = velocity(net, x_in, t_in, y_in, cond_in, cfg=cfg)  # (B [+ B - n_fm], ...)
+    v_uncond = v_pred[:len(x_t)]
+    v_guided = v_pred[len(x_t):] if cfg.m < 1 else v_t[n_fm:]       # with m = 1 its weight is 0
+    v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, cfg), v_t)  # Eq. (18)
     m = torch.where(keep, cfg.m, 1.0).to(t.dtype)
     return v_cfg, m, v_guided
 
@@ -304,20 +291,16 @@ class SoFlowConfig:
     decay: str = "exp"             # "exp" (released code), "linear" or "none": see guidance_decay
 
     def __post_init__(self):
-        choices = {"schedule": SCHEDULES, "param": PARAMETERIZATIONS, "r_schedule": R_SCHEDULES,
-                   "decay": DECAYS}
+        choices = dict(schedule=SCHEDULES, param=PARAMETERIZATIONS, r_schedule=R_SCHEDULES, decay=DECAYS)
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"SoFlowConfig: unknown {name} {getattr(self, name)!r}; "
                                  f"choose one of {', '.join(map(repr, valid))}")
-        for name in ("lam", "m", "drop"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"SoFlowConfig: {name} = {getattr(self, name)} must lie in [0, 1]")
-        for name in ("p", "eps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"SoFlowConfig: {name} = {getattr(self, name)} must be >= 0")
-        if not 0 <= self.decay_t < 1:
-            raise ValueError(f"SoFlowConfig: decay_t = {self.decay_t} must lie in [0, 1)")
+        ranges = dict(lam=(0, 1), m=(0, 1), drop=(0, 1), decay_t=(0, 0.999), p=(0, math.inf),
+                      eps=(0, math.inf))
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"SoFlowConfig: {name} = {getattr(self, name)} is outside [{low}, {high}]")
 
 
 PRESETS = {
@@ -329,8 +312,7 @@ PRESETS = {
                             s_mu=-4.0, s_sd=1.6, r_init=1.0, r_end=0.0003125, w=1.0, m=1.0, drop=0.0),
     # The paper's CIFAR-10 values; it gives no eps, so the released one is kept.
     "cifar10-paper": SoFlowConfig(lam=0.25, p=0.5, eps=1e-3, fm_mu=-0.4, fm_sd=1.7, t_mu=-0.6, t_sd=1.5,
-                                  s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500,
-                                  w=1.0, m=1.0, drop=0.0),
+                                  s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500, w=1.0, m=1.0, drop=0.0),
     # 2D toys (demo, notebook, tests): short runs.
     "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0, s_mu=-1.0,
                         s_sd=1.0, r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
@@ -346,13 +328,13 @@ class Draws:
     t: torch.Tensor                        # (B - n_fm,) consistency times, s <= l < t
     s: torch.Tensor
     l: torch.Tensor
-    keep: Optional[torch.Tensor] = None    # (B,) bool, False where the label is replaced by the null label
+    keep: Optional[torch.Tensor] = None  # (B,) bool, False where the null label replaces the label
 
 
 def draw(x0, cfg, r, labelled):
     """Sample the noise, the times (Sec. 4.2) and the label drops (Sec. 4.3) for a batch x0."""
     B = x0.shape[0]
-    n_fm = int(cfg.lam * B)                                                   # Alg. 1's split, rounded down
+    n_fm = int(cfg.lam * B)                                          # Alg. 1's split, rounded down
     t, s, l = consistency_times(B - n_fm, r, cfg, x0.device)
     keep = torch.rand(B, device=x0.device) >= cfg.drop if labelled else None
     x1 = torch.randn_like(x0)
@@ -360,71 +342,60 @@ def draw(x0, cfg, r, labelled):
     return Draws(x1, t_fm, t, s, l, keep)
 
 
-def has_active_dropout(net):
-    return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in net.modules())
-
-
 def rows(z, part):
     """z[part], or None for an absent input (labels, cond)."""
     return None if z is None else z[part]
 
 
-def check_labels(net, y, cfg):
-    if y is None:
-        return
-    if net.num_classes == 0:
-        raise ValueError("labels y were given to an unconditional network: build it with num_classes > 0")
-    if cfg.w != 1 and cfg.drop <= 0:
-        raise ValueError(f"CFG with w={cfg.w} needs label dropping (drop > 0): the null label's velocity, "
-                         "which guidance subtracts, would never be trained")
-
-
 def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=None):
     """Algorithm 1: L = (n_fm / B) L_FM + (1 - n_fm / B) L_SCM, and detached diagnostics.
 
-    x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) or None. net may be wrapped in
-    DistributedDataParallel or torch.compile. Network calls: one no-grad pass for CFG, the consistency
-    target pass, and one student pass over the whole batch (one per loss if the network has active dropout:
-    the target pass must replay the student's masks).
+    x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) or None. net may be wrapped (DDP, compile).
+    Network calls: one no-grad pass for CFG, the consistency target pass, and one student pass over the
+    batch (one per loss under active dropout: the target pass must replay the student's masks).
     """
     bare = unwrap(net)
-    check_labels(bare, y, cfg)
+    if y is not None and bare.num_classes == 0:
+        raise ValueError("labels y were given to an unconditional network: build it with num_classes > 0")
+    if y is not None and cfg.w != 1 and cfg.drop <= 0:
+        raise ValueError(f"CFG with w={cfg.w} needs label dropping (drop > 0): the null label's "
+                         "velocity, which guidance subtracts, would never be trained")
     # Sample t_FM, t_SCM, l_SCM, s_SCM (Sec. 4.2) and the label drops; the first n_fm rows go to L_FM.
     r = r_schedule(step, total_steps, cfg)
     d = draws if draws is not None else draw(x0, cfg, r, labelled=y is not None)
     B = x0.shape[0]
     n_fm = d.t_fm.shape[0]
     fm, scm = slice(0, n_fm), slice(n_fm, B)
-    t = torch.cat([d.t_fm, d.t])                                              # (B,)
-    s = torch.cat([d.t_fm, d.s])                                              # (B,): s = t on the FM rows
+    t = torch.cat([d.t_fm, d.t])                                     # (B,)
+    s = torch.cat([d.t_fm, d.s])                                     # (B,): s = t on the FM rows
     # Get x_t and v_t = alpha'_t x_0 + beta'_t x_1 by the standard flow matching framework (Eq. 4).
-    x_t, v_t = interpolate(cfg.schedule, x0, d.x1, t)                         # (B, ...) each
-    # Compute the CFG targets (Eq. 18) on the rows whose label is kept.
+    x_t, v_t = interpolate(cfg.schedule, x0, d.x1, t)                # (B, ...) each
+    # The guided targets (Eq. 18) of the rows whose label is kept.
     if y is not None:
         y = drop_labels(y, d.keep, bare.num_classes)
     v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, cfg)
     # The student pass F_theta(x_t, t, s), with gradient.
-    if has_active_dropout(bare):
-        # The consistency rows get their own pass in scm_loss, after the target pass that replays its masks.
+    dropout = any(isinstance(mod, nn.Dropout) and mod.p > 0 and mod.training for mod in bare.modules())
+    if dropout:    # the consistency rows get their own pass in scm_loss, after the target pass
         F_fm = net(x_t[fm], t[fm], s[fm], rows(y, fm), rows(cond, fm)) if n_fm > 0 else None
         F_scm = None
-    else:
-        F_all = net(x_t, t, s, y, cond)                                        # one pass serves both losses
+    else:          # one pass serves both losses
+        F_all = net(x_t, t, s, y, cond)
         F_fm, F_scm = F_all[fm], F_all[scm]
     diagnostics = {}
     loss = 0
     if n_fm > 0:
-        # L_FM (Eq. 11) towards v_mix (Eq. 19), whose v_guided is this pass's own prediction, detached.
-        v_pred = v_from_F(cfg.param, F_fm, x_t[fm], t[fm])                   # Eq. (10)
-        v_mix = mix_velocity(v_cfg[fm], v_pred.detach(), m[fm])               # Eq. (19)
-        loss_fm, mse, weight = fm_loss(v_pred, v_mix, t[fm], cfg)             # Eq. (11-12)
+        # L_FM (Eq. 11) towards v_mix (Eq. 19), whose v_guided is this pass's own prediction.
+        v_pred = v_from_F(cfg.param, F_fm, x_t[fm], t[fm])          # Eq. (10)
+        v_mix = mix_velocity(v_cfg[fm], v_pred.detach(), m[fm])      # Eq. (19)
+        loss_fm, mse, weight = fm_loss(v_pred, v_mix, t[fm], cfg)    # Eq. (11-12)
         loss = loss + loss_fm.mean() * n_fm / B
         diagnostics.update(fm_loss=loss_fm.mean(), fm_mse=mse.mean(), fm_weight=weight.mean())
     if n_fm < B:
-        # L_SCM (Eq. 14), the step to x_l taken along v_mix (Eq. 19).
-        v_mix = mix_velocity(v_cfg[scm], v_guided, m[scm])                    # Eq. (19)
-        loss_scm, mse, weight = scm_loss(net, x_t[scm], d.t, d.s, d.l, v_mix, rows(y, scm), rows(cond, scm),
-                                         cfg=cfg, F_t=F_scm)
+        # L_SCM (Eq. 14), with the step to x_l taken along v_mix (Eq. 19).
+        v_mix = mix_velocity(v_cfg[scm], v_guided, m[scm])           # Eq. (19)
+        loss_scm, mse, weight = scm_loss(net, x_t[scm], d.t, d.s, d.l, v_mix, rows(y, scm),
+                                         rows(cond, scm), cfg=cfg, F_t=F_scm)
         loss = loss + loss_scm.mean() * (B - n_fm) / B
         diagnostics.update(scm_mse=mse.mean(), scm_weight=weight.mean())
     diagnostics["loss"] = loss
@@ -434,20 +405,18 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
 # ----- Sampling -----
 @torch.no_grad()
 def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"):
-    """Generate from noise x1 with one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0).
+    """Generate from noise x1, one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0).
 
-    cfg: the SoFlowConfig the network was trained with (its noising schedule and parameterization).
-    times: a decreasing grid t_0 > ... > t_N (default: `steps` equal steps from 1 to 0).
-    "chain": x <- f_theta(x, t_i, t_{i+1}).
-    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps with fresh
-    noise eps at each step; at t_N = 0 that is f_theta(x, t_{N-1}, 0).
-    No guidance here: it was learned (Sec. 4.3).
+    cfg: the SoFlowConfig the network was trained with. times: a decreasing grid t_0 > ... > t_N
+    (default: `steps` equal steps from 1 to 0). "chain": x <- f_theta(x, t_i, t_{i+1}).
+    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps,
+    fresh noise eps each step. No guidance here: it was learned (Sec. 4.3).
     """
     if times is None:
         times = torch.linspace(1, 0, steps + 1)
     times = torch.as_tensor(times, dtype=torch.float32)
     if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
-        raise ValueError(f"times must be a strictly decreasing 1D grid of at least two points, got {times.tolist()}")
+        raise ValueError(f"times must be a strictly decreasing grid of 2 points or more: {times.tolist()}")
     if mode not in ("chain", "renoise"):
         raise ValueError(f"unknown sampling mode {mode!r}; use 'chain' or 'renoise'")
     schedule = SCHEDULES[cfg.schedule]
@@ -456,16 +425,16 @@ def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
         if mode == "chain":
             x = solution(net, x, t, torch.full_like(t, t_next), y, cond, cfg=cfg)
-        else:
-            x0_hat = solution(net, x, t, torch.zeros_like(t), y, cond, cfg=cfg)
-            s = torch.full_like(t, t_next)
-            x = per_sample(schedule.alpha(s), x) * x0_hat + per_sample(schedule.beta(s), x) * torch.randn_like(x)
+            continue
+        x0_hat = solution(net, x, t, torch.zeros_like(t), y, cond, cfg=cfg)
+        s = torch.full_like(t, t_next)
+        x = per_sample(schedule.alpha(s), x) * x0_hat + per_sample(schedule.beta(s), x) * torch.randn_like(x)
     return x
 
 
 @torch.no_grad()
 def sample_euler(net, x1, y=None, cond=None, *, cfg, steps=50):
-    """Flow matching's sampler, the baseline: Euler steps of the ODE of Eq. (2) along v_theta(x, t) (Eq. 10)."""
+    """Flow matching's sampler, the baseline: Euler steps of the ODE of Eq. 2 along v_theta (Eq. 10)."""
     x = x1
     times = torch.linspace(1, 0, steps + 1).tolist()
     for t_i, t_next in zip(times[:-1], times[1:]):
@@ -475,7 +444,7 @@ def sample_euler(net, x1, y=None, cond=None, *, cfg, steps=50):
 
 
 # ----- Networks: each computes F_theta(x, t, s, y=None, cond=None) -----
-# Times enter as t and the gap t - s, each with its own embedder. init_kwargs lets a checkpoint rebuild a network.
+# Times enter as t and the gap t - s, each with its own embedder. init_kwargs lets a checkpoint rebuild one.
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal features of t in [0, 1], (B,) -> (B, dim): cosines, then sines."""
     half = dim // 2
@@ -561,7 +530,7 @@ class MLP(nn.Module):
         self.num_classes = num_classes
         dim = math.prod(data_shape)
         self.t_embedder = TimestepEmbedder(hidden)
-        self.s_embedder = TimestepEmbedder(hidden)                             # embeds the gap t - s
+        self.s_embedder = TimestepEmbedder(hidden)  # embeds the gap t - s
         self.y_embedder = LabelEmbedder(num_classes, hidden) if num_classes > 0 else None
         self.cond_proj = nn.Linear(cond_dim, hidden) if cond_dim > 0 else None
         self.x_proj = nn.Linear(dim, hidden)
@@ -575,7 +544,8 @@ class MLP(nn.Module):
             c = c + self.y_embedder(labels_or_null(y, x.shape[0], self.num_classes, x.device))
         if (cond is None) != (self.cond_proj is None):
             action = "pass" if cond is None else "do not pass"
-            raise ValueError(f"this MLP was built with cond_dim={self.init_kwargs['cond_dim']}: {action} cond")
+            cond_dim = self.init_kwargs["cond_dim"]
+            raise ValueError(f"this MLP was built with cond_dim={cond_dim}: {action} cond")
         if cond is not None:
             c = c + self.cond_proj(cond.flatten(1))
         h = self.x_proj(x.flatten(1))                                         # (B, hidden)
@@ -587,7 +557,7 @@ class MLP(nn.Module):
 # ----- DiT (Table 4): the original DiT (Peebles & Xie 2023) plus s_embedder, which embeds the gap t - s -----
 # Module names follow the released checkpoints, so that their state dicts load by name (load_network).
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with (B, D) shift and scale broadcast over the tokens of x (B, T, D)."""
+    """adaLN: x * (1 + scale) + shift; (B, D) shift and scale broadcast over the tokens of x (B, T, D)."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -600,8 +570,8 @@ def sincos_pos_embed_2d(dim, grid_size):
     pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None]         # (G, dim/4)
     emb = torch.cat([pos.sin(), pos.cos()], dim=1)                                    # (G, dim/2)
     G, half = grid_size, dim // 2
-    cols = emb[None].expand(G, G, half)                                               # at [i, j]: column j
-    rows_ = emb[:, None].expand(G, G, half)                                           # at [i, j]: row i
+    cols = emb[None].expand(G, G, half)  # at [i, j]: column j
+    rows_ = emb[:, None].expand(G, G, half)  # at [i, j]: row i
     return torch.cat([cols, rows_], dim=-1).reshape(G * G, dim).float()
 
 
@@ -615,12 +585,12 @@ class Attention(nn.Module):
 
     def forward(self, x):
         qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                    # (B, H, T, D/H)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, D/H)
         return self.proj(rearrange(x, "b h t d -> b t (h d)"))
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero: the conditioning c sets a shift, scale and gate for both branches."""
+    """Transformer block with adaLN-Zero: the conditioning c sets a shift, scale and gate per branch."""
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -632,7 +602,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        modulation = self.adaLN_modulation(c).chunk(6, dim=1)               # 6 x (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -647,11 +618,11 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))                # (B, T, p*p*C)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C)
 
 
 class DiT(nn.Module):
-    """F_theta(x_t, t, s, y) on latents: a DiT conditioned on emb(t) + emb(t - s) + emb(y). Defaults: DiT-XL/2."""
+    """F_theta(x_t, t, s, y) on latents: a DiT conditioned on emb(t) + emb(t - s) + emb(y) (XL/2)."""
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, num_classes=1000):
         super().__init__()
@@ -666,26 +637,26 @@ class DiT(nn.Module):
         patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, patch_size)
         self.x_embedder = nn.Sequential(OrderedDict(proj=patch_embed))
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.s_embedder = TimestepEmbedder(hidden_size)                               # embeds the gap t - s
+        self.s_embedder = TimestepEmbedder(hidden_size)  # embeds the gap t - s
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT's initialisation: Xavier for linear layers, N(0, 0.02) for embedders, adaLN-Zero, a zero output."""
+        """DiT's init: Xavier for linear layers, N(0, 0.02) for embedders, adaLN-Zero, a zero output."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 xavier(module)
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size)[None])
         patch_weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))   # as a linear map of patches
+        nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))  # as a linear map of patches
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for embedder in (self.t_embedder, self.s_embedder):
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
-        # Zero modulation makes every block the identity; the zero output layer makes F = 0, so f(x, t, s) = a x.
+        # Zero modulation makes every block the identity; a zero output layer makes F = 0: f = a x.
         for block in self.blocks:
             xavier(block.adaLN_modulation[-1], gain=0)
         xavier(self.final_layer.adaLN_modulation[-1], gain=0)
@@ -699,8 +670,8 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.s_embedder(t - s) + self.y_embedder(y)          # (B, D)
         for block in self.blocks:
             h = block(h, c)
-        h = self.final_layer(h, c)                                                    # (B, T, p*p*C)
-        return self.unpatchify(h).to(x.dtype)     # autocast may give bf16; f_theta is computed in x's dtype
+        h = self.final_layer(h, c)  # (B, T, p*p*C)
+        return self.unpatchify(h).to(x.dtype)  # autocast may give bf16; f_theta is computed in x's dtype
 
     def unpatchify(self, x):
         """(B, T, p*p*C) -> (B, C, H, W); within a patch the channel index runs fastest."""
@@ -724,7 +695,7 @@ DiT_models = {
 # EDM's SongUNet configured as DDPM++ (Karras et al. 2022; Song et al. 2021) with the released model's
 # module names, buffers and [1, 3, 3, 1] resampling filter, so that its checkpoints load (load_network).
 # SoFlow's change: the time features of t and of t - s are concatenated (the mapping MLP's input: 2x).
-SKIP_SCALE = math.sqrt(0.5)    # DDPM++ scales every residual sum by sqrt(1/2) to keep the variance flat
+SKIP_SCALE = math.sqrt(0.5)  # DDPM++ scales every residual sum by sqrt(1/2) to keep the variance flat
 
 
 def positional_embedding(t, dim, max_period=10000):
@@ -773,7 +744,7 @@ class UNetBlock(nn.Module):
         self.conv0 = xavier(ResampleConv(in_channels, C, 3, mode, resample_filter))
         self.affine = xavier(nn.Linear(emb_channels, C))
         self.norm1, self.dropout = group_norm(C), nn.Dropout(dropout)
-        self.conv1 = xavier(nn.Conv2d(C, C, 3, padding=1), gain=1e-5)        # the block starts ~ its skip
+        self.conv1 = xavier(nn.Conv2d(C, C, 3, padding=1), gain=1e-5)  # the block starts ~ its skip
         self.skip = None
         if in_channels != C or mode:
             self.skip = xavier(ResampleConv(in_channels, C, 1, mode, resample_filter))
@@ -790,7 +761,7 @@ class UNetBlock(nn.Module):
             B, C, H, W = x.shape
             # qkv's 3C channels read as (C, 3): q, k, v of channel c are channels 3c, 3c + 1, 3c + 2.
             q, k, v = self.qkv(self.norm2(x)).reshape(B, C, 3, H * W).permute(2, 0, 3, 1)  # (B, HW, C)
-            a = F.scaled_dot_product_attention(q, k, v)            # softmax(q k^T / sqrt(C)) v: (B, HW, C)
+            a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v: (B, HW, C)
             x = (self.proj(a.transpose(1, 2).reshape(B, C, H, W)) + x) * SKIP_SCALE
         return x
 
@@ -805,7 +776,7 @@ class UNet(nn.Module):
         self.init_kwargs = constructor_args(locals())
         # Each time gets channel_mult_noise * model_channels features (EDM's DDPM++: 1; the released: 2).
         self.num_classes, self.noise_channels = num_classes, channel_mult_noise * model_channels
-        noise, emb = 2 * self.noise_channels, 4 * model_channels              # EDM: channel_mult_emb = 4
+        noise, emb = 2 * self.noise_channels, 4 * model_channels  # EDM: channel_mult_emb = 4
         # Optional labels (CFG; row num_classes is null), added to the time features: N(0, 1) rows.
         self.map_label = nn.Embedding(num_classes + 1, noise) if num_classes > 0 else None
         self.map_augment = nn.Linear(augment_dim, noise, bias=False) if augment_dim > 0 else None
@@ -851,17 +822,17 @@ class UNet(nn.Module):
         emb = torch.cat([positional_embedding(t, nc), positional_embedding(t - s, nc)], dim=1)  # (B, 2 nc)
         if self.map_label is not None:
             emb = emb + self.map_label(y)
-        if self.map_augment is not None:    # None as zero labels keeps map_augment in the graph (for DDP)
+        if self.map_augment is not None:  # None as zero labels keeps map_augment in the graph (for DDP)
             cond = emb.new_zeros(len(x), self.map_augment.in_features) if cond is None else cond
             emb = emb + self.map_augment(cond)
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))                 # (B, 4 model_channels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))  # (B, 4 model_channels)
         skips, h = [], x
         for block in self.enc.values():
             h = block(h, emb) if isinstance(block, UNetBlock) else block(h)
             skips.append(h)
         *blocks, (_, aux_norm), (_, aux_conv) = self.dec.items()
         for name, block in blocks:
-            if "_block" in name:                                                    # takes an encoder output
+            if "_block" in name:  # takes an encoder output
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb)
         return aux_conv(F.silu(aux_norm(h))).to(x.dtype)
@@ -884,9 +855,9 @@ def dit_kwargs_from_state_dict(sd):
     sizes = [size.keywords for size in DiT_models.values()]
     heads = {(k["depth"], k["hidden_size"]): k["num_heads"] for k in sizes}.get((depth, hidden))
     if heads is None:
-        raise ValueError(f"no size in DiT_models has depth {depth} and width {hidden}: add it there with its heads")
-    return dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * patch, patch_size=patch, in_channels=in_channels,
-                hidden_size=hidden, depth=depth, num_heads=heads,
+        raise ValueError(f"no size in DiT_models has depth {depth} and width {hidden}: add it there")
+    return dict(input_size=math.isqrt(sd["pos_embed"].shape[1]) * patch, patch_size=patch,
+                in_channels=in_channels, hidden_size=hidden, depth=depth, num_heads=heads,
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
 
@@ -896,11 +867,11 @@ def unet_kwargs_from_state_dict(sd):
     it keeps its default (the released 0.3), which acts in training only."""
     conv = next((k for k in sd if k.startswith("enc.") and k.endswith("_conv.weight")), "enc.RxR_conv.weight")
     model_channels, in_channels = sd[conv].shape[:2]
-    levels = sorted({int(k[4:].split("x")[0]) for k in sd if k.startswith("enc.")}, reverse=True)  # 32, 16, ..
+    levels = sorted({int(k[4:].split("x")[0]) for k in sd if k.startswith("enc.")}, reverse=True)  # 32, 16
     top = f"dec.{levels[0]}x{levels[0]}_block"
     num_blocks = len({k.split(".")[1] for k in sd if k.startswith(top)}) - 1
-    last = [f"dec.{r}x{r}_block{num_blocks}" for r in levels]           # per level, the block that may attend
-    kernel = [v[0, 0] for k, v in sd.items() if k.endswith("resample_filter")]   # outer(f, f) / sum(f)^2
+    last = [f"dec.{r}x{r}_block{num_blocks}" for r in levels]  # per level, the block that may attend
+    kernel = [v[0, 0] for k, v in sd.items() if k.endswith("resample_filter")]  # outer(f, f) / sum(f)^2
     return dict(img_resolution=levels[0], in_channels=in_channels, model_channels=model_channels,
                 channel_mult=tuple(sd[f"{b}.conv1.weight"].shape[0] // model_channels for b in last),
                 num_blocks=num_blocks,
@@ -921,13 +892,14 @@ def check_state_dict(net, sd, source):
     if any(problems.values()):
         lines = [f"  {name} ({len(keys)}): " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
                  for name, keys in problems.items() if keys]
-        raise ValueError(f"{source} does not fit {type(net).__name__}(**{net.init_kwargs}):\n" + "\n".join(lines) +
-                         "\nBuild the network with the arguments the checkpoint was trained with, or load another file")
+        raise ValueError(f"{source} does not fit {type(net).__name__}(**{net.init_kwargs}):\n"
+                         + "\n".join(lines) + "\nBuild the network with the arguments the checkpoint "
+                         "was trained with, or load another file")
 
 
 def load_network(path, use_ema=True, map_location="cpu"):
     """A network in eval mode from our checkpoint or a released SoFlow DiT or U-Net; use_ema: EMA weights."""
-    try:   # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
+    try:  # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
@@ -936,8 +908,9 @@ def load_network(path, use_ema=True, map_location="cpu"):
     released = isinstance(weights, dict) and any(str(k).startswith("network.") for k in weights)
     if not (ours or released):
         found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a SoFlow checkpoint: expected 'arch', 'arch_kwargs', 'model', 'ema' (ours) "
-                         f"or 'model', 'ema_model' with 'network.' keys (released); found {found}")
+        raise ValueError(f"{path} is not a SoFlow checkpoint: expected 'arch', 'arch_kwargs', 'model', "
+                         "'ema' (ours) or 'model', 'ema_model' with 'network.' keys (released); "
+                         f"found {found}")
     key = ("ema" if ours else "ema_model") if use_ema else "model"
     if (sd := ckpt.get(key)) is None:
         hint = "; pass use_ema=False for the raw training weights" if use_ema else ""
@@ -948,7 +921,7 @@ def load_network(path, use_ema=True, map_location="cpu"):
         cls, kwargs = NETWORKS[ckpt["arch"]], ckpt["arch_kwargs"]
     else:
         sd = {k[len("network."):]: v for k, v in sd.items() if k.startswith("network.")}
-        unet = "map_layer0.weight" in sd      # told apart by their keys: EDM's mapping layers, a patch embedder
+        unet = "map_layer0.weight" in sd  # told apart by their keys: EDM's mapping layers, a patch embedder
         if not unet and "x_embedder.proj.weight" not in sd:
             raise ValueError(f"{path}: '{key}' has neither a released U-Net's map_layer0.weight "
                              "nor a released DiT's x_embedder.proj.weight")
@@ -989,7 +962,7 @@ def set_rng_state(state):
 
 
 def atomic_write(path, write):
-    """write(tmp) to a temporary file beside path, then rename it: a crash never leaves a half-written file."""
+    """write(tmp) to a temporary file beside path, then rename it: never a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -1013,23 +986,23 @@ def add_training_args(parser, global_batch_size, steps, ema_every=1):
     parser.add_argument("--results-dir", required=True, help="run folder; an existing one is resumed")
     parser.add_argument("--global-batch-size", type=int, default=global_batch_size)
     parser.add_argument("--micro-batch", type=int, default=0,
-                        help="per-process batch of one forward pass; gradients accumulate (0: no accumulation)")
+                        help="per-process batch of one forward pass; gradients accumulate (0: the whole)")
     parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=steps, help="total training steps K (r(k, K) depends on it)")
+    parser.add_argument("--steps", type=int, default=steps, help="training steps K (r(k, K) depends on it)")
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--ema-every", type=int, default=ema_every, help="update the EMA every N steps")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--ckpt-every", type=int, default=10_000)
     parser.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid (1 and 2 NFE)")
     parser.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept on disk, the newest")
-    parser.add_argument("--stop-at", type=int, default=0, help="save and stop after this step (0: run to --steps)")
+    parser.add_argument("--stop-at", type=int, default=0, help="save and stop after this step (0: none)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--max-bad-steps", type=int, default=10,
                         help="stop after this many non-finite steps in a row")
 
 
 def init_distributed():
-    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain run is rank 0 of 1."""
+    """(rank, world_size, device): torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain run is 0 of 1."""
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -1098,7 +1071,7 @@ def save_grid(path, images, columns):
 
 
 class StopRequest:
-    """Within it, SIGTERM (a cluster's preemption) or SIGINT (Ctrl-C) asks the loop to save and stop at the step's end.
+    """Inside it, SIGTERM (a cluster's preemption) or SIGINT (Ctrl-C) asks the loop to save and stop.
 
     A second signal acts at once; the previous handlers come back on exit.
     """
@@ -1146,12 +1119,13 @@ def checkpoint_paths(results_dir):
 
 
 def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
-    """Load the newest checkpoint of a run folder into net, ema and optimizer; return the step to start from."""
+    """Load the newest checkpoint of a run folder into net, ema and optimizer; return its step."""
     paths = checkpoint_paths(results_dir)
     if not paths:
         return 0
     ckpt = torch.load(paths[-1], map_location="cpu", weights_only=False)
-    changed = {k: (ckpt["run_config"].get(k), v) for k, v in run_config.items() if ckpt["run_config"].get(k) != v}
+    saved = ckpt["run_config"]
+    changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
     if changed:
         lines = "\n".join(f"  {k}: {old!r} in the run, {new!r} now" for k, (old, new) in changed.items())
         raise SystemExit(f"{results_dir} holds a run with another configuration:\n{lines}\n"
@@ -1163,7 +1137,7 @@ def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
         set_rng_state(ckpt["rng"][rank])            # each process draws what it would have drawn
     else:
         if rank == 0:
-            print(f"the run had {len(ckpt['rng'])} processes, now {world_size}: new random streams", flush=True)
+            print(f"the run had {len(ckpt['rng'])} processes, now {world_size}: new random streams")
         torch.manual_seed(ckpt["step"] * world_size + rank)
     return ckpt["step"]
 
@@ -1197,7 +1171,7 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
     grid_size = 32 if grid_labels is None else len(grid_labels)
     grid_generator = torch.Generator().manual_seed(args.global_seed)
     grid_noise = torch.randn(grid_size, *example.shape[1:], generator=grid_generator).to(device)
-    torch.manual_seed(args.global_seed * world_size + rank)    # each process draws its own noise and times
+    torch.manual_seed(args.global_seed * world_size + rank)  # each process draws its own noise and times
     start = resume(args.results_dir, run_config, net, ema, optimizer, rank, world_size)
     # The gradient pass goes through DDP, which all-reduces the gradients.
     model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
@@ -1206,11 +1180,12 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
     end = min(args.steps, args.stop_at or args.steps)
     os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
     log = RunLog(args.results_dir, rank, start, end)
-    log.say(f"{'resuming at' if start else 'starting'} step {start} of {args.steps}: {world_size} process(es), "
-            f"{type(net).__name__} with {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
+    millions = sum(p.numel() for p in net.parameters()) / 1e6
+    log.say(f"{'resuming at' if start else 'starting'} step {start} of {args.steps}: {world_size} "
+            f"process(es), {type(net).__name__} with {millions:.2f}M parameters")
     sums, logged_steps, train_seconds, bad_steps = {}, 0, 0.0, 0
     with StopRequest() as stop_request:
-        for step in range(start + 1, end + 1):                    # step: the number of updates made after it
+        for step in range(start + 1, end + 1):  # step: the number of updates made after it
             # One step: this process's rows of global batch step - 1, micro-batches, then one update.
             started = time.time()
             rows = global_batch_indices(step - 1, args.global_batch_size, num_examples, args.global_seed)
@@ -1218,16 +1193,16 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
             optimizer.zero_grad(set_to_none=True)
             batches = [get_batch(part) for part in rows.split(micro_batch)]
             diagnostics = accumulate_gradients(model, batches, cfg, step - 1, args.steps, autocast)
-            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), float("inf"))   # the same on every process
+            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), float("inf"))  # the same on every process
             if torch.isfinite(grad_norm):
                 optimizer.step()
                 bad_steps = 0
-            else:                                                 # skip the update: the weights stay finite
+            else:  # skip the update: the weights stay finite
                 bad_steps += 1
                 log.say(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
                 if bad_steps >= args.max_bad_steps:
-                    raise SystemExit(f"{bad_steps} non-finite steps in a row: lower the learning rate, check "
-                                     f"the data, or resume from a checkpoint in {args.results_dir}/checkpoints")
+                    raise SystemExit(f"{bad_steps} non-finite steps in a row: lower the learning rate, "
+                                     "check the data, or resume from an earlier checkpoint")
             if step % args.ema_every == 0:
                 ema_update(ema, net, args.ema_decay ** args.ema_every)
             train_seconds += time.time() - started
@@ -1255,7 +1230,7 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
                 check_in_sync(net, world_size)
                 states = gather_objects(rng_state(), world_size)
                 if rank == 0:
-                    save_run(args.results_dir, args.keep_ckpts, step, net, ema, optimizer, cfg, run_config, states)
+                    save_run(args, step, net, ema, optimizer, cfg, run_config, states)
                 if world_size > 1:
                     dist.barrier()
             if stop:
@@ -1271,17 +1246,15 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
 def save_samples(path, ema, noise, labels, cfg, decode, seed):
     """A PNG grid of EMA samples: one step, then two steps (the released sampler), 16 per row."""
     devices = [noise.device] if noise.is_cuda else []
-    with torch.random.fork_rng(devices=devices):               # the training's random streams stay untouched
+    with torch.random.fork_rng(devices=devices):  # the training's random streams stay untouched
         torch.manual_seed(seed)
         images = [decode(sample(ema, noise, labels, cfg=cfg, steps=k, mode="renoise")) for k in (1, 2)]
     save_grid(path, torch.cat(images), columns=16)
 
 
 def accumulate_gradients(model, batches, cfg, step, total_steps, autocast):
-    """Backward of Algorithm 1 over micro-batches [(x0, y, cond), ...]: the gradient of their mean loss over rows.
-
-    Under DDP the gradients are all-reduced on the last micro-batch only. Returns the diagnostics, row-weighted.
-    """
+    """Backward of Algorithm 1 over micro-batches [(x0, y, cond), ...]: the gradient of the mean loss
+    over all their rows; under DDP, all-reduced on the last one only. Returns row-weighted diagnostics."""
     total_rows = sum(len(x0) for x0, _, _ in batches)
     sums = {}
     for i, (x0, y, cond) in enumerate(batches):
@@ -1289,7 +1262,8 @@ def accumulate_gradients(model, batches, cfg, step, total_steps, autocast):
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with sync:
             with autocast:
-                loss, diagnostics = soflow_loss(model, x0, y, cond, cfg=cfg, step=step, total_steps=total_steps)
+                loss, diagnostics = soflow_loss(model, x0, y, cond, cfg=cfg, step=step,
+                                                total_steps=total_steps)
             (loss * len(x0) / total_rows).backward()
         for name, value in diagnostics.items():
             sums[name] = sums.get(name, 0) + value.float() * len(x0) / total_rows
@@ -1297,52 +1271,57 @@ def accumulate_gradients(model, batches, cfg, step, total_steps, autocast):
 
 
 def check_in_sync(net, world_size):
-    """Every process must hold the same weights (DDP keeps them so); a difference is a bug worth stopping for."""
+    """Every process must hold the same weights (DDP keeps them so); a difference is a bug: stop."""
     checksum = sum(p.double().sum() for p in net.parameters()).reshape(1)
     checksums = torch.cat(gather_objects(checksum.cpu(), world_size))
     if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
-        raise RuntimeError(f"the processes' weights differ (checksums {checksums.tolist()}): do not trust this run")
+        raise RuntimeError(f"the processes' weights differ ({checksums.tolist()}): do not trust this run")
 
 
-def save_run(results_dir, keep, step, net, ema, optimizer, cfg, run_config, rng_states):
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+def save_run(args, step, net, ema, optimizer, cfg, run_config, rng_states):
+    """Write checkpoint `step` atomically, then delete all but the newest args.keep_ckpts."""
     if not all(torch.isfinite(p).all() for p in net.parameters()):
         raise SystemExit(f"step {step}: the weights are not finite; the checkpoints on disk are kept")
-    path = os.path.join(results_dir, "checkpoints", f"{step:07d}.pt")
+    path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
     save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs, model=net.state_dict(),
                     ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step, config=asdict(cfg),
                     run_config=run_config, rng=rng_states)
-    for old in checkpoint_paths(results_dir)[:-keep]:
+    for old in checkpoint_paths(args.results_dir)[:-args.keep_ckpts]:
         os.remove(old)
 
 
-# ----- A 2D toy with an exact answer: a mixture of isotropic Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
-# Given component k, (x_0, x_1, x_t) are jointly Gaussian, so E[x_0 | x_t, k] and E[x_1 | x_t, k] are linear in x_t
-# and the velocities of Eq. 1, 17 and 18 are posterior-weighted sums of linear maps. Integrating them accurately
-# gives the true solution map f(x, t, s) that SoFlow learns.
+# ----- A 2D toy with an exact answer: a mixture of Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
+# Given component k, (x_0, x_1, x_t) are jointly Gaussian, so E[x_0 | x_t, k] and E[x_1 | x_t, k] are
+# linear in x_t, and the velocities of Eq. 1, 17 and 18 are posterior-weighted sums of linear maps.
+# Integrating them accurately gives the true solution map f(x, t, s) that SoFlow learns.
 class GaussianMixture:
-    """Mixture of Gaussians with class labels per component; exact velocities and solution map (float64)."""
+    """Mixture of Gaussians with a class label per component; exact velocities and solution map (float64)."""
     def __init__(self, means, std=0.1, weights=None, classes=None, schedule="linear"):
-        self.means, self.std, self.schedule = torch.as_tensor(means, dtype=torch.float64), float(std), schedule
+        self.means = torch.as_tensor(means, dtype=torch.float64)               # mu_k, (K, D)
+        self.std = float(std)
+        self.schedule = schedule
         weights = torch.ones(len(self.means)) if weights is None else torch.as_tensor(weights)
         self.weights = (weights / weights.sum()).double()                     # pi_k, (K,)
-        self.classes = torch.zeros(len(self.means), dtype=torch.long) if classes is None else torch.as_tensor(classes)
+        classes = torch.zeros(len(self.means), dtype=torch.long) if classes is None else classes
+        self.classes = torch.as_tensor(classes)
         self.num_classes = int(self.classes.max()) + 1
 
     @classmethod
     def ring(cls, k=8, radius=2.0, std=0.15, num_classes=1):
         """k modes on a circle; with num_classes > 1 the classes alternate around it."""
         angles = 2 * math.pi * torch.arange(k) / k
-        return cls(radius * torch.stack([angles.cos(), angles.sin()], 1), std, classes=torch.arange(k) % num_classes)
+        means = radius * torch.stack([angles.cos(), angles.sin()], 1)
+        return cls(means, std, classes=torch.arange(k) % num_classes)
 
     def sample(self, n, generator=None):
         """(x_0, y): n samples (float32) and their class labels."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        x0 = self.means[k] + self.std * torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        x0 = self.means[k] + self.std * noise
         return x0.float(), self.classes[k]
 
     def velocity(self, x, t, y=None, w=1.0):
-        """Eq. 1 (y None), Eq. 17 (labels y), Eq. 18 (labels y, strength w: float or (B,)). x (B, D), t (B,)."""
+        """Eq. 1 (y None), Eq. 17 (labels y), Eq. 18 (labels y, strength w: float or (B,)); x (B, D)."""
         schedule = SCHEDULES[self.schedule]
         x, t = x.double(), t.double()
 
@@ -1355,7 +1334,8 @@ class GaussianMixture:
         x0_mean = self.means[None] + a * self.std ** 2 / var * offset         # E[x_0 | x_t, k]
         x1_mean = b / var * offset                                            # E[x_1 | x_t, k]
         v_k = da * x0_mean + db * x1_mean                                     # E[a'x_0 + b'x_1 | x_t, k]
-        logp = self.weights.log()[None] - (offset ** 2).sum(-1) / (2 * var[..., 0])   # (B, K); log det is shared
+        # log p(k | x_t) up to a constant: the log det of the covariance is the same for every k.
+        logp = self.weights.log()[None] - (offset ** 2).sum(-1) / (2 * var[..., 0])          # (B, K)
 
         def average(mask):
             post = torch.softmax(logp.masked_fill(~mask, -math.inf), dim=1)   # p(k | x_t[, c])
@@ -1368,13 +1348,15 @@ class GaussianMixture:
         return w * v_c + (1 - w) * v
 
     def solution(self, x, t, s, y=None, w=1.0, steps=200):
-        """The exact solution map f(x, t, s) of Eq. (5): RK4 on the ODE of Eq. (2) in float64. t, s: floats or (B,);
-        w: a float or a function of t (B,) -> (B,) for a time-dependent strength (the decayed guidance)."""
+        """The exact solution map f(x, t, s) of Eq. 5: RK4 on the ODE of Eq. 2 in float64.
+
+        t, s: floats or (B,). w: a float, or a function of t (B,) -> (B,) for the decayed guidance.
+        """
         x = x.double()
         t, s = (torch.as_tensor(z, dtype=torch.float64).expand(x.shape[0]) for z in (t, s))
         strength = w if callable(w) else (lambda tau: w)
 
-        def rate(z, u):                                                       # dz/du with tau = t + (s - t) u
+        def rate(z, u):                                                       # dz/du, tau = t + (s - t) u
             tau = t + (s - t) * u
             return (s - t)[:, None] * self.velocity(z, tau, y, strength(tau))
         h = 1.0 / steps
@@ -1388,9 +1370,10 @@ class GaussianMixture:
 
 # ----- Demo: SoFlow against flow matching on the 2D mixture -----
 def train_toy(toy, cfg, steps=1500, batch=512, lr=1e-3, seed=0, net=None, progress=False):
-    """Train an MLP with Algorithm 1 on toy data (labels used when the config guides); returns the network."""
+    """Train an MLP with Algorithm 1 on toy data (with labels if the config guides); returns the network."""
     torch.manual_seed(seed)
-    net = net if net is not None else MLP(hidden=128, depth=3, num_classes=toy.num_classes if cfg.w != 1 else 0)
+    if net is None:
+        net = MLP(hidden=128, depth=3, num_classes=toy.num_classes if cfg.w != 1 else 0)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for k in trange(steps, desc=f"lam={cfg.lam}", leave=False, disable=not progress):
         x0, y = toy.sample(batch)
@@ -1415,11 +1398,11 @@ def main():
     args = parser.parse_args()
     toy = GaussianMixture.ring()
     cfg = PRESETS["toy"]
-    fm_cfg = replace(cfg, lam=1.0)                                       # lam = 1: flow matching only
+    fm_cfg = replace(cfg, lam=1.0)                                        # lam = 1: flow matching only
     start = time.time()
     soflow = train_toy(toy, cfg, args.steps, seed=args.seed, progress=True)
     fm = train_toy(toy, fm_cfg, args.steps, seed=args.seed, progress=True)
-    print(f"trained SoFlow and flow matching for {args.steps} steps each in {time.time() - start:.0f} s")
+    print(f"trained SoFlow and flow matching, {args.steps} steps each, in {time.time() - start:.0f} s")
     x1 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
     x0_exact = toy.solution(x1, 1.0, 0.0)
     print("mean squared distance to the exact solution map f(x_1, 1, 0), 4096 noise samples:")
@@ -1430,22 +1413,22 @@ def main():
         samplers[f"flow matching, Euler NFE={k}"] = partial(sample_euler, fm, cfg=fm_cfg, steps=k)
     for name, sampler in samplers.items():
         print(f"  {name:<36} {map_error(x1, x0_exact, sampler):.4f}")
-    # Figure: one-step samples over the data; learned trajectories s -> f_theta(x_1, 1, s) over the exact ones.
-    import matplotlib.pyplot as plt        # with no display, matplotlib falls back to its Agg backend
+    # Figure: one-step samples over the data; learned paths s -> f_theta(x_1, 1, s) over the exact ones.
+    import matplotlib.pyplot as plt  # with no display, matplotlib falls back to its Agg backend
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5.5), layout="tight")
     ax0.scatter(*toy.sample(2000)[0].T, s=2, c="0.6", label="data")
     ax0.scatter(*sample(soflow, x1[:2000], cfg=cfg).T, s=2, c="C1", label="SoFlow, one step")
     x = x1[:40]
     grid = torch.linspace(1, 0, 41).tolist()
     ones = torch.ones(len(x))
-    learned = torch.stack([solution(soflow, x, ones, s * ones, cfg=cfg).detach() for s in grid])   # (41, 40, 2)
+    learned = torch.stack([solution(soflow, x, ones, s * ones, cfg=cfg).detach() for s in grid])
     exact = [x]
-    for t, s in zip(grid[:-1], grid[1:]):                                 # one pass that records its states
+    for t, s in zip(grid[:-1], grid[1:]):  # one pass that records its states
         exact.append(toy.solution(exact[-1], t, s, steps=5))
     exact = torch.stack(exact)                                               # (41, 40, 2)
     ax1.plot(*exact.permute(2, 0, 1), c="k", lw=1)
     ax1.plot(*learned.permute(2, 0, 1), c="C1", lw=1, ls="--")
-    ax1.scatter(*exact[-1].T, c="k", s=8)                                    # where the exact paths end: data
+    ax1.scatter(*exact[-1].T, c="k", s=8)  # where the exact paths end: data
     ax0.legend(loc="upper right", markerscale=5)
     ax0.set(title="one-step samples")
     ax1.set(title="f(x_1, 1, s), s from 1 to 0: exact (black), learned (orange)")
