@@ -404,13 +404,14 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
 
 # ----- Sampling -----
 @torch.no_grad()
-def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"):
+def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain", eps=None):
     """Generate from noise x1, one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0).
 
     cfg: the SoFlowConfig the network was trained with. times: a decreasing grid t_0 > ... > t_N
     (default: `steps` equal steps from 1 to 0). "chain": x <- f_theta(x, t_i, t_{i+1}).
-    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps,
-    fresh noise eps each step. No guidance here: it was learned (Sec. 4.3).
+    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps_i,
+    with fresh noise eps_i at each step: eps[i] if given (N - 1 tensors like x1), else drawn.
+    No guidance here: it was learned (Sec. 4.3).
     """
     if times is None:
         times = torch.linspace(1, 0, steps + 1)
@@ -421,14 +422,18 @@ def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"
         raise ValueError(f"unknown sampling mode {mode!r}; use 'chain' or 'renoise'")
     schedule = SCHEDULES[cfg.schedule]
     x = x1
-    for t_i, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
+    for i, (t_i, t_next) in enumerate(zip(times[:-1].tolist(), times[1:].tolist())):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
         if mode == "chain":
             x = solution(net, x, t, torch.full_like(t, t_next), y, cond, cfg=cfg)
             continue
         x0_hat = solution(net, x, t, torch.zeros_like(t), y, cond, cfg=cfg)
+        if eps is None:
+            noise = torch.randn_like(x)
+        else:                                   # beta(0) = 0: the step to t = 0 adds no noise
+            noise = eps[i] if t_next > 0 else torch.zeros_like(x)
         s = torch.full_like(t, t_next)
-        x = per_sample(schedule.alpha(s), x) * x0_hat + per_sample(schedule.beta(s), x) * torch.randn_like(x)
+        x = per_sample(schedule.alpha(s), x) * x0_hat + per_sample(schedule.beta(s), x) * noise
     return x
 
 
@@ -898,7 +903,10 @@ def check_state_dict(net, sd, source):
 
 
 def load_network(path, use_ema=True, map_location="cpu"):
-    """A network in eval mode from our checkpoint or a released SoFlow DiT or U-Net; use_ema: EMA weights."""
+    """A network in eval mode from our checkpoint or a released SoFlow DiT or U-Net; use_ema: EMA weights.
+
+    net.soflow_config is the SoFlowConfig it was trained with (ours), or None (released files store none).
+    """
     try:  # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
@@ -934,6 +942,7 @@ def load_network(path, use_ema=True, map_location="cpu"):
         net = cls(**kwargs)
     check_state_dict(net, sd, path)
     net.load_state_dict(sd, assign=True)    # assign keeps pos_embed's requires_grad=False
+    net.soflow_config = SoFlowConfig(**ckpt["config"]) if ours and "config" in ckpt else None
     return net.eval()
 
 

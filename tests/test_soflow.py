@@ -440,3 +440,29 @@ def test_demo_command(tmp_path):
     assert len(errors) == 7 and all(math.isfinite(e) for e in errors.values())
     assert errors["SoFlow, NFE=1"] < errors["flow matching, Euler NFE=1"] / 3, errors
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_renoise_sampler_takes_given_noise(toy):
+    """eps[i] replaces the fresh noise of step i: the same noise gives the same samples, without the global RNG."""
+    net, x1, times = Oracle(toy), torch.randn(8, 2, dtype=torch.float64), [1.0, 0.6, 0.3, 0.0]
+    eps = torch.randn(2, 8, 2, dtype=torch.float64)
+    torch.manual_seed(5)
+    expected = soflow.sample(net, x1, times=times, mode="renoise", cfg=config())
+    torch.manual_seed(5)
+    drawn = [torch.randn_like(x1) for _ in range(2)]
+    assert not torch.allclose(expected, soflow.sample(net, x1, times=times, mode="renoise", cfg=config(), eps=eps))
+    state = torch.get_rng_state()
+    got = soflow.sample(net, x1, times=times, mode="renoise", cfg=config(), eps=torch.stack(drawn))
+    assert torch.equal(torch.get_rng_state(), state)                         # no draw from the global RNG
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_config_is_validated_with_the_valid_choices():
+    for field, value in [("schedule", "cosine"), ("param", "sigmoid"), ("decay", "step")]:
+        with pytest.raises(ValueError, match=f"unknown {field} '{value}'; choose one of"):
+            config(**{field: value})
+    for field, value in [("lam", 1.5), ("lam", -0.1), ("m", 2.0), ("drop", -1.0), ("p", -0.5), ("eps", -1e-3),
+                         ("decay_t", 1.0)]:
+        with pytest.raises(ValueError, match=f"{field} = {value} is outside"):
+            config(**{field: value})
+    assert config(lam=0.0, p=0.0, eps=0.0).lam == 0.0                        # the edges are allowed

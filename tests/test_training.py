@@ -99,6 +99,10 @@ def test_stopped_and_resumed_run_ends_where_a_straight_run_ends(tmp_path):
     assert ckpt["step"] == 6 and ckpt["arch"] == "MLP" and ckpt["config"] == asdict(CFG)
     log = (tmp_path / "resumed" / "log.txt").read_text()
     assert "resuming at step 3 of 6" in log
+    # load_network rebuilds the EMA network and the config it was trained with.
+    net = soflow.load_network(tmp_path / "resumed" / "checkpoints" / "0000006.pt")
+    assert net.soflow_config == CFG and not net.training
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
 
 
 def test_a_run_folder_with_another_configuration_is_refused(tmp_path):
