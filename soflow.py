@@ -89,7 +89,8 @@ def interpolate(schedule_name, x0, x1, t):
 
 
 # ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) -----
-# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) for any network.
+# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) for any network;
+# the second condition, learned by the consistency loss, then makes f_theta the true f (Eq. 7-8).
 # da_ds(t), db_ds(t): the derivatives of a(t, s), b(t, s) in s at s = t, the paper's d_2 a(t, t) and
 # d_2 b(t, t). By Eq. 9 the velocity is v = d_3 f(x, t, t), which gives Eq. 10.
 class EulerParam:
@@ -165,6 +166,7 @@ def consistency_times(n, r, cfg, device=None):
 # ----- The flow matching loss (Eq. 11-12) -----
 def fm_loss(v_pred, v_target, t, cfg):
     """Per-sample L_FM: the squared error of v_theta (Eq. 11) weighted by Eq. 12; (loss, mse, weight).
+    Eq. 11 is the flow matching loss of Eq. 3 in the conditional form of Eq. 4, at s = t.
 
     v_pred: v_theta(x_t, t) (Eq. 10), with gradient.
     v_target: alpha'_t x_0 + beta'_t x_1, or its guided mix (Eq. 19).
