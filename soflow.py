@@ -20,7 +20,7 @@ import signal
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Optional
 
 import numpy as np
@@ -1046,6 +1046,12 @@ def gather_objects(obj, world_size):
     return objects
 
 
+@lru_cache(maxsize=2)
+def epoch_order(num_examples, seed, epoch):
+    """The shuffled order of the dataset's rows in one epoch (kept for the next steps: it is not cheap)."""
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def global_batch_indices(step, global_batch_size, num_examples, seed):
     """Dataset rows of global batch `step` in an endless run of epochs, each shuffled by (seed, epoch).
 
@@ -1055,9 +1061,8 @@ def global_batch_indices(step, global_batch_size, num_examples, seed):
     epochs = positions // num_examples
     indices = torch.empty_like(positions)
     for epoch in epochs.unique().tolist():
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         at = epochs == epoch
-        indices[at] = order[positions[at] % num_examples]
+        indices[at] = epoch_order(num_examples, seed, epoch)[positions[at] % num_examples]
     return indices
 
 
