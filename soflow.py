@@ -1,13 +1,14 @@
 """SoFlow: Solution Flow Models for one-step generative modeling (Luo, Yuan, Liu; arXiv 2512.15657).
 
 One file, read top to bottom in the paper's order: conventions -> noising schedules (Sec. 3) ->
-parameterizations, the learned solution and velocity (Sec. 4.2, Eq. 6-10) -> time sampling and r(k, K)
-(Eq. 16, App. A) -> the flow matching loss (Eq. 11-12) -> the solution consistency loss (Eq. 13-15) ->
-classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -> hyperparameters and presets (App. A) ->
-Algorithm 1 -> sampling -> networks (MLP, DiT, U-Net) -> checkpoints and EMA -> training (used by
-train_cifar.py and train_imagenet.py) -> a 2D toy with an exact solution map -> the demo.
+parameterizations, the learned solution and velocity (Sec. 4.2, Eq. 6-10) -> time sampling and
+r(k, K) (Eq. 16, App. A) -> the flow matching loss (Eq. 11-12) -> the solution consistency loss
+(Eq. 13-15) -> classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -> hyperparameters
+and presets (App. A) -> Algorithm 1 -> sampling -> networks (MLP, DiT, U-Net) -> checkpoints and
+EMA -> training (used by train_cifar.py and train_imagenet.py) -> a 2D toy with an exact solution
+map -> the demo.
 
-    python soflow.py      # trains a small MLP on a 2D toy on the CPU, compares it with flow matching
+    python soflow.py      # trains a small MLP on a 2D toy on the CPU; compares it with flow matching
 """
 import argparse
 import contextlib
@@ -81,15 +82,15 @@ SCHEDULES = {"linear": LinearSchedule(), "triangular": TriangularSchedule()}
 
 
 def interpolate(schedule_name, x0, x1, t):
-    """x_t, and v_t = alpha'_t x_0 + beta'_t x_1, which stands in for v(x_t, t) in training (Eq. 4)."""
+    """x_t, and v_t = alpha'_t x_0 + beta'_t x_1, which stands in for v(x_t, t) (Eq. 4)."""
     schedule = SCHEDULES[schedule_name]
     x_t = per_sample(schedule.alpha(t), x0) * x0 + per_sample(schedule.beta(t), x0) * x1
     v_t = per_sample(schedule.d_alpha(t), x0) * x0 + per_sample(schedule.d_beta(t), x0) * x1
     return x_t, v_t
 
 
-# ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) -----
-# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) for any network;
+# ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta -----
+# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) for any net;
 # the second condition, learned by the consistency loss, then makes f_theta the true f (Eq. 7-8).
 # da_ds(t), db_ds(t): the derivatives of a(t, s), b(t, s) in s at s = t, the paper's d_2 a(t, t) and
 # d_2 b(t, t). By Eq. 9 the velocity is v = d_3 f(x, t, t), which gives Eq. 10.
@@ -165,7 +166,7 @@ def consistency_times(n, r, cfg, device=None):
 
 # ----- The flow matching loss (Eq. 11-12) -----
 def fm_loss(v_pred, v_target, t, cfg):
-    """Per-sample L_FM: the squared error of v_theta (Eq. 11) weighted by Eq. 12; (loss, mse, weight).
+    """Per-sample L_FM: v_theta's squared error (Eq. 11) weighted by Eq. 12; (loss, mse, weight).
     Eq. 11 is the flow matching loss of Eq. 3 in the conditional form of Eq. 4, at s = t.
 
     v_pred: v_theta(x_t, t) (Eq. 10), with gradient.
@@ -179,14 +180,15 @@ def fm_loss(v_pred, v_target, t, cfg):
 
 # ----- The solution consistency loss (Eq. 13-15) -----
 def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, cfg, F_t=None):
-    """Per-sample L_SCM (Eq. 14) weighted by Eq. 15, in gradient form; (loss, mse, weight), each (B,).
+    """Per-sample L_SCM (Eq. 14) weighted by Eq. 15, in gradient form; (loss, mse, weight), (B,) each.
 
     v: the velocity that moves x_t to time l (v_t, or its mix, Eq. 19). F_t: F_theta(x_t, t, s) with
     gradient if already computed (only without dropout). mse: the MSE of Eq. 15 over (t - l)^2.
-    The loss sign(b(t, s)) <F_theta(x_t, t, s), stopgrad(w dq)> / D, dq = (f_t - f_l) / (t - l), has half
-    the gradient of Eq. 14 weighted by Eq. 15, and never divides by (t - l) |b(t, s)|, which can be tiny.
+    The loss sign(b(t, s)) <F_theta(x_t, t, s), stopgrad(w dq)> / D, dq = (f_t - f_l) / (t - l),
+    has half the gradient of Eq. 14 weighted by Eq. 15 and never divides by (t - l) |b(t, s)|,
+    which can be tiny.
     """
-    # Deviation: the released code trains with this gradient form: L_SCM enters at half the paper's scale.
+    # Deviation: the released code trains with this gradient form: L_SCM enters at half Eq. 14's scale.
     x_l = x_t + per_sample(l - t, x_t) * v                           # the step of Eq. (14)
     # The target pass replays the random state the student pass starts from: the same dropout masks.
     devices = [x_t.device] if x_t.is_cuda else []
@@ -211,9 +213,9 @@ def guidance_decay(t, cfg):
     """g(t): 1 for t <= decay_t, falling to 0 at t = 1: guidance fades out at high noise (App. A).
 
     "exp": the released code's smooth curve, with which its checkpoints were trained (the default);
-    "linear": a straight line over (decay_t, 1]. Both scale w - 1, so the strength falls to 1, not 0.
+    "linear": a straight line over (decay_t, 1]. Both scale w - 1: the strength falls to 1, not 0.
     """
-    # Deviation: App. A says the strength decays linearly "to 0"; as in the released code, it ends at 1.
+    # Deviation: App. A says the strength decays linearly "to 0"; as the released code, it ends at 1.
     d = (1 - t) / (1 - cfg.decay_t)
     if cfg.decay == "linear":
         return d.clamp(0, 1)
@@ -234,7 +236,7 @@ def guided_target(v_t, v_uncond, t, cfg):
 
 
 def mix_velocity(v_cfg, v_guided, m):
-    """v_mix = m v_cfg + (1 - m) v_guided (Eq. 19), m (B,): the model's own v_guided lowers the variance."""
+    """v_mix = m v_cfg + (1 - m) v_guided (Eq. 19), m (B,): the model's own v_guided lowers variance."""
     return per_sample(m, v_cfg) * v_cfg + (1 - per_sample(m, v_cfg)) * v_guided
 
 
@@ -244,11 +246,11 @@ def drop_labels(y, keep, num_classes):
 
 
 def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, cfg):
-    """(v_cfg (B, ...), m (B,), v_guided): the guided target of each row (Eq. 18), its mix ratio, and the
-    model's guided velocity on the consistency rows. Dropped rows keep v_t with m = 1.
+    """(v_cfg (B, ...), m (B,), v_guided): the guided target of each row (Eq. 18), its mix ratio,
+    and the model's guided velocity on the consistency rows. Dropped rows keep v_t with m = 1.
 
-    One no-grad pass computes v_uncond (null label) for every row and, if m < 1, v_guided (label kept)
-    for the consistency rows; on the flow matching rows v_guided is the student pass's own prediction.
+    One no-grad pass computes v_uncond (null label) for every row and, if m < 1, v_guided (label
+    kept) for the consistency rows; on the flow matching rows v_guided is the student's own output.
     """
     if y is None or cfg.w == 1:  # no guidance: Eq. (19) gives v_t
         return v_t, torch.ones_like(t), v_t[n_fm:]
@@ -263,7 +265,7 @@ def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, cfg):
         v_pred = velocity(net, x_in, t_in, y_in, cond_in, cfg=cfg)  # (B [+ B - n_fm], ...)
     v_uncond = v_pred[:len(x_t)]
     v_guided = v_pred[len(x_t):] if cfg.m < 1 else v_t[n_fm:]       # with m = 1 its weight is 0
-    v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, cfg), v_t)  # Eq. (18)
+    v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, cfg), v_t)    # Eq. (18)
     m = torch.where(keep, cfg.m, 1.0).to(t.dtype)
     return v_cfg, m, v_guided
 
@@ -293,7 +295,8 @@ class SoFlowConfig:
     decay: str = "exp"             # "exp" (released code), "linear" or "none": see guidance_decay
 
     def __post_init__(self):
-        choices = dict(schedule=SCHEDULES, param=PARAMETERIZATIONS, r_schedule=R_SCHEDULES, decay=DECAYS)
+        choices = dict(schedule=SCHEDULES, param=PARAMETERIZATIONS, r_schedule=R_SCHEDULES,
+                       decay=DECAYS)
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"SoFlowConfig: unknown {name} {getattr(self, name)!r}; "
@@ -302,7 +305,8 @@ class SoFlowConfig:
                       eps=(0, math.inf))
         for name, (low, high) in ranges.items():
             if not low <= getattr(self, name) <= high:
-                raise ValueError(f"SoFlowConfig: {name} = {getattr(self, name)} is outside [{low}, {high}]")
+                value = getattr(self, name)
+                raise ValueError(f"SoFlowConfig: {name} = {value} is outside [{low}, {high}]")
 
 
 PRESETS = {
@@ -310,21 +314,23 @@ PRESETS = {
     # The paper's App. A, where it differs from the released ImageNet configuration.
     "imagenet-paper": SoFlowConfig(s_mu=-0.2, r_end=1 / 320, decay="linear"),
     # Released CIFAR-10 (unconditional, no CFG): consistency loss only, r starting at 1.
-    "cifar10": SoFlowConfig(lam=0.0, p=0.75, eps=1e-3, fm_mu=-0.9, fm_sd=1.6, t_mu=-0.9, t_sd=1.6,
-                            s_mu=-4.0, s_sd=1.6, r_init=1.0, r_end=0.0003125, w=1.0, m=1.0, drop=0.0),
+    "cifar10": SoFlowConfig(lam=0.0, p=0.75, eps=1e-3, fm_mu=-0.9, fm_sd=1.6, t_mu=-0.9,
+                            t_sd=1.6, s_mu=-4.0, s_sd=1.6, r_init=1.0, r_end=0.0003125,
+                            w=1.0, m=1.0, drop=0.0),
     # The paper's CIFAR-10 values; it gives no eps, so the released one is kept.
-    "cifar10-paper": SoFlowConfig(lam=0.25, p=0.5, eps=1e-3, fm_mu=-0.4, fm_sd=1.7, t_mu=-0.6, t_sd=1.5,
-                                  s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500, w=1.0, m=1.0, drop=0.0),
+    "cifar10-paper": SoFlowConfig(lam=0.25, p=0.5, eps=1e-3, fm_mu=-0.4, fm_sd=1.7, t_mu=-0.6,
+                                  t_sd=1.5, s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500,
+                                  w=1.0, m=1.0, drop=0.0),
     # 2D toys (demo, notebook, tests): short runs.
-    "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0, s_mu=-1.0,
-                        s_sd=1.0, r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
+    "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0,
+                        s_mu=-1.0, s_sd=1.0, r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
 }
 
 
 # ----- Algorithm 1 -----
 @dataclass
 class Draws:
-    """Everything Algorithm 1 draws at random for one batch: noise, times and which labels are kept."""
+    """What Algorithm 1 draws at random for one batch: noise, times and which labels are kept."""
     x1: torch.Tensor                       # (B, ...) noise
     t_fm: torch.Tensor                     # (n_fm,) flow matching times
     t: torch.Tensor                        # (B - n_fm,) consistency times, s <= l < t
@@ -352,17 +358,18 @@ def rows(z, part):
 def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=None):
     """Algorithm 1: L = (n_fm / B) L_FM + (1 - n_fm / B) L_SCM, and detached diagnostics.
 
-    x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) or None. net may be wrapped (DDP, compile).
-    Network calls: one no-grad pass for CFG, the consistency target pass, and one student pass over the
-    batch (one per loss under active dropout: the target pass must replay the student's masks).
+    x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) or None; net may be wrapped (DDP,
+    torch.compile). Network calls: one no-grad pass for CFG, the consistency target pass, and one
+    student pass over the batch (one per loss under active dropout: the target pass must replay the
+    student's masks).
     """
     bare = unwrap(net)
     if y is not None and bare.num_classes == 0:
-        raise ValueError("labels y were given to an unconditional network: build it with num_classes > 0")
+        raise ValueError("labels y were given to an unconditional network: build it with num_classes")
     if y is not None and cfg.w != 1 and cfg.drop <= 0:
         raise ValueError(f"CFG with w={cfg.w} needs label dropping (drop > 0): the null label's "
                          "velocity, which guidance subtracts, would never be trained")
-    # Sample t_FM, t_SCM, l_SCM, s_SCM (Sec. 4.2) and the label drops; the first n_fm rows go to L_FM.
+    # Sample t_FM, t_SCM, l_SCM, s_SCM (Sec. 4.2) and the label drops; the first n_fm rows: L_FM.
     r = r_schedule(step, total_steps, cfg)
     d = draws if draws is not None else draw(x0, cfg, r, labelled=y is not None)
     B = x0.shape[0]
@@ -377,7 +384,8 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
         y = drop_labels(y, d.keep, bare.num_classes)
     v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, cfg)
     # The student pass F_theta(x_t, t, s), with gradient.
-    dropout = any(isinstance(mod, nn.Dropout) and mod.p > 0 and mod.training for mod in bare.modules())
+    dropouts = [mod for mod in bare.modules() if isinstance(mod, nn.Dropout)]
+    dropout = any(mod.p > 0 and mod.training for mod in dropouts)
     if dropout:    # the consistency rows get their own pass in scm_loss, after the target pass
         F_fm = net(x_t[fm], t[fm], s[fm], rows(y, fm), rows(cond, fm)) if n_fm > 0 else None
         F_scm = None
@@ -419,7 +427,7 @@ def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"
         times = torch.linspace(1, 0, steps + 1)
     times = torch.as_tensor(times, dtype=torch.float32)
     if times.dim() != 1 or len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
-        raise ValueError(f"times must be a strictly decreasing grid of 2 points or more: {times.tolist()}")
+        raise ValueError(f"times must decrease strictly, 2 points or more: {times.tolist()}")
     if mode not in ("chain", "renoise"):
         raise ValueError(f"unknown sampling mode {mode!r}; use 'chain' or 'renoise'")
     schedule = SCHEDULES[cfg.schedule]
@@ -441,7 +449,7 @@ def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"
 
 @torch.no_grad()
 def sample_euler(net, x1, y=None, cond=None, *, cfg, steps=50):
-    """Flow matching's sampler, the baseline: Euler steps of the ODE of Eq. 2 along v_theta (Eq. 10)."""
+    """Flow matching's sampler, the baseline: Euler steps of the ODE (Eq. 2) along v_theta (Eq. 10)."""
     x = x1
     times = torch.linspace(1, 0, steps + 1).tolist()
     for t_i, t_next in zip(times[:-1], times[1:]):
@@ -451,11 +459,13 @@ def sample_euler(net, x1, y=None, cond=None, *, cfg, steps=50):
 
 
 # ----- Networks: each computes F_theta(x, t, s, y=None, cond=None) -----
-# Times enter as t and the gap t - s, each with its own embedder. init_kwargs lets a checkpoint rebuild one.
+# Times enter as t and the gap t - s, each with its own embedder; init_kwargs lets a checkpoint
+# rebuild the network.
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal features of t in [0, 1], (B,) -> (B, dim): cosines, then sines."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    steps = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
     args = t[:, None].float() * freqs[None]                                   # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 

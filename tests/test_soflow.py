@@ -313,7 +313,7 @@ def test_renoise_sampler_follows_its_definition(toy):
 
 def test_sampling_rejects_bad_grids():
     net = random_mlp(torch.float32)
-    with pytest.raises(ValueError, match="strictly decreasing"):
+    with pytest.raises(ValueError, match="times must decrease strictly"):
         soflow.sample(net, torch.randn(2, 2), times=[0.0, 1.0], cfg=config())
     with pytest.raises(ValueError, match="unknown sampling mode"):
         soflow.sample(net, torch.randn(2, 2), mode="ddim", cfg=config())
