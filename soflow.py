@@ -743,8 +743,9 @@ class ResampleConv(nn.Conv2d):
     """EDM's Conv2d: resample first when mode is "down" or "up" (the filter is a buffer), then convolve."""
     def __init__(self, in_channels, out_channels, kernel, mode=None, resample_filter=(1, 3, 3, 1)):
         super().__init__(in_channels, out_channels, kernel, padding=kernel // 2)
-        self.mode, f = mode, torch.tensor(resample_filter, dtype=torch.float32)
+        self.mode = mode
         if mode:    # outer(f, f) / sum(f)^2: (1, 1, k, k)
+            f = torch.tensor(resample_filter, dtype=torch.float32)
             self.register_buffer("resample_filter", torch.outer(f, f)[None, None] / f.sum() ** 2)
 
     def forward(self, x):
@@ -756,17 +757,20 @@ class UNetBlock(nn.Module):
     def __init__(self, in_channels, out_channels, emb_channels, mode=None, attention=False, dropout=0.0,
                  resample_filter=(1, 3, 3, 1)):
         super().__init__()
-        self.attention, C = attention, out_channels
+        self.attention = attention
+        C = out_channels
         self.norm0 = group_norm(in_channels)
         self.conv0 = xavier(ResampleConv(in_channels, C, 3, mode, resample_filter))
         self.affine = xavier(nn.Linear(emb_channels, C))
-        self.norm1, self.dropout = group_norm(C), nn.Dropout(dropout)
+        self.norm1 = group_norm(C)
+        self.dropout = nn.Dropout(dropout)
         self.conv1 = xavier(nn.Conv2d(C, C, 3, padding=1), gain=1e-5)  # the block starts ~ its skip
         self.skip = None
         if in_channels != C or mode:
             self.skip = xavier(ResampleConv(in_channels, C, 1, mode, resample_filter))
         if attention:
-            self.norm2, self.qkv = group_norm(C), xavier(nn.Conv2d(C, 3 * C, 1), gain=math.sqrt(0.2))
+            self.norm2 = group_norm(C)
+            self.qkv = xavier(nn.Conv2d(C, 3 * C, 1), gain=math.sqrt(0.2))
             self.proj = xavier(nn.Conv2d(C, C, 1), gain=1e-5)
 
     def forward(self, x, emb):
@@ -784,7 +788,7 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """F_theta(x_t, t, s, y, cond) on pixels: EDM's DDPM++ U-Net on the times t and t - s. Defaults: CIFAR-10.
+    """F_theta(x_t, t, s, y, cond) on pixels: EDM's DDPM++ U-Net on the times t and t - s (CIFAR-10).
     cond: EDM's augmentation labels (B, augment_dim); None is no augmentation, the same as zeros."""
     def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
                  num_blocks=4, attn_resolutions=(16,), dropout=0.3, channel_mult_noise=2, num_classes=0,
@@ -792,14 +796,17 @@ class UNet(nn.Module):
         super().__init__()
         self.init_kwargs = constructor_args(locals())
         # Each time gets channel_mult_noise * model_channels features (EDM's DDPM++: 1; the released: 2).
-        self.num_classes, self.noise_channels = num_classes, channel_mult_noise * model_channels
-        noise, emb = 2 * self.noise_channels, 4 * model_channels  # EDM: channel_mult_emb = 4
+        self.num_classes = num_classes
+        self.noise_channels = channel_mult_noise * model_channels
+        noise = 2 * self.noise_channels                                       # [emb(t), emb(t - s)]
+        emb = 4 * model_channels                                              # EDM: channel_mult_emb = 4
         # Optional labels (CFG; row num_classes is null), added to the time features: N(0, 1) rows.
         self.map_label = nn.Embedding(num_classes + 1, noise) if num_classes > 0 else None
         self.map_augment = nn.Linear(augment_dim, noise, bias=False) if augment_dim > 0 else None
         if self.map_augment is not None:
             nn.init.xavier_uniform_(self.map_augment.weight)
-        self.map_layer0, self.map_layer1 = xavier(nn.Linear(noise, emb)), xavier(nn.Linear(emb, emb))
+        self.map_layer0 = xavier(nn.Linear(noise, emb))
+        self.map_layer1 = xavier(nn.Linear(emb, emb))
         block = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, dropout=dropout,  # noqa: E731
                                                   resample_filter=resample_filter, **kw)
         # Encoder: a 3x3 conv, then per resolution a downsampling block (below the top) and num_blocks blocks.
