@@ -466,3 +466,20 @@ def test_config_is_validated_with_the_valid_choices():
         with pytest.raises(ValueError, match=f"{field} = {value} is outside"):
             config(**{field: value})
     assert config(lam=0.0, p=0.0, eps=0.0).lam == 0.0                        # the edges are allowed
+
+
+def test_released_constants_by_value():
+    """Values fixed by the released code, each against its definition: the smooth decay's 0.025, l on the
+    segment from t towards s (Eq. 16), and the flow matching share int(lambda B), rounded down."""
+    t = torch.tensor([0.9, 0.95, 0.5], dtype=torch.float64)
+    d = (1 - t) / (1 - 0.8)
+    expected = torch.where(t > 0.8, 1 - torch.exp(-0.025 * d / (1 - d)), torch.ones_like(t))
+    torch.testing.assert_close(soflow.guidance_decay(t, config()), expected, rtol=1e-12, atol=0)
+    torch.manual_seed(0)
+    t, s, l = soflow.consistency_times(1000, 0.25, config())
+    free = l < t - 1e-4                                                      # where the clamp is not active
+    assert free.float().mean() > 0.5
+    torch.testing.assert_close(l[free], (t + 0.25 * (s - t))[free])          # l = t + (s - t) r
+    for B, lam, n_fm in [(10, 0.75, 7), (7, 0.5, 3), (8, 0.25, 2), (3, 0.99, 2), (5, 1.0, 5), (5, 0.0, 0)]:
+        d = soflow.draw(torch.zeros(B, 2), config(lam=lam), 0.1, labelled=False)
+        assert len(d.t_fm) == n_fm and len(d.t) == B - n_fm, (B, lam)
