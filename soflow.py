@@ -1402,7 +1402,7 @@ class GaussianMixture:
 
 
 # ----- Demo: SoFlow against flow matching on the 2D mixture -----
-def train_toy(toy, cfg, steps=1500, batch=512, lr=1e-3, seed=0, net=None, progress=False):
+def train_toy(toy, cfg, steps=1000, batch=512, lr=1e-3, seed=0, net=None, progress=False):
     """Train an MLP with Algorithm 1 on toy data (with labels if the config guides); returns the network."""
     torch.manual_seed(seed)
     if net is None:
@@ -1425,7 +1425,7 @@ def map_error(x1, x0_exact, fn):
 
 def main():
     parser = argparse.ArgumentParser(description="SoFlow vs flow matching on a 2D Gaussian mixture (CPU).")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps for each model")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps for each model")
     parser.add_argument("--out", default="soflow_toy.png", help="where to save the figure")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
