@@ -2,13 +2,14 @@
 soflow's own functions, MeanFlow's JVP against finite differences, the cost model against the rows the network
 actually sees, the samplers against soflow.sample. No timing is asserted."""
 import json
+import math
 
 import pytest
 import torch
 import torch.nn as nn
 
 import soflow
-from benchmarks import sampling, train_step as ts
+from benchmarks import sampling, train_loop as tl, train_step as ts
 
 # Loading forward-AD decompositions makes torch call its deprecated torch.jit.script.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -152,3 +153,49 @@ def test_samplers_compute_what_they_claim():
         assert torch.equal(x_one, soflow.sample(net, x1, y, cfg=soflow.PRESETS["imagenet"]))
         assert torch.allclose(x_one, x1 - F_out, atol=1e-6)          # Euler parameterization: f(x, 1, 0) = x - F
         assert torch.allclose(x_euler, soflow.sample_euler(net, x1, y, cfg=soflow.PRESETS["imagenet"], steps=3))
+
+
+# ----- The training loop against the bare step -----
+
+def test_train_loop_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "loop.json"
+    rounds, window = 2, 2
+    results = tl.main(["--batch-size", "2", "--window", str(window), "--warmup", "1", "--rounds", str(rounds),
+                       "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["ratio"] == results["ratio"]
+    timed_alone = [row for name, row in data["parts"].items() if name != tl.AFTER]
+    assert len(timed_alone) == 4
+    for row in (data["bare"], data["script"], data["script_own_timer"], *timed_alone):
+        assert len(row["ms_all"]) == rounds and all(math.isfinite(t) and t > 0 for t in row["ms_all"])
+        assert row["ms_min"] <= row["ms_median"] <= row["ms_max"]
+    assert data["parts"][tl.AFTER]["ms_all"] == pytest.approx([s - o for s, o in zip(
+        data["script"]["ms_all"], data["script_own_timer"]["ms_all"])])
+    bare, script = data["bare"]["ms_median"], data["script"]["ms_median"]
+    assert data["ratio"] == pytest.approx(script / bare, rel=1e-12)
+    assert data["overhead_pct"] == pytest.approx((script / bare - 1) * 100, rel=1e-9)
+    assert data["script"]["images_per_s"] == pytest.approx(2e3 / script)
+    assert data["round_ratios"] == pytest.approx([s / b for s, b in zip(data["script"]["ms_all"],
+                                                                        data["bare"]["ms_all"])])
+    assert data["rest_ms"] == pytest.approx(script - bare - sum(p["ms_median"] for p in data["parts"].values()))
+    assert data["config"]["ema_every"] == 16 and data["script_dtype"] == "fp32"
+
+
+def test_train_loop_clock_wraps_global_batch_indices_and_restores_it():
+    original, calls, between = soflow.global_batch_indices, [], []
+    with tl.step_clock(torch.device("cpu"), calls, lambda: between.append(1)):
+        assert soflow.global_batch_indices is not original
+        rows = [soflow.global_batch_indices(k, 4, 10, 0) for k in range(3)]
+    assert soflow.global_batch_indices is original
+    assert len(calls) == len(between) == 3 and all(b <= a for b, a in calls)
+    assert all(torch.equal(r, original(k, 4, 10, 0)) for k, r in enumerate(rows))
+
+
+def test_train_loop_own_timer_reads_only_the_window_and_removes_the_clock(tmp_path):
+    """Records every step (4 images/s of batch 2: 0.5 s a step), then one at step 6 covering 5 and 6: the window
+    3..5 takes steps 3 and 4 only (the record at 6 reaches past it), less the clock's 0.1 s and 0.2 s inside them."""
+    records = [dict(step=k, images_per_s=4.0) for k in (1, 2, 3, 4)] + [dict(step=6, images_per_s=2.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    inside = [0.0, 0.0, 0.1, 0.2, 0.0, 0.0]
+    assert tl.loop_timer(tmp_path, 3, 5, 2, inside) == pytest.approx(((0.5 - 0.1) + (0.5 - 0.2)) / 2)
+    assert tl.loop_timer(tmp_path, 5, 5, 2, inside) is None

@@ -447,3 +447,14 @@ def test_unet_dropout_masks_are_shared_by_student_and_target_passes():
     # A fresh pass on another batch of the same size draws other masks.
     net(torch.randn(4, 3, 16, 16), torch.rand(4), torch.zeros(4))
     assert not same(passes[-1], targets[0])
+
+
+def test_dit_time_features_are_cosines_then_sines():
+    """DiT's timestep embedding (the released checkpoints were trained with it): for frequencies
+    f_i = 10000^(-i / half), i < half, the features of t are [cos(t f), sin(t f)]."""
+    t = torch.tensor([0.0, 0.3, 1.0])
+    half = 128
+    freqs = 10000 ** (-torch.arange(half, dtype=torch.float64) / half)
+    args = t.double()[:, None] * freqs[None]
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+    torch.testing.assert_close(soflow.timestep_embedding(t, 2 * half), expected, atol=1e-5, rtol=0)

@@ -483,3 +483,18 @@ def test_released_constants_by_value():
     for B, lam, n_fm in [(10, 0.75, 7), (7, 0.5, 3), (8, 0.25, 2), (3, 0.99, 2), (5, 1.0, 5), (5, 0.0, 0)]:
         d = soflow.draw(torch.zeros(B, 2), config(lam=lam), 0.1, labelled=False)
         assert len(d.t_fm) == n_fm and len(d.t) == B - n_fm, (B, lam)
+
+
+def test_consistency_times_clamp_at_1e_4():
+    """t below 1e-4 is raised to exactly 1e-4 (the released code's floor), and then s = l = t - 1e-4 = 0."""
+    torch.manual_seed(0)
+    t, s, l = soflow.consistency_times(100, 0.5, config(t_mu=-12.0, t_sd=0.1))  # sigmoid(-12) ~ 6e-6
+    assert torch.all(t == torch.tensor(1e-4)) and torch.all(s <= 0) and torch.allclose(l, t - 1e-4)
+
+
+def test_labels_are_dropped_at_the_configured_rate():
+    torch.manual_seed(0)
+    for drop in (0.1, 0.5):
+        keep = soflow.draw(torch.zeros(20000, 2), config(drop=drop), 0.1, labelled=True).keep
+        assert abs(keep.float().mean().item() - (1 - drop)) < 0.01, drop
+    assert soflow.draw(torch.zeros(8, 2), config(), 0.1, labelled=False).keep is None

@@ -171,3 +171,13 @@ def test_sample_grid_is_written(tmp_path):
     import matplotlib.pyplot as plt
     grid = plt.imread(tmp_path / "samples" / "0000002.png")
     assert grid.shape[:2] == (2 * 4, 2 * 16)             # 32 one-step and 32 two-step images, 16 per row
+
+
+def test_ema_every_k_steps_uses_decay_to_the_k(tmp_path):
+    """--ema-every 2 --ema-decay 0.5: at step 2 the EMA moves once with decay 0.5^2, from the initial weights."""
+    run(tmp_path, "--ema-every", "2", "--ema-decay", "0.5", steps=2)
+    ckpt = checkpoint(tmp_path, 2)
+    initial = toy_net().state_dict()
+    for name, ema in ckpt["ema"].items():
+        expected = 0.25 * initial[name] + 0.75 * ckpt["model"][name]
+        torch.testing.assert_close(ema, expected, rtol=1e-6, atol=1e-7)
