@@ -5,7 +5,7 @@ the released code, a sampler or schedule branch, the batch split, the EMA, the n
 the training loop). The fast tests of its section run against it; a mutant that passes them all survives, and
 names a gap in the suite. Run on demand, not in CI:
 
-    python tests/mutants.py              # every mutant: about 6 min on 2 idle cores
+    python tests/mutants.py              # every mutant: about 10 min on 2 cores
     python tests/mutants.py --only eq16  # the mutants whose name contains eq16
 """
 import argparse
