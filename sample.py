@@ -1,0 +1,234 @@
+"""Generate images with SoFlow from a checkpoint, ours or the authors' (DiT on SD-VAE latents, U-Net on pixels).
+
+    python sample.py --ckpt runs/cifar10/checkpoints/0800000.pt --num-images 64             # a PNG grid
+    torchrun --nproc_per_node=8 sample.py --ckpt XL-2-cond/ckpts/1200000.pt --num-images 50000 --npz \
+        --out samples/xl2-1nfe                                                               # FID-50K files
+
+Image i's class (when drawn at random), its noise x_1 and its re-noising noises (--nfe > 1, --sampler renoise) come
+from a generator seeded by (--seed, i), as in EDM's generate.py: the same seed gives the same images on any number of
+processes (and with any batch size, up to float rounding). Rank 0 gathers the images and writes OUT.png and, with
+--npz, OUT.npz in the ADM evaluator's format: arr_0 uint8 NHWC, arr_1 the labels of a class-conditional model.
+"""
+import argparse
+import gc
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from einops import rearrange
+from tqdm import tqdm
+
+import soflow
+import train_imagenet
+
+# The authors' checkpoints store no SoFlowConfig; these are the configurations they were trained with.
+RELEASED = {"DiT": "imagenet", "UNet": "cifar10"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="One- or few-step SoFlow samples: a PNG grid and an FID-ready .npz.")
+    parser.add_argument("--ckpt", required=True, help="ours (RESULTS_DIR/checkpoints/STEP.pt) or a released one")
+    parser.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA")
+    parser.add_argument("--nfe", type=int, default=1, help="network calls per image")
+    parser.add_argument("--sampler", default="renoise", choices=["renoise", "chain"],
+                        help="renoise: jump to t = 0 and re-noise (released); chain: f(x, t_i, t_{i+1})")
+    parser.add_argument("--class", dest="classes", type=int, nargs="+", default=None, metavar="C",
+                        help="class indices, cycled over the images (default: one drawn at random per image)")
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per process and network call")
+    parser.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded by (seed, i)")
+    parser.add_argument("--out", default=None, help="writes OUT.png (and OUT.npz); default samples/STEM-nfeN-seedS")
+    parser.add_argument("--npz", action="store_true", help="also write OUT.npz for the ADM evaluator")
+    parser.add_argument("--grid", type=int, default=64, help="the first this many images go in the PNG grid")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--vae", default=train_imagenet.VAE_NAME, help="latent models: hub name or local folder")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="bf16: autocast for the network and the VAE; auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    args = parser.parse_args(argv)
+    for name, low in dict(nfe=1, num_images=1, batch_size=1, grid=1, seed=0).items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}")
+    return args
+
+
+def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
+    """(y, x1, eps) for the images `indices`: y (B,) labels or None, x1 (B, *shape), eps renoise_steps x (B, *shape).
+
+    Each image draws from its own generator, in this order: its class (if random), x_1, the re-noising noises.
+    numpy's, seeded by the pair (seed, i): a torch CPU generator keeps only the low 32 bits of its seed, so no
+    injective (seed, i) -> seed map exists for it."""
+    B = len(indices)
+    y = torch.empty(B, dtype=torch.long) if num_classes else None
+    x1, eps = torch.empty(B, *shape), [torch.empty(B, *shape) for _ in range(renoise_steps)]
+    for b, i in enumerate(indices.tolist()):
+        rng = np.random.default_rng([seed, i])
+        if num_classes:
+            y[b] = classes[i % len(classes)] if classes else int(rng.integers(num_classes))
+        x1[b] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+        for e in eps:
+            e[b] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+    return y, x1, eps
+
+
+def gather_to_rank0(obj, rank, world_size):
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere: only rank 0 holds all the images."""
+    if world_size == 1:
+        return [obj]
+    objects = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, objects, dst=0)
+    return objects
+
+
+def write_grid(path, pixels):
+    """(N, H, W, 3) uint8 -> a PNG of ceil(sqrt N) columns, written atomically."""
+    from PIL import Image                   # Pillow comes with matplotlib
+    columns = math.ceil(math.sqrt(len(pixels)))
+    pixels = np.concatenate([pixels, np.zeros((-len(pixels) % columns, *pixels.shape[1:]), np.uint8)])
+    grid = rearrange(pixels, "(r c) h w ch -> (r h) (c w) ch", c=columns)
+    soflow.atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+
+def write_npz(path, arrays):
+    """np.savez(path, **arrays), atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:       # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, **arrays)
+    soflow.atomic_write(path, write)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    rank, world_size, device = soflow.init_distributed()
+    try:
+        return generate(args, rank, world_size, device, started)
+    finally:                                # also on an error: a clean exit for every process
+        if world_size > 1:
+            dist.destroy_process_group()
+            # Garbage left in reference cycles can hold gloo's work objects; freed at interpreter exit, they
+            # abort the process now and then ("terminate called without an active exception"). Free it now.
+            gc.collect()
+
+
+def generate(args, rank, world_size, device, started):
+    """main's work on one process: returns the timings."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    # Outputs: refuse to replace files unless asked (rank 0's view decides for every process).
+    stem = os.path.splitext(os.path.basename(args.ckpt))[0]
+    out = args.out or os.path.join("samples", f"{stem}-nfe{args.nfe}-seed{args.seed}")
+    out = out[:-4] if out.endswith((".png", ".npz")) else out
+    paths = [out + ".png"] + ([out + ".npz"] if args.npz else [])
+    existing = soflow.gather_objects([p for p in paths if os.path.exists(p)], world_size)[0]
+    if existing and not args.overwrite:
+        raise SystemExit(f"sample.py: {' and '.join(existing)} already there: pass --overwrite, or another --out")
+    # Network and config: ours store their SoFlowConfig, the released ones were trained with a known preset.
+    try:
+        net = soflow.load_network(args.ckpt, use_ema=not args.no_ema).to(device)
+    except ValueError as e:
+        raise SystemExit(f"sample.py: {e}") from e
+    arch, kw = type(net).__name__, net.init_kwargs
+    if arch not in RELEASED:
+        raise SystemExit(f"sample.py: {args.ckpt} holds a {arch}; images come from a DiT or a UNet")
+    cfg = net.soflow_config
+    if cfg is None:
+        cfg = soflow.PRESETS[RELEASED[arch]]
+        say(f"{args.ckpt} stores no config: assuming the released PRESETS['{RELEASED[arch]}'] "
+            f"({cfg.schedule} schedule, {cfg.param} parameterization)")
+    # Data kind: a DiT on 4 channels works on SD-VAE latents, everything else on pixels.
+    shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
+    latent = arch == "DiT" and shape[0] == 4
+    vae = None
+    if latent:                              # rank 0 first: it fills the download cache, the others then read it
+        if rank > 0:
+            dist.barrier()
+        vae = train_imagenet.load_vae(args.vae, device)
+        if rank == 0 and world_size > 1:
+            dist.barrier()
+    # Classes: checked against the model's.
+    num_classes = net.num_classes
+    if args.classes and not num_classes:
+        raise SystemExit("sample.py: this model is unconditional (no classes): drop --class")
+    if bad := [c for c in args.classes or [] if not 0 <= c < num_classes]:
+        raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to {num_classes - 1}")
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    model = torch.compile(net) if args.compile else net
+    renoise_steps = args.nfe - 1 if args.sampler == "renoise" else 0
+    run = dict(cfg=cfg, steps=args.nfe, mode=args.sampler)
+    say(f"{arch}({', '.join(f'{k}={v}' for k, v in kw.items())}) on {'latents' if latent else 'pixels'} "
+        f"{shape}; {args.num_images} images, {args.nfe} NFE ({args.sampler}), {world_size} process(es), "
+        f"{'bf16' if bf16 else 'fp32'}{', compiled' if args.compile else ''}")
+    # Image indices: EDM's split into a multiple of world_size batches; rank r takes batches r, r + W, ...
+    num_batches = math.ceil(args.num_images / (args.batch_size * world_size)) * world_size
+    batches = torch.arange(args.num_images).tensor_split(num_batches)[rank::world_size]
+
+    def draws(indices):     # drawn on the CPU, then moved: the same noise on any device
+        y, x1, eps = per_image_draws(args.seed, indices, shape, num_classes, args.classes, renoise_steps)
+        return None if y is None else y.to(device), x1.to(device), [e.to(device) for e in eps]
+
+    # Untimed, a batch of each size (EDM's split gives at most two): compiling and first calls stay out of images/s.
+    for indices in {len(b): b for b in batches if len(b)}.values():
+        y, x1, eps = draws(indices)
+        with autocast:
+            soflow.sample(model, x1, y, eps=eps, **run)
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    seconds = dict(noise=0.0, generate=0.0, decode=0.0, convert=0.0, write=0.0)
+    pixels = labels = None
+    if world_size > 1:                      # the clocks start together: no process waits in the first gather
+        dist.barrier()
+    loop_start = clock()
+    for indices in tqdm(batches, desc="sampling", unit="batch", disable=rank > 0 or len(batches) == 1):
+        t0 = clock()
+        y, x1, eps = draws(indices)
+        t1 = clock()
+        with autocast:
+            x0 = soflow.sample(model, x1, y, eps=eps, **run) if len(indices) else x1
+            t2 = clock()
+            x0 = train_imagenet.decode_latents(vae, x0) if latent and len(indices) else x0
+        t3 = clock()
+        # uint8 = clamp(x * 127.5 + 128, 0, 255), NHWC: as the ADM evaluator reads them.
+        batch = soflow.to_uint8(x0.float()).permute(0, 2, 3, 1).cpu().numpy()
+        parts = gather_to_rank0((indices.numpy(), batch, None if y is None else y.cpu().numpy()), rank, world_size)
+        for idx, part, part_labels in [p for p in parts or [] if len(p[0])]:    # fewer images than processes
+            if pixels is None:
+                pixels = np.empty((args.num_images, *part.shape[1:]), np.uint8)
+                labels = np.empty(args.num_images, np.int64) if num_classes else None
+            pixels[idx] = part
+            if part_labels is not None:
+                labels[idx] = part_labels
+        t4 = clock()
+        for name, dt in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            seconds[name] += dt
+    # Rank 0 writes, atomically; the others wait for it.
+    if rank == 0:
+        t0 = clock()
+        write_grid(paths[0], pixels[:args.grid])
+        if args.npz:
+            write_npz(paths[1], dict(arr_0=pixels, **({"arr_1": labels} if num_classes else {})))
+        seconds["write"] = clock() - t0
+    loop_seconds = clock() - loop_start
+    # Generation alone: the sampler on the process that spent longest in it.
+    generate_seconds = max(s["generate"] for s in soflow.gather_objects(seconds, world_size))
+    stats = dict(images=args.num_images, seconds=seconds, loop_seconds=loop_seconds,
+                 total_seconds=time.perf_counter() - started, generate_images_per_s=args.num_images / generate_seconds,
+                 end_to_end_images_per_s=args.num_images / loop_seconds)
+    say(f"wrote {', '.join(paths)}\n{args.num_images} images in {loop_seconds:.2f} s: "
+        f"{stats['end_to_end_images_per_s']:.2f} images/s end to end, {stats['generate_images_per_s']:.2f} "
+        "generation alone (seconds on rank 0: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
+        + f"; {stats['total_seconds']:.1f} s with loading)")
+    if world_size > 1:
+        dist.barrier()
+    return stats
+
+
+if __name__ == "__main__":
+    main()
