@@ -4,7 +4,6 @@ direct computation, the same images with 1 and 2 processes and two batch sizes, 
 import json
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,9 +15,10 @@ import torch.nn as nn
 
 import sample
 import soflow
-from benchmarks import sampling
 import train_cifar
 import train_imagenet
+from benchmarks import sampling
+from distributed import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,15 +145,6 @@ def test_released_unet_and_chosen_classes(ckpts, tmp_path, capsys):
     assert labels.tolist() == [7, 2, 7, 2, 7]
 
 
-def torchrun(*flags, processes=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(ROOT / "sample.py"), *flags]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
 def assert_same_up_to_rounding(a, b):
     """Batched float kernels round differently for different batch sizes (DiT-T/4: ~4e-7 between batches of 2
     and 8); now and then a pixel on a quantization boundary moves by one level."""
@@ -166,7 +157,7 @@ def test_same_seed_same_images_with_1_or_2_processes_and_any_batch_size(ckpts, t
     flags = ["--ckpt", ckpts.dit, "--vae", ckpts.vae, "--num-images", "7", "--nfe", str(nfe), "--seed", "3"]
     one = run_sample(tmp_path / "one", *flags, "--batch-size", "2")
     # Two processes run the same batches ([0, 1], [2, 3], [4, 5], [6]), two each: the same bits.
-    out = torchrun(*flags, "--batch-size", "2", "--npz", "--out", str(tmp_path / "two")).stdout
+    out = torchrun("sample.py", *flags, "--batch-size", "2", "--npz", "--out", str(tmp_path / "two")).stdout
     assert "2 process(es)" in out and out.count("wrote") == 1                          # rank 0 alone reports
     with np.load(tmp_path / "two.npz") as f:
         assert np.array_equal(one[0], f["arr_0"]) and np.array_equal(one[1], f["arr_1"])

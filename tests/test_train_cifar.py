@@ -1,6 +1,5 @@
 """train_cifar.py end to end on a CIFAR-format folder of a few dozen images: one process in this one, two under
 torchrun (gloo); exact resume, SIGTERM, grids and the errors a user meets first."""
-import os
 import pickle
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import train_cifar
+from distributed import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "UNet-T", "--global-batch-size", "8", "--steps", "4", "--log-every", "1", "--sample-every", "100"]
@@ -40,15 +40,6 @@ def assert_same_run(a, b):
     assert [s["torch"].tolist() for s in a["rng"]] == [s["torch"].tolist() for s in b["rng"]]
 
 
-def torchrun(*flags, processes=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(ROOT / "train_cifar.py"), *flags]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
 def test_one_process_resumes_exactly_with_augmentation_and_micro_batches(data, tmp_path):
     flags = [*TINY, "--data-path", data, "--micro-batch", "4", "--ckpt-every", "2"]
     train_cifar.main([*flags, "--results-dir", str(tmp_path / "straight")])
@@ -63,9 +54,9 @@ def test_one_process_resumes_exactly_with_augmentation_and_micro_batches(data, t
 @pytest.mark.slow
 def test_two_processes_resume_exactly_and_draw_different_noise(data, tmp_path):
     flags = [*TINY, "--data-path", data, "--class-cond", "--sample-every", "4"]
-    torchrun(*flags, "--results-dir", str(tmp_path / "straight"))
-    torchrun(*flags, "--results-dir", str(tmp_path / "resumed"), "--stop-at", "2")
-    torchrun(*flags, "--results-dir", str(tmp_path / "resumed"))
+    torchrun("train_cifar.py", *flags, "--results-dir", str(tmp_path / "straight"))
+    torchrun("train_cifar.py", *flags, "--results-dir", str(tmp_path / "resumed"), "--stop-at", "2")
+    torchrun("train_cifar.py", *flags, "--results-dir", str(tmp_path / "resumed"))
     straight = checkpoint(tmp_path / "straight", 4)
     assert_same_run(straight, checkpoint(tmp_path / "resumed", 4))
     # Every process's random state is saved, and they differ: each draws its own noise and times.
@@ -111,9 +102,7 @@ def test_clear_errors(data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_global_batch_must_divide_into_the_processes(data, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train_cifar.py"), *TINY, "--global-batch-size", "7", "--data-path", data,
-               "--results-dir", str(tmp_path / "r")]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = torchrun("train_cifar.py", *TINY, "--global-batch-size", "7", "--data-path", data,
+                   "--results-dir", str(tmp_path / "r"), check=False)
     assert run.returncode != 0
     assert "--global-batch-size 7 does not divide into 2 processes" in run.stderr + run.stdout
