@@ -141,13 +141,7 @@ def generate(args, rank, world_size, device, started):
     # Data kind: a DiT on 4 channels works on SD-VAE latents, everything else on pixels.
     shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
     latent = arch == "DiT" and shape[0] == 4
-    vae = None
-    if latent:                              # rank 0 first: it fills the download cache, the others then read it
-        if rank > 0:
-            dist.barrier()
-        vae = train_imagenet.load_vae(args.vae, device)
-        if rank == 0 and world_size > 1:
-            dist.barrier()
+    vae = train_imagenet.load_vae(args.vae, device, rank, world_size) if latent else None
     # Classes: checked against the model's.
     num_classes = net.num_classes
     if args.classes and not num_classes:

@@ -13,6 +13,7 @@ map -> the demo.
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -1272,6 +1273,7 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
     log.bar.close()
     if world_size > 1:
         dist.destroy_process_group()
+        gc.collect()  # gloo objects left in reference cycles, freed at exit, can abort the process
     return net, ema
 
 

@@ -1,25 +1,325 @@
-"""Train SoFlow on ImageNet 256 latents (the SD VAE's 4x32x32), class-conditional with CFG, as the paper's headline.
+"""Train SoFlow on ImageNet 256 latents (the SD VAE's 4x32x32), class-conditional with CFG: the paper's headline.
 
     torchrun --nproc_per_node=8 train_imagenet.py prepare --data-path /data/imagenet/train --latents data/in256
-    torchrun --nproc_per_node=8 train_imagenet.py --latents data/in256 --results-dir runs/in256-B4 --model DiT-B/4
+    torchrun --nproc_per_node=8 train_imagenet.py --latents data/in256 --model DiT-B/4 --results-dir runs/in256-B4
+
+`prepare` encodes every image once, as the released pipeline does: ADM's center crop, [-1, 1], the SD VAE's posterior
+mean and std, stored in memory-mapped .npy files with a JSON manifest. Training then draws a fresh latent of each image
+at every step, (mean + std * eps) * 0.18215. The loop, checkpoints and resume are soflow.train's.
 """
+import argparse
+import gc
+import hashlib
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import soflow
 
 # ----- The SD VAE (diffusers, optional: imported only here) -----
 VAE_NAME = "stabilityai/sd-vae-ft-mse"
 VAE_SCALE = 0.18215                       # latents are scaled by this before training, divided by it to decode
 
 
-def load_vae(name_or_path=VAE_NAME, device="cpu"):
-    """The SD VAE (diffusers AutoencoderKL) in eval mode, from the hub name or a local folder."""
+def load_vae(name_or_path=VAE_NAME, device="cpu", rank=0, world_size=1):
+    """The SD VAE (diffusers AutoencoderKL) in eval mode, from a hub name or a local folder.
+
+    Under torchrun rank 0 loads first (it fills the download cache), then the others read the cache."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
         raise SystemExit(f"the SD VAE needs diffusers ({e}): pip install diffusers") from e
-    return AutoencoderKL.from_pretrained(name_or_path).to(device).eval().requires_grad_(False)
+    if rank > 0:
+        dist.barrier()
+    vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
+    if rank == 0 and world_size > 1:
+        dist.barrier()
+    return vae.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def decode_latents(vae, z):
     """(B, 4, H/8, W/8) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
     return vae.decode(z / VAE_SCALE).sample.clamp(-1, 1)
+
+
+# ----- prepare: an ImageNet-style folder -> posterior means and stds of the SD VAE -----
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+ARRAYS = ("mean", "std", "labels")        # DIR/mean.npy, std.npy (N x copies, 4, h, w) and labels.npy (N,)
+
+
+def center_crop_arr(image, size):
+    """ADM's crop (guided-diffusion): halve with a box filter while the short side is >= 2 size, resize it to
+    size with a bicubic filter, take the centre. A PIL image -> (size, size, 3) uint8."""
+    from PIL import Image                 # Pillow comes with matplotlib
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(n // 2 for n in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(n * scale) for n in image.size), resample=Image.BICUBIC)
+    pixels = np.asarray(image.convert("RGB"))
+    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    return pixels[top:top + size, left:left + size]
+
+
+def list_images(root):
+    """(paths, labels, class names): one subfolder per class, classes in sorted order, files sorted."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"--data-path {root} is not a folder: give ImageNet's train/ (one subfolder per class)")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(os.path.join(root, name))):
+            found = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+            paths += [os.path.join(folder, f) for f in found]
+            labels += [label] * len(found)
+    if not paths:
+        raise SystemExit(f"no images in class subfolders of {root}: expected {root}/CLASS/IMAGE.JPEG")
+    return paths, labels, classes
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image i as (i, (3, size, size) uint8, error message); an unreadable file gives zeros and its error."""
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as image:
+                pixels = torch.from_numpy(center_crop_arr(image, self.size).copy()).permute(2, 0, 1)
+            return i, pixels, ""
+        except Exception as e:            # reported at the end and left out of training, never silently
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    soflow.atomic_write(path, write)
+
+
+def check_or_create(out, settings, labels, shape):
+    """Rank 0: a new folder gets the arrays and an incomplete manifest; an existing one must hold the same
+    settings. Returns (error message or '', the manifest)."""
+    path = os.path.join(out, "manifest.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            manifest = json.load(f)
+        changed = [f"  {k}: {manifest['settings'].get(k)!r} there, {v!r} now"
+                   for k, v in settings.items() if manifest["settings"].get(k) != v]
+        if changed:
+            return (f"{out} holds latents prepared with other settings:\n" + "\n".join(changed)
+                    + "\nUse the same settings to resume, or another --latents folder"), manifest
+        return "", manifest
+    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    for name in ("mean", "std"):
+        np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", settings["dtype"], shape).flush()
+    np.save(os.path.join(out, "labels.npy"), np.asarray(labels, np.int64))
+    manifest = dict(complete=False, settings=settings)
+    write_json(path, manifest)
+    return "", manifest
+
+
+@torch.no_grad()
+def prepare(args):
+    rank, world_size, device = soflow.init_distributed()
+    paths, labels, classes = list_images(args.data_path)
+    listing = hashlib.sha256("\n".join(os.path.relpath(p, args.data_path) for p in paths).encode()).hexdigest()
+    if len(set(soflow.gather_objects(listing, world_size))) > 1:
+        raise SystemExit("the processes see different files under --data-path: it must be one shared folder")
+    vae = load_vae(args.vae, device, rank, world_size)
+    channels = vae.config.latent_channels                      # 4, and 8x downsampling for the SD VAE
+    hw = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    N, copies = len(paths), 2 if args.flip else 1
+    settings = dict(data_path=os.path.abspath(args.data_path), num_images=N, listing_sha256=listing,
+                    image_size=args.image_size, crop="ADM center crop", vae=args.vae, flip=args.flip,
+                    dtype=args.dtype, shard_size=args.shard_size)
+    shape = (N * copies, channels, hw, hw)
+    error, manifest = check_or_create(args.latents, settings, labels, shape) if rank == 0 else ("", None)
+    error, manifest = soflow.gather_objects((error, manifest), world_size)[0]
+    if error:
+        raise SystemExit(error)
+    if manifest["complete"]:
+        return print(f"{args.latents} is complete ({N} images): nothing to do") if rank == 0 else None
+    # Shards of --shard-size images; rank r encodes shards r, r + W, ... that have no marker yet.
+    shards = [range(a, min(a + args.shard_size, N)) for a in range(0, N, args.shard_size)]
+    marker = lambda k: os.path.join(args.latents, "shards", f"{k:06d}.json")  # noqa: E731
+    mine = [k for k in range(rank, len(shards), world_size) if not os.path.exists(marker(k))]
+    batches = [list(shards[k][a:a + args.batch_size]) for k in mine for a in range(0, len(shards[k]), args.batch_size)]
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, args.image_size), batch_sampler=batches,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    arrays = {n: np.load(os.path.join(args.latents, f"{n}.npy"), mmap_mode="r+") for n in ("mean", "std")}
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    todo = sum(len(shards[k]) for k in mine)
+    if rank == 0:
+        print(f"encoding {N} images with {args.vae} on {world_size} process(es); {len(shards)} shards, "
+              f"{len(shards) - sum(os.path.exists(marker(k)) for k in range(len(shards)))} to do")
+    bar = tqdm(total=todo, unit="img", disable=rank > 0, dynamic_ncols=True, desc="prepare")
+    left = {k: len(shards[k]) for k in mine}
+    errors = {k: {} for k in mine}
+    for indices, pixels, messages in loader:
+        first, count = int(indices[0]), len(indices)          # a batch is a contiguous run of one shard
+        x = pixels.to(device).float() / 127.5 - 1             # (B, 3, size, size) in [-1, 1]
+        x = torch.cat([x, x.flip(3)]) if args.flip else x      # the flipped copies go to rows N + i
+        with autocast:
+            posterior = vae.encode(x).latent_dist
+        for name, value in (("mean", posterior.mean), ("std", posterior.std)):
+            value = value.float().cpu().numpy().astype(args.dtype)
+            for copy in range(copies):
+                arrays[name][copy * N + first:copy * N + first + count] = value[copy * count:(copy + 1) * count]
+        shard = first // args.shard_size
+        errors[shard].update({int(i): m for i, m in zip(indices, messages) if m})
+        left[shard] -= count
+        if left[shard] == 0:                                    # flushed, then marked: a marker means on disk
+            for array in arrays.values():
+                array.flush()
+            write_json(marker(shard), errors[shard])
+        bar.update(count)
+    bar.close()
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        finish(args.latents, manifest, paths, classes, len(shards), marker)
+
+
+def finish(out, manifest, paths, classes, num_shards, marker):
+    """Rank 0, after every shard: unreadable images get label -1 (training skips them) and are listed."""
+    unreadable = {}
+    for k in range(num_shards):
+        with open(marker(k)) as f:
+            unreadable.update({int(i): m for i, m in json.load(f).items()})
+    labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
+    labels[sorted(unreadable)] = -1
+    labels.flush()
+    report = [f"{paths[i]}\t{m}" for i, m in sorted(unreadable.items())]
+    with open(os.path.join(out, "unreadable.txt"), "w") as f:         # rewritten whole by every finish
+        f.write("\n".join(report))
+    settings = manifest["settings"]
+    copies = 2 if settings["flip"] else 1
+    manifest.update(complete=True, count=settings["num_images"] - len(unreadable), unreadable=len(unreadable),
+                    shape=list(np.load(os.path.join(out, "mean.npy"), mmap_mode="r").shape[1:]), copies=copies, dtype=settings["dtype"], scale=VAE_SCALE, classes=classes,
+                    arrays={n: f"{n}.npy" for n in ARRAYS})
+    write_json(os.path.join(out, "manifest.json"), manifest)
+    print(f"wrote {out}: {manifest['count']} images in {len(classes)} classes"
+          + (f"; {len(unreadable)} unreadable, skipped (listed in {out}/unreadable.txt):\n" + "\n".join(report[:20])
+             if unreadable else ""))
+
+
+# ----- Training: latents drawn from the stored posteriors; the loop is soflow.train -----
+def open_latents(folder):
+    """The manifest and the memory-mapped arrays of a prepared folder (a clear error if it is not one)."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{folder} holds no latents: run `python train_imagenet.py prepare --latents {folder}` first")
+    with open(path) as f:
+        manifest = json.load(f)
+    if not manifest["complete"]:
+        raise SystemExit(f"{folder} is half prepared: run the same prepare command again to finish it")
+    arrays = {n: np.load(os.path.join(folder, f"{n}.npy"), mmap_mode="r") for n in ARRAYS}
+    return manifest, arrays
+
+
+def latent_batches(manifest, arrays, device):
+    """get_batch(rows) for soflow.train: rows of the readable images -> (x_0, y, None) on the device.
+
+    x_0 = (mean + std * eps) * 0.18215, a fresh draw of the posterior at every step, of the image or (prepared with
+    --flip) of its flipped copy at random."""
+    readable = np.flatnonzero(arrays["labels"] >= 0)
+    N, copies = manifest["settings"]["num_images"], manifest["copies"]
+
+    def get_batch(rows):
+        index = readable[rows.numpy()]
+        if copies == 2:
+            index = index + N * torch.randint(2, (len(index),)).numpy()
+        mean = torch.from_numpy(arrays["mean"][index]).to(device, torch.float32)   # (B, 4, h, w)
+        std = torch.from_numpy(arrays["std"][index]).to(device, torch.float32)
+        x0 = (mean + std * torch.randn_like(mean)) * VAE_SCALE
+        return x0, torch.from_numpy(arrays["labels"][index % N]).to(device), None
+    return get_batch, len(readable)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="SoFlow on ImageNet 256 latents (one process or torchrun). "
+                                     "`prepare` first turns an image folder into latents.")
+    parser.add_argument("--latents", required=True, help="the folder `prepare` wrote")
+    parser.add_argument("--model", default="DiT-B/4", choices=sorted(soflow.DiT_models))
+    parser.add_argument("--preset", default="imagenet", choices=["imagenet", "imagenet-paper"],
+                        help="imagenet: the released configuration; imagenet-paper: the paper's App. A values")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--cfg-w", type=float, default=None, help="CFG strength w (Eq. 18; default the preset's)")
+    parser.add_argument("--vae", default=None, help="decodes the sample grids (default: the one of prepare; "
+                        "'none': grids of the latents' first channel)")
+    # The released recipe: global batch 256; 400k steps for B/4, 240 epochs (1.2M steps) for the other sizes.
+    soflow.add_training_args(parser, global_batch_size=256, steps=None)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (400_000 if args.model == "DiT-B/4" else 1_200_000)
+    return args
+
+
+def prepare_args(argv):
+    parser = argparse.ArgumentParser(prog="train_imagenet.py prepare", description="Images -> SD-VAE latents.")
+    parser.add_argument("--data-path", required=True, help="ImageNet's train/: one subfolder per class")
+    parser.add_argument("--latents", required=True, help="output folder (resumed if interrupted)")
+    parser.add_argument("--image-size", type=int, default=256, choices=[32, 64, 128, 256, 512])
+    parser.add_argument("--vae", default=VAE_NAME, help="hub name or local folder of a diffusers AutoencoderKL")
+    parser.add_argument("--flip", action="store_true", help="also encode horizontal flips (twice the time and disk)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="float16: half the disk")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per VAE call and process")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader processes decoding images")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="images per resumable unit of work")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:
+        args = prepare_args(argv[1:])
+        try:
+            return prepare(args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+                gc.collect()              # gloo's leftovers, freed at exit, can abort the process: free them now
+    args = parse_args(argv)
+    manifest, arrays = open_latents(args.latents)
+    cfg = soflow.PRESETS[args.preset]
+    cfg = replace(cfg, w=args.cfg_w) if args.cfg_w is not None else cfg
+    rank, world_size, device = soflow.init_distributed()
+    get_batch, num_examples = latent_batches(manifest, arrays, device)
+    classes = len(manifest["classes"])
+    torch.manual_seed(args.global_seed)                   # the same initial weights on every process
+    net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=classes)
+    decode, vae_name = (lambda z: z), args.vae or manifest["settings"]["vae"]
+    if rank == 0:                                         # only rank 0 draws the grids
+        note = "sample grids: the latents' first channel (--vae none)"
+        if vae_name != "none":
+            try:
+                vae = load_vae(vae_name, device)
+                decode, note = (lambda z: decode_latents(vae, z)), f"sample grids decoded by {vae_name}"
+            except (OSError, SystemExit) as e:            # no diffusers, no network: the run goes on
+                note = f"sample grids: the latents' first channel ({vae_name} did not load: {e})"
+        os.makedirs(args.results_dir, exist_ok=True)
+        print(note, file=open(os.path.join(args.results_dir, "log.txt"), "a"), flush=True)
+        print(note)
+
+    def make_optimizer(params):   # the released optimizer; the paper's Adam is the same update at weight decay 0
+        return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+    run_config = dict(model=args.model, preset=args.preset, lr=args.lr, cfg_w=args.cfg_w,
+                      latents=manifest["settings"]["listing_sha256"], copies=manifest["copies"])
+    grid_labels = torch.arange(32, device=device) % classes
+    soflow.train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, decode, grid_labels)
+
+
+if __name__ == "__main__":
+    main()
