@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -50,7 +51,6 @@ def decode_latents(vae, z):
 
 # ----- prepare: an ImageNet-style folder -> posterior means and stds of the SD VAE -----
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-ARRAYS = ("mean", "std", "labels")        # DIR/mean.npy, std.npy (N x copies, 4, h, w) and labels.npy (N,)
 
 
 def center_crop_arr(image, size):
@@ -107,26 +107,27 @@ def write_json(path, obj):
     soflow.atomic_write(path, write)
 
 
-def check_or_create(out, settings, labels, shape):
-    """Rank 0: a new folder gets the arrays and an incomplete manifest; an existing one must hold the same
-    settings. Returns (error message or '', the manifest)."""
+def open_or_create(out, manifest, labels):
+    """Rank 0: a new folder gets empty arrays and the manifest (complete: false); an existing one must hold the
+    same settings. Returns (an error message or '', the manifest on disk)."""
     path = os.path.join(out, "manifest.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            manifest = json.load(f)
-        changed = [f"  {k}: {manifest['settings'].get(k)!r} there, {v!r} now"
-                   for k, v in settings.items() if manifest["settings"].get(k) != v]
-        if changed:
-            return (f"{out} holds latents prepared with other settings:\n" + "\n".join(changed)
-                    + "\nUse the same settings to resume, or another --latents folder"), manifest
+    if not os.path.exists(path):
+        os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+        for name in ("mean", "std"):
+            array = np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", manifest["dtype"],
+                                              (manifest["count"] * manifest["copies"], *manifest["shape"]))
+            array.flush()
+        np.save(os.path.join(out, "labels.npy"), np.asarray(labels, np.int64))
+        write_json(path, manifest)                        # last: a manifest means the arrays exist
         return "", manifest
-    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-    for name in ("mean", "std"):
-        np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", settings["dtype"], shape).flush()
-    np.save(os.path.join(out, "labels.npy"), np.asarray(labels, np.int64))
-    manifest = dict(complete=False, settings=settings)
-    write_json(path, manifest)
-    return "", manifest
+    with open(path) as f:
+        there = json.load(f)
+    changed = [f"  {k}: {there['settings'].get(k)!r} there, {v!r} now"
+               for k, v in manifest["settings"].items() if there["settings"].get(k) != v]
+    if changed:
+        return (f"{out} holds latents prepared with other settings:\n" + "\n".join(changed)
+                + "\nUse the same settings to resume, or another --latents folder"), there
+    return "", there
 
 
 @torch.no_grad()
@@ -137,14 +138,15 @@ def prepare(args):
     if len(set(soflow.gather_objects(listing, world_size))) > 1:
         raise SystemExit("the processes see different files under --data-path: it must be one shared folder")
     vae = load_vae(args.vae, device, rank, world_size)
-    channels = vae.config.latent_channels                      # 4, and 8x downsampling for the SD VAE
-    hw = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    size = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)    # the SD VAE: 256 -> 32
     N, copies = len(paths), 2 if args.flip else 1
     settings = dict(data_path=os.path.abspath(args.data_path), num_images=N, listing_sha256=listing,
-                    image_size=args.image_size, crop="ADM center crop", vae=args.vae, flip=args.flip,
-                    dtype=args.dtype, shard_size=args.shard_size)
-    shape = (N * copies, channels, hw, hw)
-    error, manifest = check_or_create(args.latents, settings, labels, shape) if rank == 0 else ("", None)
+                    image_size=args.image_size, vae=args.vae, flip=args.flip, dtype=args.dtype,
+                    shard_size=args.shard_size)
+    manifest = dict(complete=False, settings=settings, count=N, copies=copies, unreadable=0, dtype=args.dtype,
+                    shape=[vae.config.latent_channels, size, size], scale=VAE_SCALE, crop="ADM center crop",
+                    classes=classes, arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy"))
+    error, manifest = open_or_create(args.latents, manifest, labels) if rank == 0 else ("", None)
     error, manifest = soflow.gather_objects((error, manifest), world_size)[0]
     if error:
         raise SystemExit(error)
@@ -152,20 +154,18 @@ def prepare(args):
         return print(f"{args.latents} is complete ({N} images): nothing to do") if rank == 0 else None
     # Shards of --shard-size images; rank r encodes shards r, r + W, ... that have no marker yet.
     shards = [range(a, min(a + args.shard_size, N)) for a in range(0, N, args.shard_size)]
-    marker = lambda k: os.path.join(args.latents, "shards", f"{k:06d}.json")  # noqa: E731
-    mine = [k for k in range(rank, len(shards), world_size) if not os.path.exists(marker(k))]
+    markers = [os.path.join(args.latents, "shards", f"{k:06d}.json") for k in range(len(shards))]
+    mine = [k for k in range(rank, len(shards), world_size) if not os.path.exists(markers[k])]
     batches = [list(shards[k][a:a + args.batch_size]) for k in mine for a in range(0, len(shards[k]), args.batch_size)]
     loader = torch.utils.data.DataLoader(ImageFiles(paths, args.image_size), batch_sampler=batches,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     arrays = {n: np.load(os.path.join(args.latents, f"{n}.npy"), mmap_mode="r+") for n in ("mean", "std")}
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    todo = sum(len(shards[k]) for k in mine)
     if rank == 0:
         print(f"encoding {N} images with {args.vae} on {world_size} process(es); {len(shards)} shards, "
-              f"{len(shards) - sum(os.path.exists(marker(k)) for k in range(len(shards)))} to do")
-    bar = tqdm(total=todo, unit="img", disable=rank > 0, dynamic_ncols=True, desc="prepare")
-    left = {k: len(shards[k]) for k in mine}
-    errors = {k: {} for k in mine}
+              f"{sum(not os.path.exists(m) for m in markers)} to do")
+    bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img", disable=rank > 0, desc="prepare")
+    left, errors = {k: len(shards[k]) for k in mine}, {k: {} for k in mine}
     for indices, pixels, messages in loader:
         first, count = int(indices[0]), len(indices)          # a batch is a contiguous run of one shard
         x = pixels.to(device).float() / 127.5 - 1             # (B, 3, size, size) in [-1, 1]
@@ -182,36 +182,32 @@ def prepare(args):
         if left[shard] == 0:                                    # flushed, then marked: a marker means on disk
             for array in arrays.values():
                 array.flush()
-            write_json(marker(shard), errors[shard])
+            write_json(markers[shard], errors[shard])
         bar.update(count)
     bar.close()
     if world_size > 1:
         dist.barrier()
     if rank == 0:
-        finish(args.latents, manifest, paths, classes, len(shards), marker)
+        finish(args.latents, manifest, paths, markers)
 
 
-def finish(out, manifest, paths, classes, num_shards, marker):
+def finish(out, manifest, paths, markers):
     """Rank 0, after every shard: unreadable images get label -1 (training skips them) and are listed."""
     unreadable = {}
-    for k in range(num_shards):
-        with open(marker(k)) as f:
-            unreadable.update({int(i): m for i, m in json.load(f).items()})
+    for marker in markers:
+        with open(marker) as f:
+            unreadable.update({int(i): message for i, message in json.load(f).items()})
     labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
     labels[sorted(unreadable)] = -1
     labels.flush()
-    report = [f"{paths[i]}\t{m}" for i, m in sorted(unreadable.items())]
-    with open(os.path.join(out, "unreadable.txt"), "w") as f:         # rewritten whole by every finish
+    report = [f"{paths[i]}\t{message}" for i, message in sorted(unreadable.items())]
+    with open(os.path.join(out, "unreadable.txt"), "w") as f:
         f.write("\n".join(report))
-    settings = manifest["settings"]
-    copies = 2 if settings["flip"] else 1
-    manifest.update(complete=True, count=settings["num_images"] - len(unreadable), unreadable=len(unreadable),
-                    shape=list(np.load(os.path.join(out, "mean.npy"), mmap_mode="r").shape[1:]), copies=copies, dtype=settings["dtype"], scale=VAE_SCALE, classes=classes,
-                    arrays={n: f"{n}.npy" for n in ARRAYS})
+    manifest.update(complete=True, count=len(paths) - len(unreadable), unreadable=len(unreadable))
     write_json(os.path.join(out, "manifest.json"), manifest)
-    print(f"wrote {out}: {manifest['count']} images in {len(classes)} classes"
-          + (f"; {len(unreadable)} unreadable, skipped (listed in {out}/unreadable.txt):\n" + "\n".join(report[:20])
-             if unreadable else ""))
+    print(f"wrote {out}: {manifest['count']} images in {len(manifest['classes'])} classes" + (
+        f"; {len(unreadable)} unreadable, left out (listed in unreadable.txt):\n" + "\n".join(report[:20])
+        if unreadable else ""))
 
 
 # ----- Training: latents drawn from the stored posteriors; the loop is soflow.train -----
@@ -224,7 +220,7 @@ def open_latents(folder):
         manifest = json.load(f)
     if not manifest["complete"]:
         raise SystemExit(f"{folder} is half prepared: run the same prepare command again to finish it")
-    arrays = {n: np.load(os.path.join(folder, f"{n}.npy"), mmap_mode="r") for n in ARRAYS}
+    arrays = {n: np.load(os.path.join(folder, file), mmap_mode="r") for n, file in manifest["arrays"].items()}
     return manifest, arrays
 
 
@@ -234,7 +230,7 @@ def latent_batches(manifest, arrays, device):
     x_0 = (mean + std * eps) * 0.18215, a fresh draw of the posterior at every step, of the image or (prepared with
     --flip) of its flipped copy at random."""
     readable = np.flatnonzero(arrays["labels"] >= 0)
-    N, copies = manifest["settings"]["num_images"], manifest["copies"]
+    N, copies = len(arrays["labels"]), manifest["copies"]
 
     def get_batch(rows):
         index = readable[rows.numpy()]
@@ -245,6 +241,23 @@ def latent_batches(manifest, arrays, device):
         x0 = (mean + std * torch.randn_like(mean)) * VAE_SCALE
         return x0, torch.from_numpy(arrays["labels"][index % N]).to(device), None
     return get_batch, len(readable)
+
+
+def grid_decoder(vae_name, device, results_dir):
+    """Latents -> images for the sample grids: the VAE's decoder, or the latents themselves (drawn from their
+    first channel) with --vae none or when the VAE does not load. Said once, in the log."""
+    decode, note = (lambda z: z), "sample grids: the latents' first channel (--vae none)"
+    if vae_name != "none":
+        try:
+            vae = load_vae(vae_name, device)
+            decode, note = (lambda z: decode_latents(vae, z)), f"sample grids decoded by {vae_name}"
+        except (OSError, SystemExit) as e:                # no diffusers, no network: the run goes on
+            note = f"sample grids: the latents' first channel ({vae_name} did not load: {e})"
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "log.txt"), "a") as log:
+        print(note, file=log)
+    print(note)
+    return decode
 
 
 def parse_args(argv=None):
@@ -280,7 +293,6 @@ def prepare_args(argv):
 
 
 def main(argv=None):
-    import sys
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare"]:
         args = prepare_args(argv[1:])
@@ -299,18 +311,8 @@ def main(argv=None):
     classes = len(manifest["classes"])
     torch.manual_seed(args.global_seed)                   # the same initial weights on every process
     net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=classes)
-    decode, vae_name = (lambda z: z), args.vae or manifest["settings"]["vae"]
-    if rank == 0:                                         # only rank 0 draws the grids
-        note = "sample grids: the latents' first channel (--vae none)"
-        if vae_name != "none":
-            try:
-                vae = load_vae(vae_name, device)
-                decode, note = (lambda z: decode_latents(vae, z)), f"sample grids decoded by {vae_name}"
-            except (OSError, SystemExit) as e:            # no diffusers, no network: the run goes on
-                note = f"sample grids: the latents' first channel ({vae_name} did not load: {e})"
-        os.makedirs(args.results_dir, exist_ok=True)
-        print(note, file=open(os.path.join(args.results_dir, "log.txt"), "a"), flush=True)
-        print(note)
+    vae_name = args.vae or manifest["settings"]["vae"]
+    decode = grid_decoder(vae_name, device, args.results_dir) if rank == 0 else None     # rank 0 draws the grids
 
     def make_optimizer(params):   # the released optimizer; the paper's Adam is the same update at weight decay 0
         return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)

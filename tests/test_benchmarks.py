@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import soflow
+import train_imagenet
 from benchmarks import sampling, train_loop as tl, train_step as ts
 
 # Loading forward-AD decompositions makes torch call its deprecated torch.jit.script.
@@ -199,3 +200,21 @@ def test_train_loop_own_timer_reads_only_the_window_and_removes_the_clock(tmp_pa
     inside = [0.0, 0.0, 0.1, 0.2, 0.0, 0.0]
     assert tl.loop_timer(tmp_path, 3, 5, 2, inside) == pytest.approx(((0.5 - 0.1) + (0.5 - 0.2)) / 2)
     assert tl.loop_timer(tmp_path, 5, 5, 2, inside) is None
+
+
+# ----- ImageNet data -----
+
+def test_imagenet_data_benchmark_reads_a_prepare_style_folder_and_times_prepare(tmp_path):
+    from benchmarks import imagenet_data
+    pytest.importorskip("diffusers")
+    imagenet_data.write_latents(str(tmp_path / "latents"), 30, seed=0)
+    manifest, arrays = train_imagenet.open_latents(str(tmp_path / "latents"))
+    get_batch, count = train_imagenet.latent_batches(manifest, arrays, torch.device("cpu"))
+    x0, y, cond = get_batch(torch.arange(5))
+    assert count == 30 and x0.shape == (5, 4, 32, 32) and cond is None and 0 <= y.min() and y.max() < 1000
+    assert arrays["std"].min() >= 0                                 # a posterior std
+    results = imagenet_data.main(["--model", "DiT-T/4", "--batch-size", "2", "--num-latents", "40", "--warmup", "0",
+                                  "--rounds", "1", "--images", "4", "--prepare-batch", "2", "--workers", "0",
+                                  "--threads", "1", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["data_over_step"] == results["data_over_step"] > 0
+    assert results["prepare_images_per_s"] > 0 and results["encoder_images_per_s"] > 0

@@ -95,7 +95,7 @@ def test_prepare_resumes_only_unfinished_shards_and_refuses_other_settings(folde
     shutil.copytree(latents, out)
     # An interruption: shard 1 (images 4-7) never got its marker; its rows hold garbage, the manifest is incomplete.
     manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({"complete": False, "settings": manifest["settings"]}))
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     (out / "shards" / "000001.json").unlink()
     mean = np.load(out / "mean.npy", mmap_mode="r+")
     mean[4:8] = np.nan
