@@ -87,9 +87,6 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, paths, size):
         self.paths, self.size = paths, size
 
-    def __len__(self):
-        return len(self.paths)
-
     def __getitem__(self, i):
         from PIL import Image
         try:
@@ -289,7 +286,11 @@ def prepare_args(argv):
     parser.add_argument("--batch-size", type=int, default=64, help="images per VAE call and process")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader processes decoding images")
     parser.add_argument("--shard-size", type=int, default=10_000, help="images per resumable unit of work")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, low in dict(batch_size=1, shard_size=1, workers=0).items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}")
+    return args
 
 
 def main(argv=None):

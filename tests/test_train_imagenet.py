@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 import train_imagenet
 from distributed import torchrun
 
@@ -168,7 +169,8 @@ def checkpoint(run, step):
 
 
 @pytest.mark.slow
-def test_two_processes_train_resume_exactly_and_decode_grids(latents, tmp_path):
+def test_two_processes_train_resume_exactly_decode_grids_and_sample(folders, latents, tmp_path):
+    _, vae = folders
     flags = [*TINY, "--latents", str(latents)]
     torchrun("train_imagenet.py", *flags, "--results-dir", str(tmp_path / "straight"))
     torchrun("train_imagenet.py", *flags, "--results-dir", str(tmp_path / "resumed"), "--stop-at", "2")
@@ -182,6 +184,11 @@ def test_two_processes_train_resume_exactly_and_decode_grids(latents, tmp_path):
     grid = Image.open(tmp_path / "straight" / "samples" / "0000004.png")
     assert grid.size == (16 * 32, 4 * 32)
     assert "decoded by" in (tmp_path / "straight" / "log.txt").read_text()
+    # sample.py reads the checkpoint: a class-conditional DiT on latents, decoded by the VAE it names.
+    sample.main(["--ckpt", str(tmp_path / "straight" / "checkpoints" / "0000004.pt"), "--vae", vae, "--num-images",
+                 "6", "--class", "2", "0", "--npz", "--out", str(tmp_path / "samples")])
+    files = np.load(tmp_path / "samples.npz")
+    assert files["arr_0"].shape == (6, 32, 32, 3) and files["arr_1"].tolist() == [2, 0] * 3
 
 
 def test_one_process_without_a_vae_draws_latent_grids_and_refuses_another_configuration(latents, tmp_path):
