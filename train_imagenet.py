@@ -108,6 +108,10 @@ def open_or_create(out, manifest, labels):
     """Rank 0: a new folder gets empty arrays and the manifest (complete: false); an existing one must hold the
     same settings. Returns (an error message or '', the manifest on disk)."""
     path = os.path.join(out, "manifest.json")
+    files = [n for n in manifest["arrays"].values() if os.path.exists(os.path.join(out, n))]
+    if files and not os.path.exists(path):           # never overwrite files that prepare did not describe
+        return (f"{out} holds {', '.join(files)} but no manifest.json: pass a new --latents folder (or delete "
+                "them, if an interrupted prepare left them)"), None
     if not os.path.exists(path):
         os.makedirs(os.path.join(out, "shards"), exist_ok=True)
         for name in ("mean", "std"):

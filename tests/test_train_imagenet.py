@@ -127,6 +127,12 @@ def test_prepare_errors_say_what_to_do(folders, tmp_path):
         train_imagenet.main(prepare_flags(tmp_path / "empty", vae, tmp_path / "out"))
     with pytest.raises(SystemExit, match="holds no latents: run `python train_imagenet.py prepare"):
         train_imagenet.main(["--latents", str(tmp_path / "out"), "--results-dir", str(tmp_path / "run")])
+    # A folder with files of the same names but no manifest: nothing is overwritten.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mean.npy").write_bytes(b"precious")
+    with pytest.raises(SystemExit, match="holds mean.npy but no manifest.json"):
+        train_imagenet.main(prepare_flags(images, vae, tmp_path / "other"))
+    assert (tmp_path / "other" / "mean.npy").read_bytes() == b"precious"
 
 
 def test_latent_batches_draw_the_posterior_of_the_image_or_its_flip():
