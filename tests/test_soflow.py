@@ -389,7 +389,7 @@ def test_training_lowers_the_one_step_error():
     exact = toy.solution(x1, 1.0, 0.0)
     net = soflow.MLP(hidden=64, depth=2)
     before = soflow.map_error(x1, exact, lambda x: soflow.sample(net, x, cfg=soflow.PRESETS["toy"]))
-    soflow.train_toy(toy, soflow.PRESETS["toy"], steps=300, batch=256, lr=3e-3, net=net)
+    net = soflow.train_toy(toy, soflow.PRESETS["toy"], steps=300, batch=256, lr=3e-3, net=net)
     after = soflow.map_error(x1, exact, lambda x: soflow.sample(net, x, cfg=soflow.PRESETS["toy"]))
     assert after < before / 4, (before, after)
 
