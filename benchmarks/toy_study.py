@@ -68,15 +68,17 @@ SETTINGS = {
     "s-lower+ema0.99": dict(cfg=dict(s_mu=-3.0), ema=0.99),
     "lam0.75": dict(cfg=dict(lam=0.75)),
     "lam0.25": dict(cfg=dict(lam=0.25)),
-    # Defined but not in the default plan (the 2,000-step budget of one CPU core did not reach them).
     "p1": dict(cfg=dict(p=1.0)),
+    "eps1e-2": dict(cfg=dict(eps=1e-2)),
     "r-end0.001": dict(cfg=dict(r_end=0.001)),
     "triangular": dict(cfg=dict(param="triangular")),
     "wide": dict(hidden=256),
+    "deep": dict(depth=5),
 }
-# Screened on one seed (EMA settings reuse the training of the setting without EMA); the rest are not run by default.
+# Screened on one seed (EMA settings reuse the training of the setting without EMA).
 SCREEN = ["base", "ema0.99", "ema0.999", "lr3e-3", "t-high", "s-low", "s-low+ema0.99", "s-low+ema0.999",
-          "lam0.75", "lam0.25", "s-lower", "s-lower+ema0.99"]
+          "lam0.75", "lam0.25", "s-lower", "s-lower+ema0.99", "p1", "eps1e-2", "r-end0.001", "triangular", "wide",
+          "deep"]
 FINAL = ["base", "ema0.99", "ema0.999", "s-low", "s-low+ema0.99", "s-low+ema0.999", "s-lower",
          "s-lower+ema0.99"]                                    # three seeds each
 MECHANISM = ["base", "s-low+ema0.99"]                          # the 2-step table
