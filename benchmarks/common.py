@@ -1,6 +1,7 @@
 """What both benchmarks share: the DiT sizes, the command-line flags of the setup, the setup itself (one network and
 one batch on one device), GPU synchronisation and an atomic JSON write."""
 import json
+import time
 from functools import partial
 
 import torch
@@ -48,6 +49,15 @@ def describe(args, device):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    """Seconds that fn() takes, the GPU's queue included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def write_json(path, results):

@@ -27,7 +27,7 @@ import torch
 
 import soflow
 import train_imagenet
-from benchmarks.common import add_setup_args, describe, setup, sync, write_json
+from benchmarks.common import add_setup_args, describe, setup, sync, timed, write_json
 
 CFG = soflow.PRESETS["imagenet"]
 
@@ -72,14 +72,6 @@ def reading(args, device, net, model, autocast, folder):
             data.append(middle - start)
             step.append(time.perf_counter() - middle)
     return data, step
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def write_images(folder, count, seed):

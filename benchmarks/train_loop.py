@@ -55,7 +55,7 @@ import torch
 
 import soflow
 import train_cifar
-from benchmarks.common import sync, write_json
+from benchmarks.common import sync, timed, write_json
 
 CFG = soflow.PRESETS["cifar10"]     # train_cifar's default --preset
 TOTAL_STEPS = 800_000               # train_cifar's default --steps: r(k, K) of the released run's first steps
@@ -150,14 +150,6 @@ def bare_step(net, opt, x0, cond, step, autocast, device):
         loss, _ = soflow.soflow_loss(net, x0, None, cond, cfg=CFG, step=step, total_steps=TOTAL_STEPS)
     loss.backward()
     opt.step()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
     sync(device)
     return time.perf_counter() - start
 
