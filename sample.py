@@ -18,7 +18,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from einops import rearrange
 from tqdm import tqdm
 
 import soflow
@@ -81,15 +80,6 @@ def gather_to_rank0(obj, rank, world_size):
     objects = [None] * world_size if rank == 0 else None
     dist.gather_object(obj, objects, dst=0)
     return objects
-
-
-def write_grid(path, pixels):
-    """(N, H, W, 3) uint8 -> a PNG of ceil(sqrt N) columns, written atomically."""
-    from PIL import Image                   # Pillow comes with matplotlib
-    columns = math.ceil(math.sqrt(len(pixels)))
-    pixels = np.concatenate([pixels, np.zeros((-len(pixels) % columns, *pixels.shape[1:]), np.uint8)])
-    grid = rearrange(pixels, "(r c) h w ch -> (r h) (c w) ch", c=columns)
-    soflow.atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
 
 def write_npz(path, arrays):
@@ -205,7 +195,8 @@ def generate(args, rank, world_size, device, started):
     # Rank 0 writes, atomically; the others wait for it.
     if rank == 0:
         t0 = clock()
-        write_grid(paths[0], pixels[:args.grid])
+        grid = pixels[:args.grid]
+        soflow.save_grid(paths[0], grid, columns=math.ceil(math.sqrt(len(grid))))
         if args.npz:
             write_npz(paths[1], dict(arr_0=pixels, **({"arr_1": labels} if num_classes else {})))
         seconds["write"] = clock() - t0

@@ -1,12 +1,9 @@
 """SoFlow: Solution Flow Models for one-step generative modeling (Luo, Yuan, Liu; arXiv 2512.15657).
 
-One file, read top to bottom in the paper's order: conventions -> noising schedules (Sec. 3) ->
-parameterizations, the learned solution and velocity (Sec. 4.2, Eq. 6-10) -> time sampling and
-r(k, K) (Eq. 16, App. A) -> the flow matching loss (Eq. 11-12) -> the solution consistency loss
-(Eq. 13-15) -> classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -> hyperparameters
-and presets (App. A) -> Algorithm 1 -> sampling -> networks (MLP, DiT, U-Net) -> checkpoints and
-EMA -> training (used by train_cifar.py and train_imagenet.py) -> a 2D toy with an exact solution
-map -> the demo.
+One file in the paper's order: schedules (Sec. 3), parameterizations (Sec. 4.2), time sampling, the two
+losses (Eq. 11-15), guidance (Sec. 4.3), Algorithm 1 and sampling; then the networks (MLP, DiT, U-Net),
+checkpoints, the training loop of train_cifar.py and train_imagenet.py, a 2D toy with an exact solution map
+and the demo.
 
     python soflow.py      # trains a small MLP on a 2D toy on the CPU; compares it with flow matching
 """
@@ -39,26 +36,19 @@ from tqdm import tqdm, trange
 #   A network computes F_theta(x, t, s, y=None, cond=None) with the shape of x; t and s are (B,).
 #   y holds class labels; the index num_classes is the null label ("no label") of CFG.
 
-
 def per_sample(t, x):
     """View a (B,) tensor so that it broadcasts against x of shape (B, ...)."""
     return t.reshape(-1, *([1] * (x.dim() - 1)))
-
 
 def mean_per_sample(z):
     """(B, ...) -> (B,): the mean over everything but the batch, so ||z||^2 / D for z squared."""
     return z.flatten(1).mean(1)
 
-
 def unwrap(net):
     """The bare network inside DistributedDataParallel (.module) and torch.compile (._orig_mod)."""
-    while True:
-        if isinstance(net, nn.parallel.DistributedDataParallel):
-            net = net.module
-        elif hasattr(net, "_orig_mod"):
-            net = net._orig_mod
-        else:
-            return net
+    while isinstance(net, nn.parallel.DistributedDataParallel) or hasattr(net, "_orig_mod"):
+        net = net._orig_mod if hasattr(net, "_orig_mod") else net.module
+    return net
 
 
 # ----- Noising schedules (Sec. 3): x_t = alpha_t x_0 + beta_t x_1 -----
@@ -70,7 +60,6 @@ class LinearSchedule:
     def d_alpha(self, t): return -torch.ones_like(t)
     def d_beta(self, t): return torch.ones_like(t)
 
-
 class TriangularSchedule:
     """x_t = cos(pi t / 2) x_0 + sin(pi t / 2) x_1."""
     def alpha(self, t): return torch.cos(math.pi / 2 * t)
@@ -78,9 +67,7 @@ class TriangularSchedule:
     def d_alpha(self, t): return -math.pi / 2 * torch.sin(math.pi / 2 * t)
     def d_beta(self, t): return math.pi / 2 * torch.cos(math.pi / 2 * t)
 
-
 SCHEDULES = {"linear": LinearSchedule(), "triangular": TriangularSchedule()}
-
 
 def interpolate(schedule_name, x0, x1, t):
     """x_t, and v_t = alpha'_t x_0 + beta'_t x_1, which stands in for v(x_t, t) (Eq. 4)."""
@@ -102,7 +89,6 @@ class EulerParam:
     def da_ds(self, t): return torch.zeros_like(t)
     def db_ds(self, t): return torch.ones_like(t)
 
-
 class TriangularParam:
     """f_theta = cos(pi/2 (s - t)) x_t + sin(pi/2 (s - t)) F_theta."""
     def a(self, t, s): return torch.cos(math.pi / 2 * (s - t))
@@ -110,26 +96,21 @@ class TriangularParam:
     def da_ds(self, t): return torch.zeros_like(t)
     def db_ds(self, t): return torch.full_like(t, math.pi / 2)
 
-
 PARAMETERIZATIONS = {"euler": EulerParam(), "triangular": TriangularParam()}
-
 
 def f_from_F(param_name, F_out, x, t, s):
     """f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s) (Sec. 4.2)."""
     param = PARAMETERIZATIONS[param_name]
     return per_sample(param.a(t, s), x) * x + per_sample(param.b(t, s), x) * F_out
 
-
 def v_from_F(param_name, F_out, x, t):
     """v_theta(x_t, t) = d_2 a(t, t) x_t + d_2 b(t, t) F_theta(x_t, t, t) (Eq. 10)."""
     param = PARAMETERIZATIONS[param_name]
     return per_sample(param.da_ds(t), x) * x + per_sample(param.db_ds(t), x) * F_out
 
-
 def solution(net, x, t, s, y=None, cond=None, *, cfg):
     """The learned solution function f_theta(x, t, s), in the parameterization of cfg."""
     return f_from_F(cfg.param, net(x, t, s, y, cond), x, t, s)
-
 
 def velocity(net, x, t, y=None, cond=None, *, cfg):
     """The learned velocity field v_theta(x, t) (Eq. 10), in the parameterization of cfg."""
@@ -141,9 +122,7 @@ def logit_normal(n, mu, sd, device=None):
     """sigmoid(N(mu, sd^2)) samples, shape (n,)."""
     return torch.sigmoid(torch.randn(n, device=device) * sd + mu)
 
-
 R_SCHEDULES = ("exp", "cosine", "linear", "constant")
-
 
 def r_schedule(k, K, cfg):
     """r(k, K): how far l sits from t as a fraction of t - s, from r_init down to r_end (App. A)."""
@@ -156,7 +135,6 @@ def r_schedule(k, K, cfg):
         return cfg.r_init + (cfg.r_end - cfg.r_init) * progress
     return cfg.r_end                                                  # "constant"
 
-
 def consistency_times(n, r, cfg, device=None):
     """(t, s, l), each (n,), with 0 <= s <= l <= t - 1e-4 (Sec. 4.2, App. A)."""
     t = logit_normal(n, cfg.t_mu, cfg.t_sd, device).clamp(min=1e-4)
@@ -167,12 +145,9 @@ def consistency_times(n, r, cfg, device=None):
 
 # ----- The flow matching loss (Eq. 11-12) -----
 def fm_loss(v_pred, v_target, t, cfg):
-    """Per-sample L_FM: v_theta's squared error (Eq. 11) weighted by Eq. 12; (loss, mse, weight).
-    Eq. 11 is the flow matching loss of Eq. 3 in the conditional form of Eq. 4, at s = t.
-
-    v_pred: v_theta(x_t, t) (Eq. 10), with gradient.
-    v_target: alpha'_t x_0 + beta'_t x_1, or its guided mix (Eq. 19).
-    """
+    """Per-sample L_FM: v_theta's squared error (Eq. 11) weighted by Eq. 12; (loss, mse, weight). Eq. 11 is
+    the flow matching loss of Eq. 3 in the conditional form of Eq. 4, at s = t. v_pred: v_theta(x_t, t)
+    (Eq. 10), with gradient. v_target: alpha'_t x_0 + beta'_t x_1, or its guided mix (Eq. 19)."""
     mse = mean_per_sample((v_pred - v_target) ** 2)
     db_ds = PARAMETERIZATIONS[cfg.param].db_ds(t)
     weight = 1 / (db_ds.abs() * (mse.detach() + cfg.eps) ** cfg.p)  # Eq. (12), a constant
@@ -182,13 +157,10 @@ def fm_loss(v_pred, v_target, t, cfg):
 # ----- The solution consistency loss (Eq. 13-15) -----
 def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, cfg, F_t=None):
     """Per-sample L_SCM (Eq. 14) weighted by Eq. 15, in gradient form; (loss, mse, weight), (B,) each.
-
-    v: the velocity that moves x_t to time l (v_t, or its mix, Eq. 19). F_t: F_theta(x_t, t, s) with
-    gradient if already computed (only without dropout). mse: the MSE of Eq. 15 over (t - l)^2.
-    The loss sign(b(t, s)) <F_theta(x_t, t, s), stopgrad(w dq)> / D, dq = (f_t - f_l) / (t - l),
-    has half the gradient of Eq. 14 weighted by Eq. 15 and never divides by (t - l) |b(t, s)|,
-    which can be tiny.
-    """
+    v: the velocity that moves x_t to time l (v_t, or its mix, Eq. 19). F_t: F_theta(x_t, t, s) with gradient
+    if already computed (only without dropout). mse: the MSE of Eq. 15 over (t - l)^2.
+    The loss sign(b(t, s)) <F_theta(x_t, t, s), stopgrad(w dq)> / D, dq = (f_t - f_l) / (t - l), has half the
+    gradient of Eq. 14 weighted by Eq. 15 and never divides by (t - l) |b(t, s)|, which can be tiny."""
     # Deviation: the released code trains with this gradient form: L_SCM enters at half Eq. 14's scale.
     x_l = x_t + per_sample(l - t, x_t) * v                           # the step of Eq. (14)
     # The target pass replays the random state the student pass starts from: the same dropout masks.
@@ -209,13 +181,10 @@ def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, cfg, F_t=None):
 # ----- Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -----
 DECAYS = ("exp", "linear", "none")
 
-
 def guidance_decay(t, cfg):
-    """g(t): 1 for t <= decay_t, falling to 0 at t = 1: guidance fades out at high noise (App. A).
-
-    "exp": the released code's smooth curve, with which its checkpoints were trained (the default);
-    "linear": a straight line over (decay_t, 1]. Both scale w - 1: the strength falls to 1, not 0.
-    """
+    """g(t): 1 for t <= decay_t, falling to 0 at t = 1: guidance fades out at high noise (App. A). "exp": the
+    released code's smooth curve, with which its checkpoints were trained (the default); "linear": a straight
+    line over (decay_t, 1]. Both scale w - 1: the strength falls to 1, not 0."""
     # Deviation: App. A says the strength decays linearly "to 0"; as the released code, it ends at 1.
     d = (1 - t) / (1 - cfg.decay_t)
     if cfg.decay == "linear":
@@ -225,38 +194,30 @@ def guidance_decay(t, cfg):
         return 1 - torch.exp(-0.025 * d / (1 - d))
     return torch.ones_like(t)                                        # "none"
 
-
 def guidance_strength(t, cfg):
     """The CFG strength in force at time t: 1 + g(t) (w - 1)."""
     return 1 + guidance_decay(t, cfg) * (cfg.w - 1)
-
 
 def guided_target(v_t, v_uncond, t, cfg):
     """v_cfg = w v_t + (1 - w) v_uncond (Eq. 18), v_t standing in for v(x_t, t | c) (Eq. 17)."""
     return v_t + per_sample(guidance_strength(t, cfg) - 1, v_t) * (v_t - v_uncond)
 
-
 def mix_velocity(v_cfg, v_guided, m):
     """v_mix = m v_cfg + (1 - m) v_guided (Eq. 19), m (B,): the model's own v_guided lowers variance."""
     return per_sample(m, v_cfg) * v_cfg + (1 - per_sample(m, v_cfg)) * v_guided
-
 
 def drop_labels(y, keep, num_classes):
     """Replace the labels where keep is False by the null label num_classes (Sec. 4.3)."""
     return torch.where(keep, y, num_classes)
 
-
 def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, cfg):
-    """(v_cfg (B, ...), m (B,), v_guided): the guided target of each row (Eq. 18), its mix ratio,
-    and the model's guided velocity on the consistency rows. Dropped rows keep v_t with m = 1.
-
-    One no-grad pass computes v_uncond (null label) for every row and, if m < 1, v_guided (label
-    kept) for the consistency rows; on the flow matching rows v_guided is the student's own output.
-    """
+    """(v_cfg (B, ...), m (B,), v_guided): the guided target of each row (Eq. 18), its mix ratio, and the
+    model's guided velocity on the consistency rows. Dropped rows keep v_t with m = 1. One no-grad pass
+    computes v_uncond (null label) for every row and, if m < 1, v_guided (label kept) for the consistency
+    rows; on the flow matching rows v_guided is the student's own output."""
     if y is None or cfg.w == 1:  # no guidance: Eq. (19) gives v_t
         return v_t, torch.ones_like(t), v_t[n_fm:]
-    x_in, t_in, y_in = x_t, t, torch.full_like(y, unwrap(net).num_classes)    # the null label
-    cond_in = cond
+    x_in, t_in, y_in, cond_in = x_t, t, torch.full_like(y, unwrap(net).num_classes), cond    # the null label
     if cfg.m < 1:                                                    # append the consistency rows
         x_in = torch.cat([x_in, x_t[n_fm:]])
         t_in = torch.cat([t_in, t[n_fm:]])
@@ -296,19 +257,15 @@ class SoFlowConfig:
     decay: str = "exp"             # "exp" (released code), "linear" or "none": see guidance_decay
 
     def __post_init__(self):
-        choices = dict(schedule=SCHEDULES, param=PARAMETERIZATIONS, r_schedule=R_SCHEDULES,
-                       decay=DECAYS)
-        for name, valid in choices.items():
+        for name, valid in dict(schedule=SCHEDULES, param=PARAMETERIZATIONS, r_schedule=R_SCHEDULES,
+                                decay=DECAYS).items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"SoFlowConfig: unknown {name} {getattr(self, name)!r}; "
                                  f"choose one of {', '.join(map(repr, valid))}")
-        ranges = dict(lam=(0, 1), m=(0, 1), drop=(0, 1), decay_t=(0, 0.999), p=(0, math.inf),
-                      eps=(0, math.inf))
-        for name, (low, high) in ranges.items():
+        for name, (low, high) in dict(lam=(0, 1), m=(0, 1), drop=(0, 1), decay_t=(0, 0.999),
+                                      p=(0, math.inf), eps=(0, math.inf)).items():
             if not low <= getattr(self, name) <= high:
-                value = getattr(self, name)
-                raise ValueError(f"SoFlowConfig: {name} = {value} is outside [{low}, {high}]")
-
+                raise ValueError(f"SoFlowConfig: {name} = {getattr(self, name)} is outside [{low}, {high}]")
 
 PRESETS = {
     "imagenet": SoFlowConfig(),
@@ -340,7 +297,6 @@ class Draws:
     l: torch.Tensor
     keep: Optional[torch.Tensor] = None  # (B,) bool, False where the null label replaces the label
 
-
 def draw(x0, cfg, r, labelled):
     """Sample the noise, the times (Sec. 4.2) and the label drops (Sec. 4.3) for a batch x0."""
     B = x0.shape[0]
@@ -351,20 +307,15 @@ def draw(x0, cfg, r, labelled):
     t_fm = logit_normal(n_fm, cfg.fm_mu, cfg.fm_sd, x0.device)
     return Draws(x1, t_fm, t, s, l, keep)
 
-
 def rows(z, part):
     """z[part], or None for an absent input (labels, cond)."""
     return None if z is None else z[part]
 
-
 def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=None):
     """Algorithm 1: L = (n_fm / B) L_FM + (1 - n_fm / B) L_SCM, and detached diagnostics.
-
     x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) or None; net may be wrapped (DDP,
-    torch.compile). Network calls: one no-grad pass for CFG, the consistency target pass, and one
-    student pass over the batch (one per loss under active dropout: the target pass must replay the
-    student's masks).
-    """
+    torch.compile). Network calls: one no-grad pass for CFG, the consistency target pass, and one student
+    pass over the batch (one per loss under active dropout: the target pass replays the student's masks)."""
     bare = unwrap(net)
     if y is not None and bare.num_classes == 0:
         raise ValueError("labels y were given to an unconditional network: build it with num_classes")
@@ -386,8 +337,7 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
         y = drop_labels(y, d.keep, bare.num_classes)
     v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, cfg)
     # The student pass F_theta(x_t, t, s), with gradient.
-    dropouts = [mod for mod in bare.modules() if isinstance(mod, nn.Dropout)]
-    dropout = any(mod.p > 0 and mod.training for mod in dropouts)
+    dropout = any(mod.p > 0 and mod.training for mod in bare.modules() if isinstance(mod, nn.Dropout))
     if dropout:    # the consistency rows get their own pass in scm_loss, after the target pass
         F_fm = net(x_t[fm], t[fm], s[fm], rows(y, fm), rows(cond, fm)) if n_fm > 0 else None
         F_scm = None
@@ -417,14 +367,11 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
 # ----- Sampling -----
 @torch.no_grad()
 def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain", eps=None):
-    """Generate from noise x1, one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0).
-
-    cfg: the SoFlowConfig the network was trained with. times: a decreasing grid t_0 > ... > t_N
-    (default: `steps` equal steps from 1 to 0). "chain": x <- f_theta(x, t_i, t_{i+1}).
-    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps_i,
-    with fresh noise eps_i at each step: eps[i] if given (N - 1 tensors like x1), else drawn.
-    No guidance here: it was learned (Sec. 4.3).
-    """
+    """Generate from noise x1, one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0). No guidance
+    here: it was learned (Sec. 4.3). cfg: the SoFlowConfig the network was trained with. times: a decreasing
+    grid t_0 > ... > t_N (default: `steps` equal steps from 1 to 0). "chain": x <- f_theta(x, t_i, t_{i+1}).
+    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps_i, with
+    fresh noise eps_i at each step: eps[i] if given (N - 1 tensors like x1), else drawn."""
     if times is None:
         times = torch.linspace(1, 0, steps + 1)
     times = torch.as_tensor(times, dtype=torch.float32)
@@ -448,7 +395,6 @@ def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"
         x = per_sample(schedule.alpha(s), x) * x0_hat + per_sample(schedule.beta(s), x) * noise
     return x
 
-
 @torch.no_grad()
 def sample_euler(net, x1, y=None, cond=None, *, cfg, steps=50):
     """Flow matching's sampler, the baseline: Euler steps of the ODE (Eq. 2) along v_theta (Eq. 10)."""
@@ -461,8 +407,7 @@ def sample_euler(net, x1, y=None, cond=None, *, cfg, steps=50):
 
 
 # ----- Networks: each computes F_theta(x, t, s, y=None, cond=None) -----
-# Times enter as t and the gap t - s, each with its own embedder; init_kwargs lets a checkpoint
-# rebuild the network.
+# Times enter as t and the gap t - s, each with its own embedder; init_kwargs lets a checkpoint rebuild it.
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal features of t in [0, 1], (B,) -> (B, dim): cosines, then sines."""
     half = dim // 2
@@ -470,7 +415,6 @@ def timestep_embedding(t, dim, max_period=10000):
     freqs = torch.exp(-math.log(max_period) * steps / half)
     args = t[:, None].float() * freqs[None]                                   # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
 
 class TimestepEmbedder(nn.Module):
     """A scalar time -> a vector: sinusoidal features, then Linear-SiLU-Linear."""
@@ -484,7 +428,6 @@ class TimestepEmbedder(nn.Module):
         features = timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
-
 class LabelEmbedder(nn.Module):
     """Class labels -> vectors; row num_classes is the null label. Label dropping happens in the loss."""
     def __init__(self, num_classes, hidden_size):
@@ -494,7 +437,6 @@ class LabelEmbedder(nn.Module):
     def forward(self, y):
         return self.embedding_table(y)
 
-
 def labels_or_null(y, batch, num_classes, device):
     """y, or the null label num_classes for every sample when y is None."""
     if y is None:
@@ -503,24 +445,18 @@ def labels_or_null(y, batch, num_classes, device):
         raise ValueError("this network is unconditional (num_classes=0): pass y=None")
     return y
 
-
 def constructor_args(local_vars):
     """A network's constructor arguments, from locals() at the top of its __init__: enough to rebuild it."""
     return {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
 
-
 def xavier(layer, gain=1.0):
-    """Xavier-uniform weight times gain (DiT's init; EDM's for DDPM++) and a zero bias.
-
-    gain=0 gives a zero weight without drawing random numbers.
-    """
+    """Xavier-uniform weight times gain (DiT's init; EDM's for DDPM++), zero bias; gain=0: zeros, no draw."""
     if gain:
         nn.init.xavier_uniform_(layer.weight, gain)
     else:
         nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
-
 
 class ResidualBlock(nn.Module):
     """h + MLP(LayerNorm(h) modulated by the conditioning c): shift and scale from c (FiLM)."""
@@ -535,14 +471,10 @@ class ResidualBlock(nn.Module):
         shift, scale = self.modulation(c).chunk(2, dim=-1)
         return h + self.mlp(self.norm(h) * (1 + scale) + shift)
 
-
 class MLP(nn.Module):
     """F_theta for low-dimensional data (2D toys, action chunks): residual blocks on the flattened x.
-
-    data_shape: the shape of one sample, e.g. (2,) or (horizon, action_dim).
-    num_classes > 0 adds class labels (with a null label, for CFG).
-    cond_dim > 0 adds a conditioning vector, e.g. an observation.
-    """
+    data_shape: one sample's shape, e.g. (2,) or (horizon, action_dim). num_classes > 0 adds class labels
+    (with a null label, for CFG); cond_dim > 0 a conditioning vector, e.g. an observation."""
     def __init__(self, data_shape=(2,), hidden=256, depth=4, num_classes=0, cond_dim=0, dropout=0.0):
         super().__init__()
         self.init_kwargs = constructor_args(locals())
@@ -562,9 +494,8 @@ class MLP(nn.Module):
         if self.y_embedder is not None:
             c = c + self.y_embedder(labels_or_null(y, x.shape[0], self.num_classes, x.device))
         if (cond is None) != (self.cond_proj is None):
-            action = "pass" if cond is None else "do not pass"
-            cond_dim = self.init_kwargs["cond_dim"]
-            raise ValueError(f"this MLP was built with cond_dim={cond_dim}: {action} cond")
+            raise ValueError(f"this MLP was built with cond_dim={self.init_kwargs['cond_dim']}: "
+                             f"{'pass' if cond is None else 'do not pass'} cond")
         if cond is not None:
             c = c + self.cond_proj(cond.flatten(1))
         h = self.x_proj(x.flatten(1))                                         # (B, hidden)
@@ -579,20 +510,15 @@ def modulate(x, shift, scale):
     """adaLN: x * (1 + scale) + shift; (B, D) shift and scale broadcast over the tokens of x (B, T, D)."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
-
 def sincos_pos_embed_2d(dim, grid_size):
-    """DiT's fixed 2D sin-cos position embedding, (grid_size^2, dim), tokens in row-major order.
-
-    The first half of the channels encodes the column, the second the row, each as [sin, cos].
-    """
+    """DiT's fixed 2D sin-cos position embedding, (grid_size^2, dim), tokens in row-major order: the first
+    half of the channels encodes the column, the second the row, each as [sin, cos]."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))    # (dim/4,)
     pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None]         # (G, dim/4)
     emb = torch.cat([pos.sin(), pos.cos()], dim=1)                                    # (G, dim/2)
-    G, half = grid_size, dim // 2
-    cols = emb[None].expand(G, G, half)  # at [i, j]: column j
-    rows_ = emb[:, None].expand(G, G, half)  # at [i, j]: row i
+    G = grid_size
+    cols, rows_ = emb[None].expand(G, G, -1), emb[:, None].expand(G, G, -1)  # at [i, j]: column j, row i
     return torch.cat([cols, rows_], dim=-1).reshape(G * G, dim).float()
-
 
 class Attention(nn.Module):
     """Multi-head self-attention; qkv packs q, k, v (in that order) along its output."""
@@ -606,7 +532,6 @@ class Attention(nn.Module):
         qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, T, D/H)
         return self.proj(rearrange(x, "b h t d -> b t (h d)"))
-
 
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: the conditioning c sets a shift, scale and gate per branch."""
@@ -626,7 +551,6 @@ class DiTBlock(nn.Module):
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
-
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map of each token to its patch of p * p * C outputs."""
     def __init__(self, dim, patch_size, out_channels):
@@ -638,7 +562,6 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C)
-
 
 class DiT(nn.Module):
     """F_theta(x_t, t, s, y) on latents: a DiT conditioned on emb(t) + emb(t - s) + emb(y) (XL/2)."""
@@ -697,7 +620,6 @@ class DiT(nn.Module):
         p = self.patch_size
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid_size, p=p, q=p)
 
-
 # Table 4, plus DiT's S/2 and two tiny sizes for tests on a CPU.
 DiT_models = {
     "DiT-XL/2": partial(DiT, depth=28, hidden_size=1152, num_heads=16, patch_size=2),
@@ -716,7 +638,6 @@ DiT_models = {
 # SoFlow's change: the time features of t and of t - s are concatenated (the mapping MLP's input: 2x).
 SKIP_SCALE = math.sqrt(0.5)  # DDPM++ scales every residual sum by sqrt(1/2) to keep the variance flat
 
-
 def positional_embedding(t, dim, max_period=10000):
     """EDM's time features (endpoint=True) with the halves swapped, of t as it is (in [0, 1]):
     (B,) -> (B, dim), sines then cosines."""
@@ -725,11 +646,9 @@ def positional_embedding(t, dim, max_period=10000):
     args = t[:, None].float() * freqs[None]                                       # (B, half)
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
-
 def group_norm(channels):
     """GroupNorm with 32 groups, or fewer so that every group has at least 4 channels (as EDM)."""
     return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
-
 
 def resample(x, kernel, mode):
     """EDM's FIR resampling by 2 of each channel with a (1, 1, k, k) kernel summing to 1: "down" filters
@@ -739,7 +658,6 @@ def resample(x, kernel, mode):
     if mode == "down":
         return F.conv2d(x, kernel, stride=2, padding=pad, groups=C)               # (B, C, H/2, W/2)
     return F.conv_transpose2d(x, 4 * kernel, stride=2, padding=pad, groups=C)     # (B, C, 2H, 2W)
-
 
 class ResampleConv(nn.Conv2d):
     """EDM's Conv2d: resample first when mode is "down" or "up" (the filter is a buffer), then convolve."""
@@ -752,7 +670,6 @@ class ResampleConv(nn.Conv2d):
 
     def forward(self, x):
         return super().forward(resample(x, self.resample_filter, self.mode) if self.mode else x)
-
 
 class UNetBlock(nn.Module):
     """DDPM++ residual block: (resample,) conv, add the embedding, conv; then optional one-head attention."""
@@ -787,7 +704,6 @@ class UNetBlock(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v: (B, HW, C)
             x = (self.proj(a.transpose(1, 2).reshape(B, C, H, W)) + x) * SKIP_SCALE
         return x
-
 
 class UNet(nn.Module):
     """F_theta(x_t, t, s, y, cond) on pixels: EDM's DDPM++ U-Net on the times t and t - s (CIFAR-10).
@@ -887,7 +803,6 @@ def dit_kwargs_from_state_dict(sd):
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
 
-
 def unet_kwargs_from_state_dict(sd):
     """UNet constructor arguments read off a released state dict's names and shapes. Dropout is not stored:
     it keeps its default (the released 0.3), which acts in training only."""
@@ -907,7 +822,6 @@ def unet_kwargs_from_state_dict(sd):
                 augment_dim=sd["map_augment.weight"].shape[1] if "map_augment.weight" in sd else 0,
                 resample_filter=tuple((kernel[0][0] / kernel[0][0, 0]).tolist()) if kernel else (1, 3, 3, 1))
 
-
 def check_state_dict(net, sd, source):
     """Raise an error that lists the missing keys, unexpected keys and shape mismatches, if there are any."""
     own = net.state_dict()
@@ -921,7 +835,6 @@ def check_state_dict(net, sd, source):
         raise ValueError(f"{source} does not fit {type(net).__name__}(**{net.init_kwargs}):\n"
                          + "\n".join(lines) + "\nBuild the network with the arguments the checkpoint "
                          "was trained with, or load another file")
-
 
 def load_network(path, use_ema=True, map_location="cpu"):
     """A network in eval mode from our checkpoint or a released SoFlow DiT or U-Net; use_ema: EMA weights.
@@ -966,7 +879,6 @@ def load_network(path, use_ema=True, map_location="cpu"):
     net.soflow_config = SoFlowConfig(**ckpt["config"]) if ours and "config" in ckpt else None
     return net.eval()
 
-
 @torch.no_grad()
 def ema_update(ema, net, decay):
     """theta_ema <- decay theta_ema + (1 - decay) theta; buffers are copied."""
@@ -975,12 +887,10 @@ def ema_update(ema, net, decay):
     for e, b in zip(ema.buffers(), net.buffers()):
         e.copy_(b)
 
-
 def rng_state():
     """Every random state a run draws from, for an exact resume."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), cuda=cuda)
-
 
 def set_rng_state(state):
     """Restore what rng_state() returned."""
@@ -989,7 +899,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def atomic_write(path, write):
     """write(tmp) to a temporary file beside path, then rename it: never a half-written file."""
@@ -1002,7 +911,6 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def save_checkpoint(path, **state):
     """torch.save(state) atomically."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -1013,23 +921,21 @@ def save_checkpoint(path, **state):
 # under torchrun every process drives one GPU (NCCL), or one CPU worker (gloo).
 def add_training_args(parser, global_batch_size, steps, ema_every=1):
     """The flags both training scripts share (names as in DiT's train.py where one exists)."""
-    parser.add_argument("--results-dir", required=True, help="run folder; an existing one is resumed")
-    parser.add_argument("--global-batch-size", type=int, default=global_batch_size)
-    parser.add_argument("--micro-batch", type=int, default=0,
-                        help="per-process batch of one forward pass; gradients accumulate (0: the whole)")
-    parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=steps, help="training steps K (r(k, K) depends on it)")
-    parser.add_argument("--ema-decay", type=float, default=0.9999)
-    parser.add_argument("--ema-every", type=int, default=ema_every, help="update the EMA every N steps")
-    parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--ckpt-every", type=int, default=10_000)
-    parser.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid (1 and 2 NFE)")
-    parser.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept on disk, the newest")
-    parser.add_argument("--stop-at", type=int, default=0, help="save and stop after this step (0: none)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--max-bad-steps", type=int, default=10,
-                        help="stop after this many non-finite steps in a row")
-
+    add = parser.add_argument
+    add("--results-dir", required=True, help="run folder; an existing one is resumed")
+    add("--global-batch-size", type=int, default=global_batch_size)
+    add("--micro-batch", type=int, default=0, help="rows per process and forward pass (0: all)")
+    add("--global-seed", type=int, default=0)
+    add("--steps", type=int, default=steps, help="training steps K (r(k, K) depends on it)")
+    add("--ema-decay", type=float, default=0.9999)
+    add("--ema-every", type=int, default=ema_every, help="update the EMA every N steps")
+    add("--log-every", type=int, default=100)
+    add("--ckpt-every", type=int, default=10_000)
+    add("--sample-every", type=int, default=10_000, help="EMA sample grid (1 and 2 NFE)")
+    add("--keep-ckpts", type=int, default=3, help="checkpoints kept on disk, the newest")
+    add("--stop-at", type=int, default=0, help="save and stop after this step (0: none)")
+    add("--compile", action="store_true", help="torch.compile the network")
+    add("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
 
 def init_distributed():
     """(rank, world_size, device): torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain run is 0 of 1."""
@@ -1042,40 +948,33 @@ def init_distributed():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True       # as the released code, which trains in fp32
         torch.backends.cudnn.allow_tf32 = True
     return rank, world_size, device
 
-
 def all_reduce_mean(values, world_size):
     """The mean over processes of a 1D tensor (itself in a world of one)."""
-    if world_size > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= world_size
-    return values
-
+    if world_size == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size
 
 def gather_objects(obj, world_size):
     """[obj of rank 0, obj of rank 1, ...] on every process."""
-    if world_size == 1:
-        return [obj]
-    objects = [None] * world_size
-    dist.all_gather_object(objects, obj)
+    objects = [obj] * world_size
+    if world_size > 1:
+        dist.all_gather_object(objects, obj)
     return objects
-
 
 @lru_cache(maxsize=2)
 def epoch_order(num_examples, seed, epoch):
     """The shuffled order of the dataset's rows in one epoch (kept for the next steps: it is not cheap)."""
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
-
 def global_batch_indices(step, global_batch_size, num_examples, seed):
     """Dataset rows of global batch `step` in an endless run of epochs, each shuffled by (seed, epoch).
-
-    A function of the step alone: a resumed run reads what it would have read, with any number of processes.
-    """
+    A function of the step alone: a resumed run reads what it would have read, on any number of processes."""
     positions = step * global_batch_size + torch.arange(global_batch_size)
     epochs = positions // num_examples
     indices = torch.empty_like(positions)
@@ -1084,32 +983,22 @@ def global_batch_indices(step, global_batch_size, num_examples, seed):
         indices[at] = epoch_order(num_examples, seed, epoch)[positions[at] % num_examples]
     return indices
 
-
-def image_grid(images, columns):
-    """(N, C, H, W) in [-1, 1] -> an (rows H, columns W, 3) uint8 array, one image per cell."""
-    pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()          # (N, H, W, C)
-    N, H, W, C = pixels.shape
-    pixels = np.concatenate([pixels, np.zeros((-N % columns, H, W, C), np.uint8)])
-    grid = rearrange(pixels, "(r c) h w ch -> (r h) (c w) ch", c=columns)
-    return grid if C == 3 else np.repeat(grid[..., :1], 3, axis=-1)
-
-
 def to_uint8(x):
     """[-1, 1] -> uint8 pixels as the ADM evaluator expects: clamp(x * 127.5 + 128, 0, 255)."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
-
-def save_grid(path, images, columns):
-    import matplotlib.pyplot as plt
-    grid = image_grid(images, columns)
-    atomic_write(path, lambda tmp: plt.imsave(tmp, grid, format="png"))
-
+def save_grid(path, pixels, columns):
+    """(N, H, W, C) uint8 -> a PNG with `columns` images per row (channel 0 in grey if C != 3), atomically."""
+    from PIL import Image                      # Pillow comes with matplotlib
+    N, H, W, C = pixels.shape
+    pixels = np.concatenate([pixels, np.zeros((-N % columns, H, W, C), np.uint8)])
+    grid = rearrange(pixels, "(r c) h w ch -> (r h) (c w) ch", c=columns)
+    grid = grid if C == 3 else np.repeat(grid[..., :1], 3, axis=-1)
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
 class StopRequest:
     """Inside it, SIGTERM (a cluster's preemption) or SIGINT (Ctrl-C) asks the loop to save and stop.
-
-    A second signal acts at once; the previous handlers come back on exit.
-    """
+    A second signal acts at once; the previous handlers come back on exit."""
     def __enter__(self):
         self.signal = None
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -1123,11 +1012,10 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-
 class RunLog:
-    """Rank 0's account of a run: a tqdm bar, log.txt and metrics.jsonl (one JSON record per line)."""
+    """A tqdm bar, log.txt and metrics.jsonl (rank 0 writes): means over the steps since the last record."""
     def __init__(self, results_dir, rank, start, end):
-        self.active = rank == 0
+        self.active, self.sums, self.steps, self.seconds = rank == 0, {}, 0, 0.0
         self.bar = tqdm(total=end, initial=start, disable=not self.active, dynamic_ncols=True)
         if self.active:
             self.text = open(os.path.join(results_dir, "log.txt"), "a")
@@ -1138,13 +1026,27 @@ class RunLog:
             tqdm.write(message)
             print(message, file=self.text, flush=True)
 
-    def record(self, record):
+    def add(self, values, seconds):
+        """One step's diagnostics (tensors) and how long it took."""
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0) + value.float()
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+        self.bar.update(1)
+
+    def record(self, step, world_size, images_per_step, device):
+        """Every process calls it (the means are all-reduced); rank 0 writes."""
+        names = sorted(self.sums)
+        means = all_reduce_mean(torch.stack([self.sums[n] for n in names]) / self.steps, world_size)
+        record = {"step": step, **dict(zip(names, means.tolist())),
+                  "images_per_s": self.steps * images_per_step / self.seconds}
+        if device.type == "cuda":
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        self.sums, self.steps, self.seconds = {}, 0, 0.0
         if self.active:
             shown = ("loss", "fm_mse", "scm_mse", "grad_norm", "images_per_s", "max_memory_gb")
             self.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
             print(json.dumps(record), file=self.jsonl, flush=True)
             print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), file=self.text, flush=True)
-
 
 def checkpoint_paths(results_dir):
     """Our checkpoints in a run folder, oldest first."""
@@ -1152,19 +1054,17 @@ def checkpoint_paths(results_dir):
     names = sorted(n for n in os.listdir(folder) if n.endswith(".pt")) if os.path.isdir(folder) else []
     return [os.path.join(folder, n) for n in names]
 
-
 def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
     """Load the newest checkpoint of a run folder into net, ema and optimizer; return its step."""
     paths = checkpoint_paths(results_dir)
     if not paths:
         return 0
     ckpt = torch.load(paths[-1], map_location="cpu", weights_only=False)
-    saved = ckpt["run_config"]
-    changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
+    changed = [f"  {k}: {ckpt['run_config'].get(k)!r} in the run, {v!r} now"
+               for k, v in run_config.items() if ckpt["run_config"].get(k) != v]
     if changed:
-        lines = "\n".join(f"  {k}: {old!r} in the run, {new!r} now" for k, (old, new) in changed.items())
-        raise SystemExit(f"{results_dir} holds a run with another configuration:\n{lines}\n"
-                         "Resume it with the same settings, or pass another --results-dir for a new run")
+        raise SystemExit(f"{results_dir} holds a run with another configuration:\n" + "\n".join(changed)
+                         + "\nResume it with the same settings, or pass another --results-dir for a new run")
     net.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -1175,7 +1075,6 @@ def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
             print(f"the run had {len(ckpt['rng'])} processes, now {world_size}: new random streams")
         torch.manual_seed(ckpt["step"] * world_size + rank)
     return ckpt["step"]
-
 
 def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, decode=lambda x: x,
           grid_labels=None):
@@ -1198,14 +1097,12 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
     net = net.to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = make_optimizer(net.parameters())
-    run_config = {**run_config, "cfg": asdict(cfg), "global_batch_size": args.global_batch_size,
-                  "global_seed": args.global_seed, "steps": args.steps, "ema_decay": args.ema_decay,
-                  "ema_every": args.ema_every}
+    run_flags = ("global_batch_size", "global_seed", "steps", "ema_decay", "ema_every")
+    run_config = {**run_config, "cfg": asdict(cfg), **{name: getattr(args, name) for name in run_flags}}
     # The grid's noise has the shape of one example, read before the seeding below so that it changes no draw.
     example = get_batch(torch.zeros(1, dtype=torch.long))[0]
-    grid_size = 32 if grid_labels is None else len(grid_labels)
-    grid_generator = torch.Generator().manual_seed(args.global_seed)
-    grid_noise = torch.randn(grid_size, *example.shape[1:], generator=grid_generator).to(device)
+    grid_shape = (32 if grid_labels is None else len(grid_labels), *example.shape[1:])
+    grid_noise = torch.randn(grid_shape, generator=torch.Generator().manual_seed(args.global_seed)).to(device)
     torch.manual_seed(args.global_seed * world_size + rank)  # each process draws its own noise and times
     start = resume(args.results_dir, run_config, net, ema, optimizer, rank, world_size)
     # The gradient pass goes through DDP, which all-reduces the gradients.
@@ -1218,7 +1115,7 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
     millions = sum(p.numel() for p in net.parameters()) / 1e6
     log.say(f"{'resuming at' if start else 'starting'} step {start} of {args.steps}: {world_size} "
             f"process(es), {type(net).__name__} with {millions:.2f}M parameters")
-    sums, logged_steps, train_seconds, bad_steps = {}, 0, 0.0, 0
+    bad_steps = 0
     with StopRequest() as stop_request:
         for step in range(start + 1, end + 1):  # step: the number of updates made after it
             # One step: this process's rows of global batch step - 1, micro-batches, then one update.
@@ -1229,32 +1126,19 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
             batches = [get_batch(part) for part in rows.split(micro_batch)]
             diagnostics = accumulate_gradients(model, batches, cfg, step - 1, args.steps, autocast)
             grad_norm = nn.utils.clip_grad_norm_(net.parameters(), float("inf"))  # the same on every process
-            if torch.isfinite(grad_norm):
+            bad_steps = 0 if torch.isfinite(grad_norm) else bad_steps + 1
+            if bad_steps == 0:
                 optimizer.step()
-                bad_steps = 0
             else:  # skip the update: the weights stay finite
-                bad_steps += 1
                 log.say(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
                 if bad_steps >= args.max_bad_steps:
                     raise SystemExit(f"{bad_steps} non-finite steps in a row: lower the learning rate, "
                                      "check the data, or resume from an earlier checkpoint")
             if step % args.ema_every == 0:
                 ema_update(ema, net, args.ema_decay ** args.ema_every)
-            train_seconds += time.time() - started
-            log.bar.update(1)
-            # Logs: means over the steps since the last record and over processes.
-            for name, value in {**diagnostics, "grad_norm": grad_norm.float()}.items():
-                sums[name] = sums.get(name, 0) + value
-            logged_steps += 1
+            log.add({**diagnostics, "grad_norm": grad_norm}, time.time() - started)
             if step % args.log_every == 0 or step == end:
-                names = sorted(sums)
-                means = all_reduce_mean(torch.stack([sums[n] for n in names]) / logged_steps, world_size)
-                record = {"step": step, **dict(zip(names, means.tolist()))}
-                record["images_per_s"] = logged_steps * args.global_batch_size / train_seconds
-                if device.type == "cuda":
-                    record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                log.record(record)
-                sums, logged_steps, train_seconds = {}, 0, 0.0
+                log.record(step, world_size, args.global_batch_size, device)
             # Sample grids, checkpoints, and a stop asked for by a signal on any process.
             if rank == 0 and (step % args.sample_every == 0 or step == end):
                 path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
@@ -1262,12 +1146,7 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
             stop = torch.tensor([float(stop_request.signal is not None)], device=device)
             stop = bool(all_reduce_mean(stop, world_size) > 0)
             if step % args.ckpt_every == 0 or step == end or stop:
-                check_in_sync(net, world_size)
-                states = gather_objects(rng_state(), world_size)
-                if rank == 0:
-                    save_run(args, step, net, ema, optimizer, cfg, run_config, states)
-                if world_size > 1:
-                    dist.barrier()
+                save_run(args, step, net, ema, optimizer, cfg, run_config, rank, world_size)
             if stop:
                 log.say(f"{stop_request.signal}: saved step {step}; the same command resumes the run")
                 break
@@ -1277,17 +1156,6 @@ def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, d
         gc.collect()  # gloo objects left in reference cycles, freed at exit, can abort the process
     return net, ema
 
-
-@torch.no_grad()
-def save_samples(path, ema, noise, labels, cfg, decode, seed):
-    """A PNG grid of EMA samples: one step, then two steps (the released sampler), 16 per row."""
-    devices = [noise.device] if noise.is_cuda else []
-    with torch.random.fork_rng(devices=devices):  # the training's random streams stay untouched
-        torch.manual_seed(seed)
-        images = [decode(sample(ema, noise, labels, cfg=cfg, steps=k, mode="renoise")) for k in (1, 2)]
-    save_grid(path, torch.cat(images), columns=16)
-
-
 def accumulate_gradients(model, batches, cfg, step, total_steps, autocast):
     """Backward of Algorithm 1 over micro-batches [(x0, y, cond), ...]: the gradient of the mean loss
     over all their rows; under DDP, all-reduced on the last one only. Returns row-weighted diagnostics."""
@@ -1295,8 +1163,7 @@ def accumulate_gradients(model, batches, cfg, step, total_steps, autocast):
     sums = {}
     for i, (x0, y, cond) in enumerate(batches):
         last = i == len(batches) - 1
-        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-        with sync:
+        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
             with autocast:
                 loss, diagnostics = soflow_loss(model, x0, y, cond, cfg=cfg, step=step,
                                                 total_steps=total_steps)
@@ -1305,26 +1172,33 @@ def accumulate_gradients(model, batches, cfg, step, total_steps, autocast):
             sums[name] = sums.get(name, 0) + value.float() * len(x0) / total_rows
     return sums
 
+@torch.no_grad()
+def save_samples(path, ema, noise, labels, cfg, decode, seed):
+    """A PNG grid of EMA samples: one step, then two steps (the released sampler), 16 per row."""
+    with torch.random.fork_rng(devices=[noise.device] if noise.is_cuda else []):  # training draws unchanged
+        torch.manual_seed(seed)
+        images = [decode(sample(ema, noise, labels, cfg=cfg, steps=k, mode="renoise")) for k in (1, 2)]
+    save_grid(path, to_uint8(torch.cat(images)).permute(0, 2, 3, 1).cpu().numpy(), columns=16)   # NHWC
 
-def check_in_sync(net, world_size):
-    """Every process must hold the same weights (DDP keeps them so); a difference is a bug: stop."""
-    checksum = sum(p.double().sum() for p in net.parameters()).reshape(1)
-    checksums = torch.cat(gather_objects(checksum.cpu(), world_size))
+def save_run(args, step, net, ema, optimizer, cfg, run_config, rank, world_size):
+    """Checkpoint `step` with every process's random state, written atomically by rank 0, which then deletes
+    all but the newest args.keep_ckpts. Every process must hold the same weights (DDP keeps them so)."""
+    checksums = torch.cat(gather_objects(sum(p.double().sum() for p in net.parameters()).reshape(1).cpu(),
+                                         world_size))
     if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
         raise RuntimeError(f"the processes' weights differ ({checksums.tolist()}): do not trust this run")
-
-
-def save_run(args, step, net, ema, optimizer, cfg, run_config, rng_states):
-    """Write checkpoint `step` atomically, then delete all but the newest args.keep_ckpts."""
-    if not all(torch.isfinite(p).all() for p in net.parameters()):
-        raise SystemExit(f"step {step}: the weights are not finite; the checkpoints on disk are kept")
-    path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
-    save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs, model=net.state_dict(),
-                    ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step, config=asdict(cfg),
-                    run_config=run_config, rng=rng_states)
-    for old in checkpoint_paths(args.results_dir)[:-args.keep_ckpts]:
-        os.remove(old)
-
+    rng_states = gather_objects(rng_state(), world_size)
+    if rank == 0:
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise SystemExit(f"step {step}: the weights are not finite; the checkpoints on disk are kept")
+        path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
+        save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs, model=net.state_dict(),
+                        ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step, config=asdict(cfg),
+                        run_config=run_config, rng=rng_states)
+        for old in checkpoint_paths(args.results_dir)[:-args.keep_ckpts]:
+            os.remove(old)
+    if world_size > 1:
+        dist.barrier()
 
 # ----- A 2D toy with an exact answer: a mixture of Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
 # Given component k, (x_0, x_1, x_t) are jointly Gaussian, so E[x_0 | x_t, k] and E[x_1 | x_t, k] are
@@ -1416,20 +1290,17 @@ def train_toy(toy, cfg, steps=1000, batch=512, lr=1e-3, ema=0.99, seed=0, net=No
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for k in trange(steps, desc=f"lam={cfg.lam}", leave=False, disable=not progress):
         x0, y = toy.sample(batch)
-        y = y if net.num_classes else None
-        loss, _ = soflow_loss(net, x0, y, cfg=cfg, step=k, total_steps=steps)
+        loss, _ = soflow_loss(net, x0, y if net.num_classes else None, cfg=cfg, step=k, total_steps=steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if average is not None:  # the decay warms up, (1 + k) / (10 + k), so short runs forget the initial weights
+        if average is not None:  # the decay warms up, (1 + k) / (10 + k): short runs forget the initial net
             ema_update(average, net, min(ema, (1 + k) / (10 + k)))
     return (net if average is None else average).eval()
-
 
 def map_error(x1, x0_exact, fn):
     """E ||fn(x_1) - f(x_1, 1, 0)||^2: the distance of a sampler to the exact solution map."""
     return float(((fn(x1) - x0_exact) ** 2).sum(1).mean())
-
 
 def map_figures(x0_hat, x0_exact, means):
     """How close samples land to the exact map's x0_exact = f(x_1, 1, 0): the share in the same mode (nearest
@@ -1441,15 +1312,13 @@ def map_figures(x0_hat, x0_exact, means):
     return dict(same_mode=float((mode(x0_hat) == mode(x0_exact)).double().mean()),
                 median=float(distance.quantile(0.5)), mse=float((distance ** 2).mean()))
 
-
 def main():
     parser = argparse.ArgumentParser(description="SoFlow vs flow matching on a 2D Gaussian mixture (CPU).")
     parser.add_argument("--steps", type=int, default=1000, help="training steps for each model")
     parser.add_argument("--out", default="soflow_toy.png", help="where to save the figure")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    toy = GaussianMixture.ring()
-    cfg = PRESETS["toy"]
+    toy, cfg = GaussianMixture.ring(), PRESETS["toy"]
     fm_cfg = replace(cfg, lam=1.0)                                        # lam = 1: flow matching only
     start = time.time()
     soflow = train_toy(toy, cfg, args.steps, seed=args.seed, progress=True)
@@ -1457,13 +1326,13 @@ def main():
     print(f"trained SoFlow and flow matching, {args.steps} steps each, in {time.time() - start:.0f} s")
     x1 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
     x0_exact = toy.solution(x1, 1.0, 0.0)
-    print("where 4096 noise samples land against the exact solution map f(x_1, 1, 0): in the same mode, the median "
-          f"distance, the mean squared distance\n  {'sampler':<32}{'same mode':>10}{'median':>8}{'MSE':>8}")
-    samplers = {}
+    print("where 4096 noise samples land against the exact solution map f(x_1, 1, 0): in the same mode, the "
+          "median distance, the mean squared distance")
+    print(f"  {'sampler':<32}{'same mode':>10}{'median':>8}{'MSE':>8}")
     # Two steps chained through t = 0.3, not 0.5: the modes are mostly decided above t = 0.3, and the slice
     # s = 0.5 is rarely trained (benchmarks/toy_study.md), so a stop there adds a second error where it costs.
-    samplers["SoFlow, NFE=1"] = partial(sample, soflow, cfg=cfg)
-    samplers["SoFlow, NFE=2"] = partial(sample, soflow, cfg=cfg, times=[1.0, 0.3, 0.0])
+    samplers = {"SoFlow, NFE=1": partial(sample, soflow, cfg=cfg),
+                "SoFlow, NFE=2": partial(sample, soflow, cfg=cfg, times=[1.0, 0.3, 0.0])}
     for k in (1, 2, 4, 8, 50):
         samplers[f"flow matching, Euler NFE={k}"] = partial(sample_euler, fm, cfg=fm_cfg, steps=k)
     for name, sampler in samplers.items():
@@ -1474,18 +1343,17 @@ def main():
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5.5), layout="tight")
     ax0.scatter(*toy.sample(2000)[0].T, s=2, c="0.6", label="data")
     ax0.scatter(*sample(soflow, x1[:2000], cfg=cfg).T, s=2, c="C1", label="SoFlow, one step")
-    x = x1[:40]
-    grid = torch.linspace(1, 0, 41).tolist()
+    ax0.legend(loc="upper right", markerscale=5)
+    x, grid = x1[:40], torch.linspace(1, 0, 41).tolist()
     ones = torch.ones(len(x))
     learned = torch.stack([solution(soflow, x, ones, s * ones, cfg=cfg).detach() for s in grid])
     exact = [x]
     for t, s in zip(grid[:-1], grid[1:]):  # one pass that records its states
         exact.append(toy.solution(exact[-1], t, s, steps=5))
-    exact = torch.stack(exact)                                               # (41, 40, 2)
+    exact = torch.stack(exact)
     ax1.plot(*exact.permute(2, 0, 1), c="k", lw=1)
     ax1.plot(*learned.permute(2, 0, 1), c="C1", lw=1, ls="--")
     ax1.scatter(*exact[-1].T, c="k", s=8)  # where the exact paths end: data
-    ax0.legend(loc="upper right", markerscale=5)
     ax0.set(title="one-step samples")
     ax1.set(title="f(x_1, 1, s), s from 1 to 0: exact (black), learned (orange)")
     for ax in (ax0, ax1):
