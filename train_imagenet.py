@@ -1,11 +1,11 @@
-"""Train SoFlow on ImageNet 256 latents (the SD VAE's 4x32x32), class-conditional with CFG: the paper's headline.
+"""Train SoFlow on ImageNet 256 latents (SD VAE, 4x32x32), class-conditional with CFG: the paper's headline.
 
-    torchrun --nproc_per_node=8 train_imagenet.py prepare --data-path /data/imagenet/train --latents data/in256
-    torchrun --nproc_per_node=8 train_imagenet.py --latents data/in256 --model DiT-B/4 --results-dir runs/in256-B4
+    torchrun --nproc_per_node=8 train_imagenet.py prepare --data-path data/imagenet/train --latents data/in256
+    torchrun --nproc_per_node=8 train_imagenet.py --latents data/in256 --model DiT-B/4 --results-dir runs/B4
 
-`prepare` encodes every image once, as the released pipeline does: ADM's center crop, [-1, 1], the SD VAE's posterior
-mean and std, stored in memory-mapped .npy files with a JSON manifest. Training then draws a fresh latent of each image
-at every step, (mean + std * eps) * 0.18215. The loop, checkpoints and resume are soflow.train's.
+`prepare` encodes every image once, as the released pipeline does: ADM's center crop, [-1, 1], the SD VAE's
+posterior mean and std, in memory-mapped .npy files with a JSON manifest. Training draws a fresh latent of
+each image at every step, (mean + std * eps) * 0.18215. The loop, checkpoints and resume are soflow.train's.
 """
 import argparse
 import gc
@@ -14,6 +14,8 @@ import json
 import os
 import sys
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,24 +26,20 @@ import soflow
 
 # ----- The SD VAE (diffusers, optional: imported only here) -----
 VAE_NAME = "stabilityai/sd-vae-ft-mse"
-VAE_SCALE = 0.18215                       # latents are scaled by this before training, divided by it to decode
-
+VAE_SCALE = 0.18215                   # latents are scaled by this before training, divided by it to decode
 
 def load_vae(name_or_path=VAE_NAME, device="cpu", rank=0, world_size=1):
-    """The SD VAE (diffusers AutoencoderKL) in eval mode, from a hub name or a local folder.
-
-    Under torchrun rank 0 loads first (it fills the download cache), then the others read the cache."""
+    """The SD VAE (diffusers AutoencoderKL) in eval mode, from a hub name or a local folder."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
         raise SystemExit(f"the SD VAE needs diffusers ({e}): pip install diffusers") from e
-    if rank > 0:
+    if rank > 0:                          # under torchrun rank 0 loads first: it fills the download cache
         dist.barrier()
     vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
     if rank == 0 and world_size > 1:
         dist.barrier()
     return vae.to(device).eval().requires_grad_(False)
-
 
 @torch.no_grad()
 def decode_latents(vae, z):
@@ -52,12 +50,10 @@ def decode_latents(vae, z):
 # ----- prepare: an ImageNet-style folder -> posterior means and stds of the SD VAE -----
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
-
 def center_crop_arr(image, size):
-    """ADM's crop (guided-diffusion): halve with a box filter while the short side is >= 2 size, resize it to
-    size with a bicubic filter, take the centre. A PIL image -> (size, size, 3) uint8."""
+    """ADM's center crop (guided-diffusion): a PIL image -> (size, size, 3) uint8."""
     from PIL import Image                 # Pillow comes with matplotlib
-    while min(image.size) >= 2 * size:
+    while min(image.size) >= 2 * size:    # box-filter halvings, then one bicubic resize
         image = image.resize(tuple(n // 2 for n in image.size), resample=Image.BOX)
     scale = size / min(image.size)
     image = image.resize(tuple(round(n * scale) for n in image.size), resample=Image.BICUBIC)
@@ -65,22 +61,18 @@ def center_crop_arr(image, size):
     top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
     return pixels[top:top + size, left:left + size]
 
-
 def list_images(root):
     """(paths, labels, class names): one subfolder per class, classes in sorted order, files sorted."""
     if not os.path.isdir(root):
-        raise SystemExit(f"--data-path {root} is not a folder: give ImageNet's train/ (one subfolder per class)")
+        raise SystemExit(f"--data-path {root} is not a folder: give ImageNet's train/ "
+                         "(one subfolder per class)")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(os.path.join(root, name))):
-            found = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-            paths += [os.path.join(folder, f) for f in found]
-            labels += [label] * len(found)
-    if not paths:
+    found = [(os.path.join(folder, f), label) for label, name in enumerate(classes)
+             for folder, _, files in sorted(os.walk(os.path.join(root, name)))
+             for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
         raise SystemExit(f"no images in class subfolders of {root}: expected {root}/CLASS/IMAGE.JPEG")
-    return paths, labels, classes
-
+    return [path for path, _ in found], [label for _, label in found], classes
 
 class ImageFiles(torch.utils.data.Dataset):
     """Image i as (i, (3, size, size) uint8, error message); an unreadable file gives zeros and its error."""
@@ -91,59 +83,48 @@ class ImageFiles(torch.utils.data.Dataset):
         from PIL import Image
         try:
             with Image.open(self.paths[i]) as image:
-                pixels = torch.from_numpy(center_crop_arr(image, self.size).copy()).permute(2, 0, 1)
-            return i, pixels, ""
+                return i, torch.from_numpy(center_crop_arr(image, self.size).copy()).permute(2, 0, 1), ""
         except Exception as e:            # reported at the end and left out of training, never silently
             return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
-
 def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    soflow.atomic_write(path, write)
-
+    """obj as JSON at path, atomically."""
+    soflow.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 def open_or_create(out, manifest, labels):
-    """Rank 0: a new folder gets empty arrays and the manifest (complete: false); an existing one must hold the
-    same settings. Returns (an error message or '', the manifest on disk)."""
+    """Rank 0: (an error message or '', the manifest on disk); a new folder gets empty arrays first."""
     path = os.path.join(out, "manifest.json")
-    files = [n for n in manifest["arrays"].values() if os.path.exists(os.path.join(out, n))]
-    if files and not os.path.exists(path):           # never overwrite files that prepare did not describe
-        return (f"{out} holds {', '.join(files)} but no manifest.json: pass a new --latents folder (or delete "
-                "them, if an interrupted prepare left them)"), None
-    if not os.path.exists(path):
-        os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-        for name in ("mean", "std"):
-            array = np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", manifest["dtype"],
-                                              (manifest["count"] * manifest["copies"], *manifest["shape"]))
-            array.flush()
-        np.save(os.path.join(out, "labels.npy"), np.asarray(labels, np.int64))
-        write_json(path, manifest)                        # last: a manifest means the arrays exist
-        return "", manifest
-    with open(path) as f:
-        there = json.load(f)
-    changed = [f"  {k}: {there['settings'].get(k)!r} there, {v!r} now"
-               for k, v in manifest["settings"].items() if there["settings"].get(k) != v]
-    if changed:
+    if os.path.exists(path):
+        there = json.loads(Path(path).read_text())
+        changed = [f"  {k}: {there['settings'].get(k)!r} there, {v!r} now"
+                   for k, v in manifest["settings"].items() if there["settings"].get(k) != v]
         return (f"{out} holds latents prepared with other settings:\n" + "\n".join(changed)
-                + "\nUse the same settings to resume, or another --latents folder"), there
-    return "", there
-
+                + "\nUse the same settings to resume, or another --latents folder" if changed else ""), there
+    if files := [n for n in manifest["arrays"].values() if os.path.exists(os.path.join(out, n))]:
+        return (f"{out} holds {', '.join(files)} but no manifest.json: pass a new --latents folder (or "
+                "delete them, if an interrupted prepare left them)"), None    # never overwrite others' files
+    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    for name in ("mean", "std"):
+        np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", manifest["dtype"],
+                                  (manifest["count"] * manifest["copies"], *manifest["shape"])).flush()
+    np.save(os.path.join(out, "labels.npy"), np.asarray(labels, np.int64))
+    write_json(path, manifest)                        # last: a manifest means the arrays exist
+    return "", manifest
 
 @torch.no_grad()
 def prepare(args):
+    """Encode the images in shards of --shard-size; rank r of W takes shards r, r + W, ... not marked done."""
     rank, world_size, device = soflow.init_distributed()
     paths, labels, classes = list_images(args.data_path)
-    listing = hashlib.sha256("\n".join(os.path.relpath(p, args.data_path) for p in paths).encode()).hexdigest()
+    listing = hashlib.sha256("\n".join(os.path.relpath(p, args.data_path) for p in paths).encode())
+    listing = listing.hexdigest()
     if len(set(soflow.gather_objects(listing, world_size))) > 1:
         raise SystemExit("the processes see different files under --data-path: it must be one shared folder")
     vae = load_vae(args.vae, device, rank, world_size)
     size = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)    # the SD VAE: 256 -> 32
     N, copies = len(paths), 2 if args.flip else 1
     settings = dict(data_path=os.path.abspath(args.data_path), num_images=N, listing_sha256=listing,
-                    image_size=args.image_size, vae=args.vae, flip=args.flip, dtype=args.dtype,
-                    shard_size=args.shard_size)
+                    **{k: getattr(args, k) for k in ("image_size", "vae", "flip", "dtype", "shard_size")})
     manifest = dict(complete=False, settings=settings, count=N, copies=copies, unreadable=0, dtype=args.dtype,
                     shape=[vae.config.latent_channels, size, size], scale=VAE_SCALE, crop="ADM center crop",
                     classes=classes, arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy"))
@@ -153,37 +134,34 @@ def prepare(args):
         raise SystemExit(error)
     if manifest["complete"]:
         return print(f"{args.latents} is complete ({N} images): nothing to do") if rank == 0 else None
-    # Shards of --shard-size images; rank r encodes shards r, r + W, ... that have no marker yet.
     shards = [range(a, min(a + args.shard_size, N)) for a in range(0, N, args.shard_size)]
     markers = [os.path.join(args.latents, "shards", f"{k:06d}.json") for k in range(len(shards))]
     mine = [k for k in range(rank, len(shards), world_size) if not os.path.exists(markers[k])]
-    batches = [list(shards[k][a:a + args.batch_size]) for k in mine for a in range(0, len(shards[k]), args.batch_size)]
+    batches = [list(shards[k][a:a + args.batch_size]) for k in mine
+               for a in range(0, len(shards[k]), args.batch_size)]
     loader = torch.utils.data.DataLoader(ImageFiles(paths, args.image_size), batch_sampler=batches,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     arrays = {n: np.load(os.path.join(args.latents, f"{n}.npy"), mmap_mode="r+") for n in ("mean", "std")}
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     if rank == 0:
         print(f"encoding {N} images with {args.vae} on {world_size} process(es); {len(shards)} shards, "
               f"{sum(not os.path.exists(m) for m in markers)} to do")
     bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img", disable=rank > 0, desc="prepare")
-    left, errors = {k: len(shards[k]) for k in mine}, {k: {} for k in mine}
+    unreadable = {}                                       # of the shard being encoded (batches come in order)
     for indices, pixels, messages in loader:
         first, count = int(indices[0]), len(indices)          # a batch is a contiguous run of one shard
         x = pixels.to(device).float() / 127.5 - 1             # (B, 3, size, size) in [-1, 1]
         x = torch.cat([x, x.flip(3)]) if args.flip else x      # the flipped copies go to rows N + i
-        with autocast:
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             posterior = vae.encode(x).latent_dist
-        for name, value in (("mean", posterior.mean), ("std", posterior.std)):
-            value = value.float().cpu().numpy().astype(args.dtype)
-            for copy in range(copies):
-                arrays[name][copy * N + first:copy * N + first + count] = value[copy * count:(copy + 1) * count]
-        shard = first // args.shard_size
-        errors[shard].update({int(i): m for i, m in zip(indices, messages) if m})
-        left[shard] -= count
-        if left[shard] == 0:                                    # flushed, then marked: a marker means on disk
-            for array in arrays.values():
+        for name, value in (("mean", posterior.mean), ("std", posterior.std)):    # (copies * B, 4, h, w)
+            value = value.float().cpu().numpy().astype(args.dtype).reshape(copies, count, -1)
+            arrays[name].reshape(copies, N, -1)[:, first:first + count] = value       # a view: writes through
+        unreadable.update({int(i): m for i, m in zip(indices, messages) if m})
+        if first + count == shards[first // args.shard_size].stop:    # the shard's last batch
+            for array in arrays.values():                    # flushed, then marked: a marker means on disk
                 array.flush()
-            write_json(markers[shard], errors[shard])
+            write_json(markers[first // args.shard_size], unreadable)
+            unreadable = {}
         bar.update(count)
     bar.close()
     if world_size > 1:
@@ -191,19 +169,15 @@ def prepare(args):
     if rank == 0:
         finish(args.latents, manifest, paths, markers)
 
-
 def finish(out, manifest, paths, markers):
     """Rank 0, after every shard: unreadable images get label -1 (training skips them) and are listed."""
-    unreadable = {}
-    for marker in markers:
-        with open(marker) as f:
-            unreadable.update({int(i): message for i, message in json.load(f).items()})
+    unreadable = {int(i): message for marker in markers
+                  for i, message in json.loads(Path(marker).read_text()).items()}
     labels = np.load(os.path.join(out, "labels.npy"), mmap_mode="r+")
     labels[sorted(unreadable)] = -1
     labels.flush()
     report = [f"{paths[i]}\t{message}" for i, message in sorted(unreadable.items())]
-    with open(os.path.join(out, "unreadable.txt"), "w") as f:
-        f.write("\n".join(report))
+    Path(out, "unreadable.txt").write_text("\n".join(report))
     manifest.update(complete=True, count=len(paths) - len(unreadable), unreadable=len(unreadable))
     write_json(os.path.join(out, "manifest.json"), manifest)
     print(f"wrote {out}: {manifest['count']} images in {len(manifest['classes'])} classes" + (
@@ -216,20 +190,16 @@ def open_latents(folder):
     """The manifest and the memory-mapped arrays of a prepared folder (a clear error if it is not one)."""
     path = os.path.join(folder, "manifest.json")
     if not os.path.exists(path):
-        raise SystemExit(f"{folder} holds no latents: run `python train_imagenet.py prepare --latents {folder}` first")
-    with open(path) as f:
-        manifest = json.load(f)
+        raise SystemExit(f"{folder} holds no latents: "
+                         f"run `python train_imagenet.py prepare --latents {folder}` first")
+    manifest = json.loads(Path(path).read_text())
     if not manifest["complete"]:
         raise SystemExit(f"{folder} is half prepared: run the same prepare command again to finish it")
     arrays = {n: np.load(os.path.join(folder, file), mmap_mode="r") for n, file in manifest["arrays"].items()}
     return manifest, arrays
 
-
 def latent_batches(manifest, arrays, device):
-    """get_batch(rows) for soflow.train: rows of the readable images -> (x_0, y, None) on the device.
-
-    x_0 = (mean + std * eps) * 0.18215, a fresh draw of the posterior at every step, of the image or (prepared with
-    --flip) of its flipped copy at random."""
+    """get_batch(rows) for soflow.train: rows of the readable images -> (x_0, y, None), x_0 drawn afresh."""
     readable = np.flatnonzero(arrays["labels"] >= 0)
     N, copies = len(arrays["labels"]), manifest["copies"]
 
@@ -243,10 +213,8 @@ def latent_batches(manifest, arrays, device):
         return x0, torch.from_numpy(arrays["labels"][index % N]).to(device), None
     return get_batch, len(readable)
 
-
 def grid_decoder(vae_name, device, results_dir):
-    """Latents -> images for the sample grids: the VAE's decoder, or the latents themselves (drawn from their
-    first channel) with --vae none or when the VAE does not load. Said once, in the log."""
+    """Latents -> images for the sample grids (said in the log): the VAE's decoder, or the latents."""
     decode, note = (lambda z: z), "sample grids: the latents' first channel (--vae none)"
     if vae_name != "none":
         try:
@@ -260,42 +228,42 @@ def grid_decoder(vae_name, device, results_dir):
     print(note)
     return decode
 
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="SoFlow on ImageNet 256 latents (one process or torchrun). "
                                      "`prepare` first turns an image folder into latents.")
-    parser.add_argument("--latents", required=True, help="the folder `prepare` wrote")
-    parser.add_argument("--model", default="DiT-B/4", choices=sorted(soflow.DiT_models))
-    parser.add_argument("--preset", default="imagenet", choices=["imagenet", "imagenet-paper"],
-                        help="imagenet: the released configuration; imagenet-paper: the paper's App. A values")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--cfg-w", type=float, default=None, help="CFG strength w (Eq. 18; default the preset's)")
-    parser.add_argument("--vae", default=None, help="decodes the sample grids (default: the one of prepare; "
-                        "'none': grids of the latents' first channel)")
+    add = parser.add_argument
+    add("--latents", required=True, help="the folder `prepare` wrote")
+    add("--model", default="DiT-B/4", choices=sorted(soflow.DiT_models))
+    add("--preset", default="imagenet", choices=["imagenet", "imagenet-paper"],
+        help="imagenet: the released configuration; imagenet-paper: the paper's App. A values")
+    add("--lr", type=float, default=1e-4)
+    add("--cfg-w", type=float, default=None, help="CFG strength w (Eq. 18; default the preset's)")
+    add("--vae", default=None, help="decodes the sample grids (default: the one of prepare; "
+        "'none': grids of the latents' first channel)")
     # The released recipe: global batch 256; 400k steps for B/4, 240 epochs (1.2M steps) for the other sizes.
     soflow.add_training_args(parser, global_batch_size=256, steps=None)
     args = parser.parse_args(argv)
     args.steps = args.steps or (400_000 if args.model == "DiT-B/4" else 1_200_000)
     return args
 
-
 def prepare_args(argv):
-    parser = argparse.ArgumentParser(prog="train_imagenet.py prepare", description="Images -> SD-VAE latents.")
-    parser.add_argument("--data-path", required=True, help="ImageNet's train/: one subfolder per class")
-    parser.add_argument("--latents", required=True, help="output folder (resumed if interrupted)")
-    parser.add_argument("--image-size", type=int, default=256, choices=[32, 64, 128, 256, 512])
-    parser.add_argument("--vae", default=VAE_NAME, help="hub name or local folder of a diffusers AutoencoderKL")
-    parser.add_argument("--flip", action="store_true", help="also encode horizontal flips (twice the time and disk)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="float16: half the disk")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per VAE call and process")
-    parser.add_argument("--workers", type=int, default=8, help="DataLoader processes decoding images")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="images per resumable unit of work")
+    parser = argparse.ArgumentParser(prog="train_imagenet.py prepare",
+                                     description="Images -> SD-VAE latents.")
+    add = parser.add_argument
+    add("--data-path", required=True, help="ImageNet's train/: one subfolder per class")
+    add("--latents", required=True, help="output folder (resumed if interrupted)")
+    add("--image-size", type=int, default=256, choices=[32, 64, 128, 256, 512])
+    add("--vae", default=VAE_NAME, help="hub name or local folder of a diffusers AutoencoderKL")
+    add("--flip", action="store_true", help="also encode horizontal flips (twice the time and disk)")
+    add("--dtype", default="float32", choices=["float32", "float16"], help="float16: half the disk")
+    add("--batch-size", type=int, default=64, help="images per VAE call and process")
+    add("--workers", type=int, default=8, help="DataLoader processes decoding images")
+    add("--shard-size", type=int, default=10_000, help="images per resumable unit of work")
     args = parser.parse_args(argv)
     for name, low in dict(batch_size=1, shard_size=1, workers=0).items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}")
     return args
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -306,27 +274,23 @@ def main(argv=None):
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-                gc.collect()              # gloo's leftovers, freed at exit, can abort the process: free them now
+                gc.collect()      # gloo's leftovers, freed at exit, can abort the process: free them now
     args = parse_args(argv)
     manifest, arrays = open_latents(args.latents)
     cfg = soflow.PRESETS[args.preset]
     cfg = replace(cfg, w=args.cfg_w) if args.cfg_w is not None else cfg
     rank, world_size, device = soflow.init_distributed()
     get_batch, num_examples = latent_batches(manifest, arrays, device)
-    classes = len(manifest["classes"])
     torch.manual_seed(args.global_seed)                   # the same initial weights on every process
-    net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=classes)
+    net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=len(manifest["classes"]))
     vae_name = args.vae or manifest["settings"]["vae"]
-    decode = grid_decoder(vae_name, device, args.results_dir) if rank == 0 else None     # rank 0 draws the grids
-
-    def make_optimizer(params):   # the released optimizer; the paper's Adam is the same update at weight decay 0
-        return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-
+    decode = grid_decoder(vae_name, device, args.results_dir) if rank == 0 else None   # rank 0 draws grids
+    # The released optimizer; the paper's Adam is the same update at weight decay 0.
+    make_optimizer = partial(torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run_config = dict(model=args.model, preset=args.preset, lr=args.lr, cfg_w=args.cfg_w,
                       latents=manifest["settings"]["listing_sha256"], copies=manifest["copies"])
-    grid_labels = torch.arange(32, device=device) % classes
+    grid_labels = torch.arange(32, device=device) % len(manifest["classes"])
     soflow.train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, decode, grid_labels)
-
 
 if __name__ == "__main__":
     main()
