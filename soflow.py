@@ -1043,7 +1043,8 @@ class RunLog:
             record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         self.sums, self.steps, self.seconds = {}, 0, 0.0
         if self.active:
-            shown = ("loss", "fm_mse", "scm_mse", "grad_norm", "images_per_s", "max_memory_gb")
+            shown = ("loss", "fm_mse", "fm_weight", "scm_mse", "scm_weight", "grad_norm", "images_per_s",
+                     "max_memory_gb")
             self.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
             print(json.dumps(record), file=self.jsonl, flush=True)
             print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), file=self.text, flush=True)

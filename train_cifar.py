@@ -1,7 +1,7 @@
 """Train SoFlow on CIFAR-10 (unconditional, 32x32 pixels) with the released data and augmentation.
 
     torchrun --nproc_per_node=8 train_cifar.py --data-path data/cifar10 --results-dir runs/cifar10
-    python train_cifar.py --model UNet-T --steps 200      # a laptop try on the CPU
+    python train_cifar.py --model UNet-T --global-batch-size 32 --steps 500 --results-dir runs/try   # CPU
 """
 import argparse
 import hashlib
@@ -186,12 +186,15 @@ def main(argv=None):
     if args.class_cond:
         cfg = replace(cfg, w=args.cfg_w, m=args.cfg_m, drop=args.cfg_drop, decay=args.cfg_decay)
     rank, world_size, device = soflow.init_distributed()
-    if rank == 0:                                         # one process downloads, the others wait
-        images, labels = load_cifar10(args.data_path, download=not args.no_download)
-    if world_size > 1:
-        dist.barrier()
-    if rank > 0:
-        images, labels = load_cifar10(args.data_path, download=False)
+    try:
+        if rank == 0:                                     # one process downloads, the others wait
+            images, labels = load_cifar10(args.data_path, download=not args.no_download)
+        if world_size > 1:
+            dist.barrier()
+        if rank > 0:
+            images, labels = load_cifar10(args.data_path, download=False)
+    except (OSError, ValueError, RuntimeError) as e:      # the message says what to do: no traceback
+        raise SystemExit(f"{type(e).__name__}: {e}") from e
     images, labels = images.to(device), labels.to(device)            # uint8: 150 MB for the 50,000 images
     torch.manual_seed(args.global_seed)                   # the same initial weights on every process
     net = soflow.UNet_models[args.model](num_classes=10 if args.class_cond else 0)

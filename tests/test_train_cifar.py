@@ -89,7 +89,7 @@ def test_sigterm_saves_a_checkpoint_the_same_command_resumes(data, tmp_path):
 
 
 def test_clear_errors(data, tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found: looked for .*empty/cifar-10-batches-py"):
+    with pytest.raises(SystemExit, match="FileNotFoundError: CIFAR-10 not found: looked for .*empty/cifar-10-batches-py"):
         train_cifar.main([*TINY, "--data-path", str(tmp_path / "empty"), "--no-download",
                           "--results-dir", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="--micro-batch 3 does not divide the per-process batch 8"):

@@ -1,6 +1,7 @@
 """The training machinery both scripts share (soflow.train and its parts), on a 2D toy in one process.
 The scripts' own tests run it under torchrun with 2 processes."""
 import argparse
+import json
 import os
 import signal
 from dataclasses import asdict, replace
@@ -181,3 +182,18 @@ def test_ema_every_k_steps_uses_decay_to_the_k(tmp_path):
     for name, ema in ckpt["ema"].items():
         expected = 0.25 * initial[name] + 0.75 * ckpt["model"][name]
         torch.testing.assert_close(ema, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_log_records_means_since_the_last_record_and_the_bar_shows_the_weights(tmp_path):
+    log = soflow.RunLog(str(tmp_path), rank=0, start=0, end=4)
+    for loss, weight in ((1.0, 2.0), (3.0, 6.0)):
+        log.add({"loss": torch.tensor(loss), "scm_mse": torch.tensor(0.5), "scm_weight": torch.tensor(weight)}, 0.5)
+    log.record(2, world_size=1, images_per_step=8, device=torch.device("cpu"))
+    log.add({"loss": torch.tensor(7.0), "scm_mse": torch.tensor(0.5), "scm_weight": torch.tensor(1.0)}, 0.25)
+    log.record(3, world_size=1, images_per_step=8, device=torch.device("cpu"))
+    log.bar.close()
+    first, second = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert first == {"step": 2, "loss": 2.0, "scm_mse": 0.5, "scm_weight": 4.0, "images_per_s": 16.0}
+    assert second == {"step": 3, "loss": 7.0, "scm_mse": 0.5, "scm_weight": 1.0, "images_per_s": 32.0}
+    assert "step=3 loss=7" in (tmp_path / "log.txt").read_text()
+    assert "scm_weight=1" in log.bar.postfix and "loss=7" in log.bar.postfix
