@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import soflow
-import train_imagenet
+import training
 
 # The authors' checkpoints store no SoFlowConfig; these are the configurations they were trained with.
 RELEASED = {"DiT": "imagenet", "UNet": "cifar10"}
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--npz", action="store_true", help="also write OUT.npz for the ADM evaluator")
     parser.add_argument("--grid", type=int, default=64, help="the first this many images go in the PNG grid")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--vae", default=train_imagenet.VAE_NAME, help="latent models: hub name or local folder")
+    parser.add_argument("--vae", default=training.VAE_NAME, help="latent models: hub name or local folder")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="bf16: autocast for the network and the VAE; auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -87,13 +87,13 @@ def write_npz(path, arrays):
     def write(tmp):
         with open(tmp, "wb") as f:       # a file object: np.savez would append ".npz" to a temporary name
             np.savez(f, **arrays)
-    soflow.atomic_write(path, write)
+    training.atomic_write(path, write)
 
 
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    rank, world_size, device = soflow.init_distributed()
+    rank, world_size, device = training.init_distributed()
     try:
         return generate(args, rank, world_size, device, started)
     finally:                                # also on an error: a clean exit for every process
@@ -112,7 +112,7 @@ def generate(args, rank, world_size, device, started):
     out = args.out or os.path.join("samples", f"{stem}-nfe{args.nfe}-seed{args.seed}")
     out = out[:-4] if out.endswith((".png", ".npz")) else out
     paths = [out + ".png"] + ([out + ".npz"] if args.npz else [])
-    existing = soflow.gather_objects([p for p in paths if os.path.exists(p)], world_size)[0]
+    existing = training.gather_objects([p for p in paths if os.path.exists(p)], world_size)[0]
     if existing and not args.overwrite:
         raise SystemExit(f"sample.py: {' and '.join(existing)} already there: pass --overwrite, or another --out")
     # Network and config: ours store their SoFlowConfig, the released ones were trained with a known preset.
@@ -123,15 +123,15 @@ def generate(args, rank, world_size, device, started):
     arch, kw = type(net).__name__, net.init_kwargs
     if arch not in RELEASED:
         raise SystemExit(f"sample.py: {args.ckpt} holds a {arch}; images come from a DiT or a UNet")
-    cfg = net.soflow_config
-    if cfg is None:
-        cfg = soflow.PRESETS[RELEASED[arch]]
+    config = net.soflow_config
+    if config is None:
+        config = soflow.PRESETS[RELEASED[arch]]
         say(f"{args.ckpt} stores no config: assuming the released PRESETS['{RELEASED[arch]}'] "
-            f"({cfg.schedule} schedule, {cfg.param} parameterization)")
+            f"({config.schedule} schedule, {config.param} parameterization)")
     # Data kind: a DiT on 4 channels works on SD-VAE latents, everything else on pixels.
     shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
     latent = arch == "DiT" and shape[0] == 4
-    vae = train_imagenet.load_vae(args.vae, device, rank, world_size) if latent else None
+    vae = training.load_vae(args.vae, device, rank, world_size) if latent else None
     # Classes: checked against the model's.
     num_classes = net.num_classes
     if args.classes and not num_classes:
@@ -142,7 +142,7 @@ def generate(args, rank, world_size, device, started):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     model = torch.compile(net) if args.compile else net
     renoise_steps = args.nfe - 1 if args.sampler == "renoise" else 0
-    run = dict(cfg=cfg, steps=args.nfe, mode=args.sampler)
+    run = dict(config=config, steps=args.nfe, mode=args.sampler)
     say(f"{arch}({', '.join(f'{k}={v}' for k, v in kw.items())}) on {'latents' if latent else 'pixels'} "
         f"{shape}; {args.num_images} images, {args.nfe} NFE ({args.sampler}), {world_size} process(es), "
         f"{'bf16' if bf16 else 'fp32'}{', compiled' if args.compile else ''}")
@@ -177,10 +177,10 @@ def generate(args, rank, world_size, device, started):
         with autocast:
             x0 = soflow.sample(model, x1, y, eps=eps, **run) if len(indices) else x1
             t2 = clock()
-            x0 = train_imagenet.decode_latents(vae, x0) if latent and len(indices) else x0
+            x0 = training.decode_latents(vae, x0) if latent and len(indices) else x0
         t3 = clock()
         # uint8 = clamp(x * 127.5 + 128, 0, 255), NHWC: as the ADM evaluator reads them.
-        batch = soflow.to_uint8(x0.float()).permute(0, 2, 3, 1).cpu().numpy()
+        batch = training.to_uint8(x0.float()).permute(0, 2, 3, 1).cpu().numpy()
         parts = gather_to_rank0((indices.numpy(), batch, None if y is None else y.cpu().numpy()), rank, world_size)
         for idx, part, part_labels in [p for p in parts or [] if len(p[0])]:    # fewer images than processes
             if pixels is None:
@@ -196,13 +196,13 @@ def generate(args, rank, world_size, device, started):
     if rank == 0:
         t0 = clock()
         grid = pixels[:args.grid]
-        soflow.save_grid(paths[0], grid, columns=math.ceil(math.sqrt(len(grid))))
+        training.save_grid(paths[0], grid, columns=math.ceil(math.sqrt(len(grid))))
         if args.npz:
             write_npz(paths[1], dict(arr_0=pixels, **({"arr_1": labels} if num_classes else {})))
         seconds["write"] = clock() - t0
     loop_seconds = clock() - loop_start
     # Generation alone: the sampler on the process that spent longest in it.
-    generate_seconds = max(s["generate"] for s in soflow.gather_objects(seconds, world_size))
+    generate_seconds = max(s["generate"] for s in training.gather_objects(seconds, world_size))
     stats = dict(images=args.num_images, seconds=seconds, loop_seconds=loop_seconds,
                  total_seconds=time.perf_counter() - started, generate_images_per_s=args.num_images / generate_seconds,
                  end_to_end_images_per_s=args.num_images / loop_seconds)

@@ -1,34 +1,25 @@
 """SoFlow: Solution Flow Models for one-step generative modeling (Luo, Yuan, Liu; arXiv 2512.15657).
 
-One file in the paper's order: schedules (Sec. 3), parameterizations (Sec. 4.2), time sampling, the two
-losses (Eq. 11-15), guidance (Sec. 4.3), Algorithm 1 and sampling; then the networks (MLP, DiT, U-Net),
-checkpoints, the training loop of train_cifar.py and train_imagenet.py, a 2D toy with an exact solution map
-and the demo.
+The method in one file, in the paper's order: noising schedules (Sec. 3), parameterizations (Sec. 4.2), time
+sampling (App. A), the flow matching loss (Eq. 11-12), the solution consistency loss (Eq. 13-15), guidance
+(Sec. 4.3, Eq. 17-19), the hyperparameters, Algorithm 1 and sampling; then the networks (MLP, DiT, U-Net) and
+loading checkpoints, ours and the released ones. It imports only torch and einops: copy it into a project.
 
-    python soflow.py      # trains a small MLP on a 2D toy on the CPU; compares it with flow matching
+    import soflow
+    net, config = soflow.MLP(), soflow.PRESETS["toy"]
+    loss, diagnostics = soflow.soflow_loss(net, x0, config=config, step=k, total_steps=K)   # Algorithm 1
+    x0_hat = soflow.sample(net, torch.randn_like(x0), config=config)                     # one step
 """
-import argparse
-import contextlib
-import copy
-import gc
-import json
 import math
-import os
-import random
-import signal
-import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
-from functools import lru_cache, partial
+from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from tqdm import tqdm, trange
 
 # ----- Conventions -----
 #   t = 0 is data, t = 1 is noise: x_t = alpha_t x_0 + beta_t x_1 with x_1 ~ N(0, I).
@@ -108,13 +99,13 @@ def v_from_F(param_name, F_out, x, t):
     param = PARAMETERIZATIONS[param_name]
     return per_sample(param.da_ds(t), x) * x + per_sample(param.db_ds(t), x) * F_out
 
-def solution(net, x, t, s, y=None, cond=None, *, cfg):
-    """The learned solution function f_theta(x, t, s), in the parameterization of cfg."""
-    return f_from_F(cfg.param, net(x, t, s, y, cond), x, t, s)
+def solution(net, x, t, s, y=None, cond=None, *, config):
+    """The learned solution function f_theta(x, t, s), in the parameterization of config."""
+    return f_from_F(config.param, net(x, t, s, y, cond), x, t, s)
 
-def velocity(net, x, t, y=None, cond=None, *, cfg):
-    """The learned velocity field v_theta(x, t) (Eq. 10), in the parameterization of cfg."""
-    return v_from_F(cfg.param, net(x, t, t, y, cond), x, t)
+def velocity(net, x, t, y=None, cond=None, *, config):
+    """The learned velocity field v_theta(x, t) (Eq. 10), in the parameterization of config."""
+    return v_from_F(config.param, net(x, t, t, y, cond), x, t)
 
 
 # ----- Time sampling (Sec. 4.2, App. A) -----
@@ -124,39 +115,41 @@ def logit_normal(n, mu, sd, device=None):
 
 R_SCHEDULES = ("exp", "cosine", "linear", "constant")
 
-def r_schedule(k, K, cfg):
+def r_schedule(k, K, config):
     """r(k, K): how far l sits from t as a fraction of t - s, from r_init down to r_end (App. A)."""
     progress = min(max(k / max(K, 1), 0.0), 1.0)
-    if cfg.r_schedule == "exp":
-        return cfg.r_init * (cfg.r_end / cfg.r_init) ** progress
-    if cfg.r_schedule == "cosine":
-        return cfg.r_end + (cfg.r_init - cfg.r_end) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.r_schedule == "linear":
-        return cfg.r_init + (cfg.r_end - cfg.r_init) * progress
-    return cfg.r_end                                                  # "constant"
+    if config.r_schedule == "exp":
+        return config.r_init * (config.r_end / config.r_init) ** progress
+    if config.r_schedule == "cosine":
+        return config.r_end + (config.r_init - config.r_end) * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.r_schedule == "linear":
+        return config.r_init + (config.r_end - config.r_init) * progress
+    return config.r_end                                               # "constant"
 
-def consistency_times(n, r, cfg, device=None):
+def consistency_times(n, r, config, device=None):
     """(t, s, l), each (n,), with 0 <= s <= l <= t - 1e-4 (Sec. 4.2, App. A)."""
-    t = logit_normal(n, cfg.t_mu, cfg.t_sd, device).clamp(min=1e-4)
-    s = torch.minimum(logit_normal(n, cfg.s_mu, cfg.s_sd, device), t - 1e-4)
+    t = logit_normal(n, config.t_mu, config.t_sd, device).clamp(min=1e-4)
+    s = torch.minimum(logit_normal(n, config.s_mu, config.s_sd, device), t - 1e-4)
     l = torch.minimum(t + (s - t) * r, t - 1e-4)                     # Eq. (16), then clamped
     return t, s, l
 
 
 # ----- The flow matching loss (Eq. 11-12) -----
-def fm_loss(v_pred, v_target, t, cfg):
-    """Per-sample L_FM: v_theta's squared error (Eq. 11) weighted by Eq. 12; (loss, mse, weight). Eq. 11 is
-    the flow matching loss of Eq. 3 in the conditional form of Eq. 4, at s = t. v_pred: v_theta(x_t, t)
-    (Eq. 10), with gradient. v_target: alpha'_t x_0 + beta'_t x_1, or its guided mix (Eq. 19)."""
+def fm_loss(v_pred, v_target, t, config):
+    """Per-sample L_FM, v_theta's squared error (Eq. 11) weighted by Eq. 12: (loss, mse, weight), (B,) each.
+
+    Eq. 11 is the flow matching loss of Eq. 3 in the conditional form of Eq. 4, at s = t.
+    v_pred: v_theta(x_t, t) (Eq. 10), with gradient. v_target: alpha'_t x_0 + beta'_t x_1, or its mix."""
     mse = mean_per_sample((v_pred - v_target) ** 2)
-    db_ds = PARAMETERIZATIONS[cfg.param].db_ds(t)
-    weight = 1 / (db_ds.abs() * (mse.detach() + cfg.eps) ** cfg.p)  # Eq. (12), a constant
+    db_ds = PARAMETERIZATIONS[config.param].db_ds(t)
+    weight = 1 / (db_ds.abs() * (mse.detach() + config.eps) ** config.p)  # Eq. (12), a constant
     return weight * mse, mse.detach(), weight
 
 
 # ----- The solution consistency loss (Eq. 13-15) -----
-def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, cfg, F_t=None):
-    """Per-sample L_SCM (Eq. 14) weighted by Eq. 15, in gradient form; (loss, mse, weight), (B,) each.
+def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, config, F_t=None):
+    """Per-sample L_SCM (Eq. 14) weighted by Eq. 15, in gradient form: (loss, mse, weight), (B,) each.
+
     v: the velocity that moves x_t to time l (v_t, or its mix, Eq. 19). F_t: F_theta(x_t, t, s) with gradient
     if already computed (only without dropout). mse: the MSE of Eq. 15 over (t - l)^2.
     The loss sign(b(t, s)) <F_theta(x_t, t, s), stopgrad(w dq)> / D, dq = (f_t - f_l) / (t - l), has half the
@@ -166,14 +159,14 @@ def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, cfg, F_t=None):
     # The target pass replays the random state the student pass starts from: the same dropout masks.
     devices = [x_t.device] if x_t.is_cuda else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        f_l = solution(net, x_l, l, s, y, cond, cfg=cfg)             # f_theta^-(x_l, l, s)
+        f_l = solution(net, x_l, l, s, y, cond, config=config)          # f_theta^-(x_l, l, s)
     if F_t is None:
         F_t = net(x_t, t, s, y, cond)
-    f_t = f_from_F(cfg.param, F_t.detach(), x_t, t, s)  # f_theta(x_t, t, s), value only
+    f_t = f_from_F(config.param, F_t.detach(), x_t, t, s)  # f_theta(x_t, t, s), value only
     dq = (f_t - f_l) / per_sample(t - l, x_t)  # Eq. (13): ~ the residual of Eq. (6)
     mse = mean_per_sample(dq ** 2)
-    weight = 1 / (mse + cfg.eps) ** cfg.p  # Eq. (15) times (t - l) |b(t, s)|
-    sign_b = torch.sign(PARAMETERIZATIONS[cfg.param].b(t, s))
+    weight = 1 / (mse + config.eps) ** config.p  # Eq. (15) times (t - l) |b(t, s)|
+    sign_b = torch.sign(PARAMETERIZATIONS[config.param].b(t, s))
     loss = sign_b * mean_per_sample(F_t * (per_sample(weight, dq) * dq))
     return loss, mse, weight
 
@@ -181,26 +174,27 @@ def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, cfg, F_t=None):
 # ----- Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -----
 DECAYS = ("exp", "linear", "none")
 
-def guidance_decay(t, cfg):
-    """g(t): 1 for t <= decay_t, falling to 0 at t = 1: guidance fades out at high noise (App. A). "exp": the
-    released code's smooth curve, with which its checkpoints were trained (the default); "linear": a straight
-    line over (decay_t, 1]. Both scale w - 1: the strength falls to 1, not 0."""
+def guidance_decay(t, config):
+    """g(t): 1 for t <= decay_t, falling to 0 at t = 1, so that guidance fades out at high noise (App. A).
+
+    "exp": the released code's smooth curve, with which its checkpoints were trained (the default);
+    "linear": a straight line over (decay_t, 1]. Both scale w - 1: the strength falls to 1, not 0."""
     # Deviation: App. A says the strength decays linearly "to 0"; as the released code, it ends at 1.
-    d = (1 - t) / (1 - cfg.decay_t)
-    if cfg.decay == "linear":
+    d = (1 - t) / (1 - config.decay_t)
+    if config.decay == "linear":
         return d.clamp(0, 1)
-    if cfg.decay == "exp":
+    if config.decay == "exp":
         d = d.clamp(0, 1 - 1e-6)
         return 1 - torch.exp(-0.025 * d / (1 - d))
     return torch.ones_like(t)                                        # "none"
 
-def guidance_strength(t, cfg):
+def guidance_strength(t, config):
     """The CFG strength in force at time t: 1 + g(t) (w - 1)."""
-    return 1 + guidance_decay(t, cfg) * (cfg.w - 1)
+    return 1 + guidance_decay(t, config) * (config.w - 1)
 
-def guided_target(v_t, v_uncond, t, cfg):
+def guided_target(v_t, v_uncond, t, config):
     """v_cfg = w v_t + (1 - w) v_uncond (Eq. 18), v_t standing in for v(x_t, t | c) (Eq. 17)."""
-    return v_t + per_sample(guidance_strength(t, cfg) - 1, v_t) * (v_t - v_uncond)
+    return v_t + per_sample(guidance_strength(t, config) - 1, v_t) * (v_t - v_uncond)
 
 def mix_velocity(v_cfg, v_guided, m):
     """v_mix = m v_cfg + (1 - m) v_guided (Eq. 19), m (B,): the model's own v_guided lowers variance."""
@@ -210,25 +204,26 @@ def drop_labels(y, keep, num_classes):
     """Replace the labels where keep is False by the null label num_classes (Sec. 4.3)."""
     return torch.where(keep, y, num_classes)
 
-def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, cfg):
-    """(v_cfg (B, ...), m (B,), v_guided): the guided target of each row (Eq. 18), its mix ratio, and the
-    model's guided velocity on the consistency rows. Dropped rows keep v_t with m = 1. One no-grad pass
-    computes v_uncond (null label) for every row and, if m < 1, v_guided (label kept) for the consistency
-    rows; on the flow matching rows v_guided is the student's own output."""
-    if y is None or cfg.w == 1:  # no guidance: Eq. (19) gives v_t
+def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, config):
+    """The guided target of each row (Eq. 18), its mix ratio and the model's guided velocity (Eq. 19).
+
+    Returns v_cfg (B, ...), m (B,) and v_guided on the consistency rows. Dropped rows keep v_t with m = 1.
+    One no-grad pass computes v_uncond (null label) for every row and, if m < 1, v_guided (label kept) for the
+    consistency rows; on the flow matching rows v_guided is the student's own output."""
+    if y is None or config.w == 1:  # no guidance: Eq. (19) gives v_t
         return v_t, torch.ones_like(t), v_t[n_fm:]
     x_in, t_in, y_in, cond_in = x_t, t, torch.full_like(y, unwrap(net).num_classes), cond    # the null label
-    if cfg.m < 1:                                                    # append the consistency rows
+    if config.m < 1:                                                 # append the consistency rows
         x_in = torch.cat([x_in, x_t[n_fm:]])
         t_in = torch.cat([t_in, t[n_fm:]])
         y_in = torch.cat([y_in, y[n_fm:]])
         cond_in = None if cond is None else torch.cat([cond, cond[n_fm:]])
     with torch.no_grad():
-        v_pred = velocity(net, x_in, t_in, y_in, cond_in, cfg=cfg)  # (B [+ B - n_fm], ...)
+        v_pred = velocity(net, x_in, t_in, y_in, cond_in, config=config)  # (B [+ B - n_fm], ...)
     v_uncond = v_pred[:len(x_t)]
-    v_guided = v_pred[len(x_t):] if cfg.m < 1 else v_t[n_fm:]       # with m = 1 its weight is 0
-    v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, cfg), v_t)    # Eq. (18)
-    m = torch.where(keep, cfg.m, 1.0).to(t.dtype)
+    v_guided = v_pred[len(x_t):] if config.m < 1 else v_t[n_fm:]    # with m = 1 its weight is 0
+    v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, config), v_t)  # Eq. (18)
+    m = torch.where(keep, config.m, 1.0).to(t.dtype)
     return v_cfg, m, v_guided
 
 
@@ -279,8 +274,7 @@ PRESETS = {
     "cifar10-paper": SoFlowConfig(lam=0.25, p=0.5, eps=1e-3, fm_mu=-0.4, fm_sd=1.7, t_mu=-0.6,
                                   t_sd=1.5, s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500,
                                   w=1.0, m=1.0, drop=0.0),
-    # 2D toys (demo, notebook, tests): short runs. s_mu -2 puts more pairs near the data, where the one-step
-    # map ends: the best one-step setting of benchmarks/toy_study.py (with an EMA of 0.99, see train_toy).
+    # 2D toys (train_toy.py, the notebook, tests): short runs; s_mu -2 puts more pairs near the data.
     "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0,
                         s_mu=-2.0, s_sd=1.0, r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
 }
@@ -297,49 +291,50 @@ class Draws:
     l: torch.Tensor
     keep: Optional[torch.Tensor] = None  # (B,) bool, False where the null label replaces the label
 
-def draw(x0, cfg, r, labelled):
+def draw(x0, config, r, labelled):
     """Sample the noise, the times (Sec. 4.2) and the label drops (Sec. 4.3) for a batch x0."""
     B = x0.shape[0]
-    n_fm = int(cfg.lam * B)                                          # Alg. 1's split, rounded down
-    t, s, l = consistency_times(B - n_fm, r, cfg, x0.device)
-    keep = torch.rand(B, device=x0.device) >= cfg.drop if labelled else None
+    n_fm = int(config.lam * B)                                       # Alg. 1's split, rounded down
+    t, s, l = consistency_times(B - n_fm, r, config, x0.device)
+    keep = torch.rand(B, device=x0.device) >= config.drop if labelled else None
     x1 = torch.randn_like(x0)
-    t_fm = logit_normal(n_fm, cfg.fm_mu, cfg.fm_sd, x0.device)
+    t_fm = logit_normal(n_fm, config.fm_mu, config.fm_sd, x0.device)
     return Draws(x1, t_fm, t, s, l, keep)
 
-def rows(z, part):
+def part_of(z, part):
     """z[part], or None for an absent input (labels, cond)."""
     return None if z is None else z[part]
 
-def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=None):
+def soflow_loss(net, x0, y=None, cond=None, *, config, step, total_steps, draws=None):
     """Algorithm 1: L = (n_fm / B) L_FM + (1 - n_fm / B) L_SCM, and detached diagnostics.
+
     x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) or None; net may be wrapped (DDP,
     torch.compile). Network calls: one no-grad pass for CFG, the consistency target pass, and one student
     pass over the batch (one per loss under active dropout: the target pass replays the student's masks)."""
     bare = unwrap(net)
     if y is not None and bare.num_classes == 0:
         raise ValueError("labels y were given to an unconditional network: build it with num_classes")
-    if y is not None and cfg.w != 1 and cfg.drop <= 0:
-        raise ValueError(f"CFG with w={cfg.w} needs label dropping (drop > 0): the null label's "
+    if y is not None and config.w != 1 and config.drop <= 0:
+        raise ValueError(f"CFG with w={config.w} needs label dropping (drop > 0): the null label's "
                          "velocity, which guidance subtracts, would never be trained")
     # Sample t_FM, t_SCM, l_SCM, s_SCM (Sec. 4.2) and the label drops; the first n_fm rows: L_FM.
-    r = r_schedule(step, total_steps, cfg)
-    d = draws if draws is not None else draw(x0, cfg, r, labelled=y is not None)
+    r = r_schedule(step, total_steps, config)
+    d = draws if draws is not None else draw(x0, config, r, labelled=y is not None)
     B = x0.shape[0]
     n_fm = d.t_fm.shape[0]
     fm, scm = slice(0, n_fm), slice(n_fm, B)
     t = torch.cat([d.t_fm, d.t])                                     # (B,)
     s = torch.cat([d.t_fm, d.s])                                     # (B,): s = t on the FM rows
     # Get x_t and v_t = alpha'_t x_0 + beta'_t x_1 by the standard flow matching framework (Eq. 4).
-    x_t, v_t = interpolate(cfg.schedule, x0, d.x1, t)                # (B, ...) each
+    x_t, v_t = interpolate(config.schedule, x0, d.x1, t)             # (B, ...) each
     # The guided targets (Eq. 18) of the rows whose label is kept.
     if y is not None:
         y = drop_labels(y, d.keep, bare.num_classes)
-    v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, cfg)
+    v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, config)
     # The student pass F_theta(x_t, t, s), with gradient.
     dropout = any(mod.p > 0 and mod.training for mod in bare.modules() if isinstance(mod, nn.Dropout))
     if dropout:    # the consistency rows get their own pass in scm_loss, after the target pass
-        F_fm = net(x_t[fm], t[fm], s[fm], rows(y, fm), rows(cond, fm)) if n_fm > 0 else None
+        F_fm = net(x_t[fm], t[fm], s[fm], part_of(y, fm), part_of(cond, fm)) if n_fm > 0 else None
         F_scm = None
     else:          # one pass serves both losses
         F_all = net(x_t, t, s, y, cond)
@@ -348,16 +343,16 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
     loss = 0
     if n_fm > 0:
         # L_FM (Eq. 11) towards v_mix (Eq. 19), whose v_guided is this pass's own prediction.
-        v_pred = v_from_F(cfg.param, F_fm, x_t[fm], t[fm])          # Eq. (10)
+        v_pred = v_from_F(config.param, F_fm, x_t[fm], t[fm])       # Eq. (10)
         v_mix = mix_velocity(v_cfg[fm], v_pred.detach(), m[fm])      # Eq. (19)
-        loss_fm, mse, weight = fm_loss(v_pred, v_mix, t[fm], cfg)    # Eq. (11-12)
+        loss_fm, mse, weight = fm_loss(v_pred, v_mix, t[fm], config)  # Eq. (11-12)
         loss = loss + loss_fm.mean() * n_fm / B
         diagnostics.update(fm_loss=loss_fm.mean(), fm_mse=mse.mean(), fm_weight=weight.mean())
     if n_fm < B:
         # L_SCM (Eq. 14), with the step to x_l taken along v_mix (Eq. 19).
         v_mix = mix_velocity(v_cfg[scm], v_guided, m[scm])           # Eq. (19)
-        loss_scm, mse, weight = scm_loss(net, x_t[scm], d.t, d.s, d.l, v_mix, rows(y, scm),
-                                         rows(cond, scm), cfg=cfg, F_t=F_scm)
+        loss_scm, mse, weight = scm_loss(net, x_t[scm], d.t, d.s, d.l, v_mix, part_of(y, scm),
+                                         part_of(cond, scm), config=config, F_t=F_scm)
         loss = loss + loss_scm.mean() * (B - n_fm) / B
         diagnostics.update(scm_mse=mse.mean(), scm_weight=weight.mean())
     diagnostics["loss"] = loss
@@ -366,12 +361,14 @@ def soflow_loss(net, x0, y=None, cond=None, *, cfg, step, total_steps, draws=Non
 
 # ----- Sampling -----
 @torch.no_grad()
-def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain", eps=None):
-    """Generate from noise x1, one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0). No guidance
-    here: it was learned (Sec. 4.3). cfg: the SoFlowConfig the network was trained with. times: a decreasing
-    grid t_0 > ... > t_N (default: `steps` equal steps from 1 to 0). "chain": x <- f_theta(x, t_i, t_{i+1}).
-    "renoise" (the released sampler): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1}) eps_i, with
-    fresh noise eps_i at each step: eps[i] if given (N - 1 tensors like x1), else drawn."""
+def sample(net, x1, y=None, cond=None, *, config, steps=1, times=None, mode="chain", eps=None):
+    """Generate from noise x1, one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0).
+
+    No guidance here: it was learned (Sec. 4.3). config: the SoFlowConfig the network was trained with.
+    times: a decreasing grid t_0 > ... > t_N (default: `steps` equal steps from 1 to 0).
+    "chain": x <- f_theta(x, t_i, t_{i+1}). "renoise" (the released sampler): x <- alpha(t_{i+1})
+    f_theta(x, t_i, 0) + beta(t_{i+1}) eps_i, with fresh noise eps_i at each step: eps[i] if given
+    (N - 1 tensors like x1), else drawn."""
     if times is None:
         times = torch.linspace(1, 0, steps + 1)
     times = torch.as_tensor(times, dtype=torch.float32)
@@ -379,14 +376,14 @@ def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"
         raise ValueError(f"times must decrease strictly, 2 points or more: {times.tolist()}")
     if mode not in ("chain", "renoise"):
         raise ValueError(f"unknown sampling mode {mode!r}; use 'chain' or 'renoise'")
-    schedule = SCHEDULES[cfg.schedule]
+    schedule = SCHEDULES[config.schedule]
     x = x1
     for i, (t_i, t_next) in enumerate(zip(times[:-1].tolist(), times[1:].tolist())):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
         if mode == "chain":
-            x = solution(net, x, t, torch.full_like(t, t_next), y, cond, cfg=cfg)
+            x = solution(net, x, t, torch.full_like(t, t_next), y, cond, config=config)
             continue
-        x0_hat = solution(net, x, t, torch.zeros_like(t), y, cond, cfg=cfg)
+        x0_hat = solution(net, x, t, torch.zeros_like(t), y, cond, config=config)
         if eps is None:
             noise = torch.randn_like(x)
         else:                                   # beta(0) = 0: the step to t = 0 adds no noise
@@ -396,13 +393,13 @@ def sample(net, x1, y=None, cond=None, *, cfg, steps=1, times=None, mode="chain"
     return x
 
 @torch.no_grad()
-def sample_euler(net, x1, y=None, cond=None, *, cfg, steps=50):
+def sample_euler(net, x1, y=None, cond=None, *, config, steps=50):
     """Flow matching's sampler, the baseline: Euler steps of the ODE (Eq. 2) along v_theta (Eq. 10)."""
     x = x1
     times = torch.linspace(1, 0, steps + 1).tolist()
     for t_i, t_next in zip(times[:-1], times[1:]):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
-        x = x + (t_next - t_i) * velocity(net, x, t, y, cond, cfg=cfg)
+        x = x + (t_next - t_i) * velocity(net, x, t, y, cond, config=config)
     return x
 
 
@@ -473,6 +470,7 @@ class ResidualBlock(nn.Module):
 
 class MLP(nn.Module):
     """F_theta for low-dimensional data (2D toys, action chunks): residual blocks on the flattened x.
+
     data_shape: one sample's shape, e.g. (2,) or (horizon, action_dim). num_classes > 0 adds class labels
     (with a null label, for CFG); cond_dim > 0 a conditioning vector, e.g. an observation."""
     def __init__(self, data_shape=(2,), hidden=256, depth=4, num_classes=0, cond_dim=0, dropout=0.0):
@@ -511,8 +509,9 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 def sincos_pos_embed_2d(dim, grid_size):
-    """DiT's fixed 2D sin-cos position embedding, (grid_size^2, dim), tokens in row-major order: the first
-    half of the channels encodes the column, the second the row, each as [sin, cos]."""
+    """DiT's fixed 2D sin-cos position embedding, (grid_size^2, dim), tokens in row-major order.
+
+    The first half of the channels encodes the column, the second the row, each as [sin, cos]."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))    # (dim/4,)
     pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None]         # (G, dim/4)
     emb = torch.cat([pos.sin(), pos.cos()], dim=1)                                    # (G, dim/2)
@@ -639,8 +638,7 @@ DiT_models = {
 SKIP_SCALE = math.sqrt(0.5)  # DDPM++ scales every residual sum by sqrt(1/2) to keep the variance flat
 
 def positional_embedding(t, dim, max_period=10000):
-    """EDM's time features (endpoint=True) with the halves swapped, of t as it is (in [0, 1]):
-    (B,) -> (B, dim), sines then cosines."""
+    """EDM's time features (endpoint=True) of t in [0, 1], halves swapped: (B,) -> (B, dim), sines first."""
     half = dim // 2    # freqs_i = (1 / max_period) ** (i / (half - 1)): the last is 1 / max_period
     freqs = (1 / max_period) ** (torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
     args = t[:, None].float() * freqs[None]                                       # (B, half)
@@ -651,8 +649,10 @@ def group_norm(channels):
     return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
 
 def resample(x, kernel, mode):
-    """EDM's FIR resampling by 2 of each channel with a (1, 1, k, k) kernel summing to 1: "down" filters
-    and keeps every other pixel; "up" (4 x the adjoint of "down") spreads each pixel over the kernel."""
+    """EDM's FIR resampling by 2 of each channel with a (1, 1, k, k) kernel that sums to 1.
+
+    "down" filters and keeps every other pixel; "up" (4 x the adjoint of "down") spreads each pixel over the
+    kernel."""
     C, pad = x.shape[1], (kernel.shape[-1] - 1) // 2
     kernel = kernel.to(x.dtype).tile(C, 1, 1, 1)                                  # (C, 1, k, k)
     if mode == "down":
@@ -707,6 +707,7 @@ class UNetBlock(nn.Module):
 
 class UNet(nn.Module):
     """F_theta(x_t, t, s, y, cond) on pixels: EDM's DDPM++ U-Net on the times t and t - s (CIFAR-10).
+
     cond: EDM's augmentation labels (B, augment_dim); None is no augmentation, the same as zeros."""
     def __init__(self, img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
                  num_blocks=4, attn_resolutions=(16,), dropout=0.3, channel_mult_noise=2, num_classes=0,
@@ -804,8 +805,9 @@ def dit_kwargs_from_state_dict(sd):
                 num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
 
 def unet_kwargs_from_state_dict(sd):
-    """UNet constructor arguments read off a released state dict's names and shapes. Dropout is not stored:
-    it keeps its default (the released 0.3), which acts in training only."""
+    """UNet constructor arguments read off a released state dict's names and shapes.
+
+    Dropout is not stored: it keeps its default (the released 0.3), which acts in training only."""
     conv = next((k for k in sd if k.startswith("enc.") and k.endswith("_conv.weight")), "enc.RxR_conv.weight")
     model_channels, in_channels = sd[conv].shape[:2]
     levels = sorted({int(k[4:].split("x")[0]) for k in sd if k.startswith("enc.")}, reverse=True)  # 32, 16
@@ -839,8 +841,7 @@ def check_state_dict(net, sd, source):
 def load_network(path, use_ema=True, map_location="cpu"):
     """A network in eval mode from our checkpoint or a released SoFlow DiT or U-Net; use_ema: EMA weights.
 
-    net.soflow_config is the SoFlowConfig it was trained with (ours), or None (released files store none).
-    """
+    net.soflow_config is the SoFlowConfig it was trained with (ours), or None (released files store none)."""
     try:  # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
@@ -880,489 +881,10 @@ def load_network(path, use_ema=True, map_location="cpu"):
     return net.eval()
 
 @torch.no_grad()
-def ema_update(ema, net, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta; buffers are copied."""
+def ema_update(ema, net, ema_decay):
+    """theta_ema <- ema_decay theta_ema + (1 - ema_decay) theta; buffers are copied."""
     for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        e.lerp_(p.detach().to(e.dtype), 1 - ema_decay)
     for e, b in zip(ema.buffers(), net.buffers()):
         e.copy_(b)
 
-def rng_state():
-    """Every random state a run draws from, for an exact resume."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), cuda=cuda)
-
-def set_rng_state(state):
-    """Restore what rng_state() returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-def atomic_write(path, write):
-    """write(tmp) to a temporary file beside path, then rename it: never a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-def save_checkpoint(path, **state):
-    """torch.save(state) atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-# ----- Training: distributed set-up, the loop with EMA, logs, grids, checkpoints and resume -----
-# Used by train_cifar.py and train_imagenet.py. One code path: `python script.py` is a world of one process;
-# under torchrun every process drives one GPU (NCCL), or one CPU worker (gloo).
-def add_training_args(parser, global_batch_size, steps, ema_every=1):
-    """The flags both training scripts share (names as in DiT's train.py where one exists)."""
-    add = parser.add_argument
-    add("--results-dir", required=True, help="run folder; an existing one is resumed")
-    add("--global-batch-size", type=int, default=global_batch_size)
-    add("--micro-batch", type=int, default=0, help="rows per process and forward pass (0: all)")
-    add("--global-seed", type=int, default=0)
-    add("--steps", type=int, default=steps, help="training steps K (r(k, K) depends on it)")
-    add("--ema-decay", type=float, default=0.9999)
-    add("--ema-every", type=int, default=ema_every, help="update the EMA every N steps")
-    add("--log-every", type=int, default=100)
-    add("--ckpt-every", type=int, default=10_000)
-    add("--sample-every", type=int, default=10_000, help="EMA sample grid (1 and 2 NFE)")
-    add("--keep-ckpts", type=int, default=3, help="checkpoints kept on disk, the newest")
-    add("--stop-at", type=int, default=0, help="save and stop after this step (0: none)")
-    add("--compile", action="store_true", help="torch.compile the network")
-    add("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
-
-def init_distributed():
-    """(rank, world_size, device): torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain run is 0 of 1."""
-    cuda = torch.cuda.is_available()
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    # LOCAL_RANK, not the global rank, picks the GPU: on a second node rank 8 drives cuda:0.
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True       # as the released code, which trains in fp32
-        torch.backends.cudnn.allow_tf32 = True
-    return rank, world_size, device
-
-def all_reduce_mean(values, world_size):
-    """The mean over processes of a 1D tensor (itself in a world of one)."""
-    if world_size == 1:
-        return values
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / world_size
-
-def gather_objects(obj, world_size):
-    """[obj of rank 0, obj of rank 1, ...] on every process."""
-    objects = [obj] * world_size
-    if world_size > 1:
-        dist.all_gather_object(objects, obj)
-    return objects
-
-@lru_cache(maxsize=2)
-def epoch_order(num_examples, seed, epoch):
-    """The shuffled order of the dataset's rows in one epoch (kept for the next steps: it is not cheap)."""
-    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-def global_batch_indices(step, global_batch_size, num_examples, seed):
-    """Dataset rows of global batch `step` in an endless run of epochs, each shuffled by (seed, epoch).
-    A function of the step alone: a resumed run reads what it would have read, on any number of processes."""
-    positions = step * global_batch_size + torch.arange(global_batch_size)
-    epochs = positions // num_examples
-    indices = torch.empty_like(positions)
-    for epoch in epochs.unique().tolist():
-        at = epochs == epoch
-        indices[at] = epoch_order(num_examples, seed, epoch)[positions[at] % num_examples]
-    return indices
-
-def to_uint8(x):
-    """[-1, 1] -> uint8 pixels as the ADM evaluator expects: clamp(x * 127.5 + 128, 0, 255)."""
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-def save_grid(path, pixels, columns):
-    """(N, H, W, C) uint8 -> a PNG with `columns` images per row (channel 0 in grey if C != 3), atomically."""
-    from PIL import Image                      # Pillow comes with matplotlib
-    N, H, W, C = pixels.shape
-    pixels = np.concatenate([pixels, np.zeros((-N % columns, H, W, C), np.uint8)])
-    grid = rearrange(pixels, "(r c) h w ch -> (r h) (c w) ch", c=columns)
-    grid = grid if C == 3 else np.repeat(grid[..., :1], 3, axis=-1)
-    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-
-class StopRequest:
-    """Inside it, SIGTERM (a cluster's preemption) or SIGINT (Ctrl-C) asks the loop to save and stop.
-    A second signal acts at once; the previous handlers come back on exit."""
-    def __enter__(self):
-        self.signal = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-        signal.signal(signum, self.previous[signum])
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-class RunLog:
-    """A tqdm bar, log.txt and metrics.jsonl (rank 0 writes): means over the steps since the last record."""
-    def __init__(self, results_dir, rank, start, end):
-        self.active, self.sums, self.steps, self.seconds = rank == 0, {}, 0, 0.0
-        self.bar = tqdm(total=end, initial=start, disable=not self.active, dynamic_ncols=True)
-        if self.active:
-            self.text = open(os.path.join(results_dir, "log.txt"), "a")
-            self.jsonl = open(os.path.join(results_dir, "metrics.jsonl"), "a")
-
-    def say(self, message):
-        if self.active:
-            tqdm.write(message)
-            print(message, file=self.text, flush=True)
-
-    def add(self, values, seconds):
-        """One step's diagnostics (tensors) and how long it took."""
-        for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0) + value.float()
-        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
-        self.bar.update(1)
-
-    def record(self, step, world_size, images_per_step, device):
-        """Every process calls it (the means are all-reduced); rank 0 writes."""
-        names = sorted(self.sums)
-        means = all_reduce_mean(torch.stack([self.sums[n] for n in names]) / self.steps, world_size)
-        record = {"step": step, **dict(zip(names, means.tolist())),
-                  "images_per_s": self.steps * images_per_step / self.seconds}
-        if device.type == "cuda":
-            record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        self.sums, self.steps, self.seconds = {}, 0, 0.0
-        if self.active:
-            shown = ("loss", "fm_mse", "fm_weight", "scm_mse", "scm_weight", "grad_norm", "images_per_s",
-                     "max_memory_gb")
-            self.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
-            print(json.dumps(record), file=self.jsonl, flush=True)
-            print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), file=self.text, flush=True)
-
-def checkpoint_paths(results_dir):
-    """Our checkpoints in a run folder, oldest first."""
-    folder = os.path.join(results_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(folder) if n.endswith(".pt")) if os.path.isdir(folder) else []
-    return [os.path.join(folder, n) for n in names]
-
-def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
-    """Load the newest checkpoint of a run folder into net, ema and optimizer; return its step."""
-    paths = checkpoint_paths(results_dir)
-    if not paths:
-        return 0
-    ckpt = torch.load(paths[-1], map_location="cpu", weights_only=False)
-    changed = [f"  {k}: {ckpt['run_config'].get(k)!r} in the run, {v!r} now"
-               for k, v in run_config.items() if ckpt["run_config"].get(k) != v]
-    if changed:
-        raise SystemExit(f"{results_dir} holds a run with another configuration:\n" + "\n".join(changed)
-                         + "\nResume it with the same settings, or pass another --results-dir for a new run")
-    net.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if len(ckpt["rng"]) == world_size:
-        set_rng_state(ckpt["rng"][rank])            # each process draws what it would have drawn
-    else:
-        if rank == 0:
-            print(f"the run had {len(ckpt['rng'])} processes, now {world_size}: new random streams")
-        torch.manual_seed(ckpt["step"] * world_size + rank)
-    return ckpt["step"]
-
-def train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, decode=lambda x: x,
-          grid_labels=None):
-    """Algorithm 1 in a loop, on one process or many; resumes the run folder args.results_dir if it exists.
-
-    net: the bare network, built with the same seed on every process. make_optimizer(params) -> optimizer.
-    get_batch(rows) -> (x0, y, cond) on the device, for dataset rows `rows` (augmented if the data is).
-    run_config: the script's settings that define the run (a resumed run must match them).
-    decode: x0 -> images in [-1, 1] for the sample grids. grid_labels: (N,) labels, None if unconditional.
-    """
-    # Setup: processes, batch sizes, the EMA copy (before DDP: no 'module.' prefixes), seeds, resume.
-    rank, world_size, device = init_distributed()
-    if args.global_batch_size % world_size:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} does not divide into {world_size} "
-                         "processes: pick a multiple of the number of processes")
-    local_batch = args.global_batch_size // world_size
-    micro_batch = args.micro_batch or local_batch
-    if local_batch % micro_batch:
-        raise SystemExit(f"--micro-batch {micro_batch} does not divide the per-process batch {local_batch}")
-    net = net.to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = make_optimizer(net.parameters())
-    run_flags = ("global_batch_size", "global_seed", "steps", "ema_decay", "ema_every")
-    run_config = {**run_config, "cfg": asdict(cfg), **{name: getattr(args, name) for name in run_flags}}
-    # The grid's noise has the shape of one example, read before the seeding below so that it changes no draw.
-    example = get_batch(torch.zeros(1, dtype=torch.long))[0]
-    grid_shape = (32 if grid_labels is None else len(grid_labels), *example.shape[1:])
-    grid_noise = torch.randn(grid_shape, generator=torch.Generator().manual_seed(args.global_seed)).to(device)
-    torch.manual_seed(args.global_seed * world_size + rank)  # each process draws its own noise and times
-    start = resume(args.results_dir, run_config, net, ema, optimizer, rank, world_size)
-    # The gradient pass goes through DDP, which all-reduces the gradients.
-    model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
-    model = torch.compile(model) if args.compile else model
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    end = min(args.steps, args.stop_at or args.steps)
-    os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
-    log = RunLog(args.results_dir, rank, start, end)
-    millions = sum(p.numel() for p in net.parameters()) / 1e6
-    log.say(f"{'resuming at' if start else 'starting'} step {start} of {args.steps}: {world_size} "
-            f"process(es), {type(net).__name__} with {millions:.2f}M parameters")
-    bad_steps = 0
-    with StopRequest() as stop_request:
-        for step in range(start + 1, end + 1):  # step: the number of updates made after it
-            # One step: this process's rows of global batch step - 1, micro-batches, then one update.
-            started = time.time()
-            rows = global_batch_indices(step - 1, args.global_batch_size, num_examples, args.global_seed)
-            rows = rows[rank * local_batch:(rank + 1) * local_batch]
-            optimizer.zero_grad(set_to_none=True)
-            batches = [get_batch(part) for part in rows.split(micro_batch)]
-            diagnostics = accumulate_gradients(model, batches, cfg, step - 1, args.steps, autocast)
-            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), float("inf"))  # the same on every process
-            bad_steps = 0 if torch.isfinite(grad_norm) else bad_steps + 1
-            if bad_steps == 0:
-                optimizer.step()
-            else:  # skip the update: the weights stay finite
-                log.say(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
-                if bad_steps >= args.max_bad_steps:
-                    raise SystemExit(f"{bad_steps} non-finite steps in a row: lower the learning rate, "
-                                     "check the data, or resume from an earlier checkpoint")
-            if step % args.ema_every == 0:
-                ema_update(ema, net, args.ema_decay ** args.ema_every)
-            log.add({**diagnostics, "grad_norm": grad_norm}, time.time() - started)
-            if step % args.log_every == 0 or step == end:
-                log.record(step, world_size, args.global_batch_size, device)
-            # Sample grids, checkpoints, and a stop asked for by a signal on any process.
-            if rank == 0 and (step % args.sample_every == 0 or step == end):
-                path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
-                save_samples(path, ema, grid_noise, grid_labels, cfg, decode, args.global_seed)
-            stop = torch.tensor([float(stop_request.signal is not None)], device=device)
-            stop = bool(all_reduce_mean(stop, world_size) > 0)
-            if step % args.ckpt_every == 0 or step == end or stop:
-                save_run(args, step, net, ema, optimizer, cfg, run_config, rank, world_size)
-            if stop:
-                log.say(f"{stop_request.signal}: saved step {step}; the same command resumes the run")
-                break
-    log.bar.close()
-    if world_size > 1:
-        dist.destroy_process_group()
-        gc.collect()  # gloo objects left in reference cycles, freed at exit, can abort the process
-    return net, ema
-
-def accumulate_gradients(model, batches, cfg, step, total_steps, autocast):
-    """Backward of Algorithm 1 over micro-batches [(x0, y, cond), ...]: the gradient of the mean loss
-    over all their rows; under DDP, all-reduced on the last one only. Returns row-weighted diagnostics."""
-    total_rows = sum(len(x0) for x0, _, _ in batches)
-    sums = {}
-    for i, (x0, y, cond) in enumerate(batches):
-        last = i == len(batches) - 1
-        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
-            with autocast:
-                loss, diagnostics = soflow_loss(model, x0, y, cond, cfg=cfg, step=step,
-                                                total_steps=total_steps)
-            (loss * len(x0) / total_rows).backward()
-        for name, value in diagnostics.items():
-            sums[name] = sums.get(name, 0) + value.float() * len(x0) / total_rows
-    return sums
-
-@torch.no_grad()
-def save_samples(path, ema, noise, labels, cfg, decode, seed):
-    """A PNG grid of EMA samples: one step, then two steps (the released sampler), 16 per row."""
-    with torch.random.fork_rng(devices=[noise.device] if noise.is_cuda else []):  # training draws unchanged
-        torch.manual_seed(seed)
-        images = [decode(sample(ema, noise, labels, cfg=cfg, steps=k, mode="renoise")) for k in (1, 2)]
-    save_grid(path, to_uint8(torch.cat(images)).permute(0, 2, 3, 1).cpu().numpy(), columns=16)   # NHWC
-
-def save_run(args, step, net, ema, optimizer, cfg, run_config, rank, world_size):
-    """Checkpoint `step` with every process's random state, written atomically by rank 0, which then deletes
-    all but the newest args.keep_ckpts. Every process must hold the same weights (DDP keeps them so)."""
-    checksums = torch.cat(gather_objects(sum(p.double().sum() for p in net.parameters()).reshape(1).cpu(),
-                                         world_size))
-    if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
-        raise RuntimeError(f"the processes' weights differ ({checksums.tolist()}): do not trust this run")
-    rng_states = gather_objects(rng_state(), world_size)
-    if rank == 0:
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
-            raise SystemExit(f"step {step}: the weights are not finite; the checkpoints on disk are kept")
-        path = os.path.join(args.results_dir, "checkpoints", f"{step:07d}.pt")
-        save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs, model=net.state_dict(),
-                        ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step, config=asdict(cfg),
-                        run_config=run_config, rng=rng_states)
-        for old in checkpoint_paths(args.results_dir)[:-args.keep_ckpts]:
-            os.remove(old)
-    if world_size > 1:
-        dist.barrier()
-
-# ----- A 2D toy with an exact answer: a mixture of Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
-# Given component k, (x_0, x_1, x_t) are jointly Gaussian, so E[x_0 | x_t, k] and E[x_1 | x_t, k] are
-# linear in x_t, and the velocities of Eq. 1, 17 and 18 are posterior-weighted sums of linear maps.
-# Integrating them accurately gives the true solution map f(x, t, s) that SoFlow learns.
-class GaussianMixture:
-    """Mixture of Gaussians with a class label per component; exact velocities and solution map (float64)."""
-    def __init__(self, means, std=0.1, weights=None, classes=None, schedule="linear"):
-        self.means = torch.as_tensor(means, dtype=torch.float64)               # mu_k, (K, D)
-        self.std = float(std)
-        self.schedule = schedule
-        weights = torch.ones(len(self.means)) if weights is None else torch.as_tensor(weights)
-        self.weights = (weights / weights.sum()).double()                     # pi_k, (K,)
-        classes = torch.zeros(len(self.means), dtype=torch.long) if classes is None else classes
-        self.classes = torch.as_tensor(classes)
-        self.num_classes = int(self.classes.max()) + 1
-
-    @classmethod
-    def ring(cls, k=8, radius=2.0, std=0.15, num_classes=1):
-        """k modes on a circle; with num_classes > 1 the classes alternate around it."""
-        angles = 2 * math.pi * torch.arange(k) / k
-        means = radius * torch.stack([angles.cos(), angles.sin()], 1)
-        return cls(means, std, classes=torch.arange(k) % num_classes)
-
-    def sample(self, n, generator=None):
-        """(x_0, y): n samples (float32) and their class labels."""
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
-        x0 = self.means[k] + self.std * noise
-        return x0.float(), self.classes[k]
-
-    def velocity(self, x, t, y=None, w=1.0):
-        """Eq. 1 (y None), Eq. 17 (labels y), Eq. 18 (labels y, strength w: float or (B,)); x (B, D)."""
-        schedule = SCHEDULES[self.schedule]
-        x, t = x.double(), t.double()
-
-        def coefficient(fn):                                                  # (B,) -> (B, 1, 1)
-            return per_sample(fn(t), x)[..., None]
-        a, b = coefficient(schedule.alpha), coefficient(schedule.beta)
-        da, db = coefficient(schedule.d_alpha), coefficient(schedule.d_beta)
-        var = a ** 2 * self.std ** 2 + b ** 2                                 # Var(x_t | k) per dimension
-        offset = x[:, None] - a * self.means[None]                            # (B, K, D): x_t - E[x_t | k]
-        x0_mean = self.means[None] + a * self.std ** 2 / var * offset         # E[x_0 | x_t, k]
-        x1_mean = b / var * offset                                            # E[x_1 | x_t, k]
-        v_k = da * x0_mean + db * x1_mean                                     # E[a'x_0 + b'x_1 | x_t, k]
-        # log p(k | x_t) up to a constant: the log det of the covariance is the same for every k.
-        logp = self.weights.log()[None] - (offset ** 2).sum(-1) / (2 * var[..., 0])          # (B, K)
-
-        def average(mask):
-            post = torch.softmax(logp.masked_fill(~mask, -math.inf), dim=1)   # p(k | x_t[, c])
-            return (post[..., None] * v_k).sum(1)
-        v = average(torch.ones_like(logp, dtype=torch.bool))
-        if y is None:
-            return v
-        v_c = average(self.classes[None].to(y.device) == y[:, None])
-        w = torch.as_tensor(w, dtype=torch.float64).reshape(-1, 1)                    # (B or 1, 1)
-        return w * v_c + (1 - w) * v
-
-    def solution(self, x, t, s, y=None, w=1.0, steps=200):
-        """The exact solution map f(x, t, s) of Eq. 5: RK4 on the ODE of Eq. 2 in float64.
-
-        t, s: floats or (B,). w: a float, or a function of t (B,) -> (B,) for the decayed guidance.
-        """
-        x = x.double()
-        t, s = (torch.as_tensor(z, dtype=torch.float64).expand(x.shape[0]) for z in (t, s))
-        strength = w if callable(w) else (lambda tau: w)
-
-        def rate(z, u):                                                       # dz/du, tau = t + (s - t) u
-            tau = t + (s - t) * u
-            return (s - t)[:, None] * self.velocity(z, tau, y, strength(tau))
-        h = 1.0 / steps
-        for u in (i * h for i in range(steps)):
-            k1 = rate(x, u)
-            k2 = rate(x + h / 2 * k1, u + h / 2)
-            k3 = rate(x + h / 2 * k2, u + h / 2)
-            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + rate(x + h * k3, u + h))
-        return x.float()
-
-
-# ----- Demo: SoFlow against flow matching on the 2D mixture -----
-def train_toy(toy, cfg, steps=1000, batch=512, lr=1e-3, ema=0.99, seed=0, net=None, progress=False):
-    """Train an MLP with Algorithm 1 on toy data (with labels if the config guides); returns the EMA of its
-    weights in eval mode (ema=None: the weights themselves). On the toys the EMA lands markedly closer to the
-    exact map, for flow matching too (benchmarks/toy_study.md)."""
-    torch.manual_seed(seed)
-    if net is None:
-        net = MLP(hidden=128, depth=3, num_classes=toy.num_classes if cfg.w != 1 else 0)
-    average = copy.deepcopy(net) if ema else None
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for k in trange(steps, desc=f"lam={cfg.lam}", leave=False, disable=not progress):
-        x0, y = toy.sample(batch)
-        loss, _ = soflow_loss(net, x0, y if net.num_classes else None, cfg=cfg, step=k, total_steps=steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if average is not None:  # the decay warms up, (1 + k) / (10 + k): short runs forget the initial net
-            ema_update(average, net, min(ema, (1 + k) / (10 + k)))
-    return (net if average is None else average).eval()
-
-def map_error(x1, x0_exact, fn):
-    """E ||fn(x_1) - f(x_1, 1, 0)||^2: the distance of a sampler to the exact solution map."""
-    return float(((fn(x1) - x0_exact) ** 2).sum(1).mean())
-
-def map_figures(x0_hat, x0_exact, means):
-    """How close samples land to the exact map's x0_exact = f(x_1, 1, 0): the share in the same mode (nearest
-    mean), the median distance, the mean squared distance. The first two are robust: the few samples near a
-    basin's border that go to the neighbouring mode dominate the mean."""
-    def mode(x):
-        return torch.cdist(x.double(), means.double()).argmin(1)
-    distance = (x0_hat.double() - x0_exact.double()).norm(dim=1)
-    return dict(same_mode=float((mode(x0_hat) == mode(x0_exact)).double().mean()),
-                median=float(distance.quantile(0.5)), mse=float((distance ** 2).mean()))
-
-def main():
-    parser = argparse.ArgumentParser(description="SoFlow vs flow matching on a 2D Gaussian mixture (CPU).")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps for each model")
-    parser.add_argument("--out", default="soflow_toy.png", help="where to save the figure")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    toy, cfg = GaussianMixture.ring(), PRESETS["toy"]
-    fm_cfg = replace(cfg, lam=1.0)                                        # lam = 1: flow matching only
-    start = time.time()
-    soflow = train_toy(toy, cfg, args.steps, seed=args.seed, progress=True)
-    fm = train_toy(toy, fm_cfg, args.steps, seed=args.seed, progress=True)
-    print(f"trained SoFlow and flow matching, {args.steps} steps each, in {time.time() - start:.0f} s")
-    x1 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(1))
-    x0_exact = toy.solution(x1, 1.0, 0.0)
-    print("where 4096 noise samples land against the exact solution map f(x_1, 1, 0): in the same mode, the "
-          "median distance, the mean squared distance")
-    print(f"  {'sampler':<32}{'same mode':>10}{'median':>8}{'MSE':>8}")
-    # Two steps chained through t = 0.3, not 0.5: the modes are mostly decided above t = 0.3, and the slice
-    # s = 0.5 is rarely trained (benchmarks/toy_study.md), so a stop there adds a second error where it costs.
-    samplers = {"SoFlow, NFE=1": partial(sample, soflow, cfg=cfg),
-                "SoFlow, NFE=2": partial(sample, soflow, cfg=cfg, times=[1.0, 0.3, 0.0])}
-    for k in (1, 2, 4, 8, 50):
-        samplers[f"flow matching, Euler NFE={k}"] = partial(sample_euler, fm, cfg=fm_cfg, steps=k)
-    for name, sampler in samplers.items():
-        figures = map_figures(sampler(x1), x0_exact, toy.means)
-        print(f"  {name:<32}{figures['same_mode']:>10.1%}{figures['median']:>8.3f}{figures['mse']:>8.3f}")
-    # Figure: one-step samples over the data; learned paths s -> f_theta(x_1, 1, s) over the exact ones.
-    import matplotlib.pyplot as plt  # with no display, matplotlib falls back to its Agg backend
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 5.5), layout="tight")
-    ax0.scatter(*toy.sample(2000)[0].T, s=2, c="0.6", label="data")
-    ax0.scatter(*sample(soflow, x1[:2000], cfg=cfg).T, s=2, c="C1", label="SoFlow, one step")
-    ax0.legend(loc="upper right", markerscale=5)
-    x, grid = x1[:40], torch.linspace(1, 0, 41).tolist()
-    ones = torch.ones(len(x))
-    learned = torch.stack([solution(soflow, x, ones, s * ones, cfg=cfg).detach() for s in grid])
-    exact = [x]
-    for t, s in zip(grid[:-1], grid[1:]):  # one pass that records its states
-        exact.append(toy.solution(exact[-1], t, s, steps=5))
-    exact = torch.stack(exact)
-    ax1.plot(*exact.permute(2, 0, 1), c="k", lw=1)
-    ax1.plot(*learned.permute(2, 0, 1), c="C1", lw=1, ls="--")
-    ax1.scatter(*exact[-1].T, c="k", s=8)  # where the exact paths end: data
-    ax0.set(title="one-step samples")
-    ax1.set(title="f(x_1, 1, s), s from 1 to 0: exact (black), learned (orange)")
-    for ax in (ax0, ax1):
-        ax.set(aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5))
-    image_format = os.path.splitext(args.out)[1][1:] or "png"
-    atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100, format=image_format))
-    print(f"figure saved to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

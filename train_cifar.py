@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import soflow
+import training
 
 # ----- CIFAR-10: the archive and the training set in memory -----
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -160,7 +161,7 @@ def augment(images, p=0.12, generator=None, xflip=1e8, scale=1.0, aniso=1.0, tra
     return out, labels.to(images.dtype)
 
 
-# ----- Training: the flags and the data of CIFAR-10; the loop is soflow.train -----
+# ----- Training: the flags and the data of CIFAR-10; the loop is training.train -----
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train SoFlow on CIFAR-10 pixels (one process or torchrun).")
     parser.add_argument("--data-path", default="data/cifar10", help=f"folder with {FOLDER}/ or {ARCHIVE}")
@@ -176,16 +177,16 @@ def parse_args(argv=None):
     parser.add_argument("--cfg-drop", type=float, default=0.1, help="--class-cond: label drop probability")
     parser.add_argument("--cfg-decay", default="exp", choices=soflow.DECAYS, help="--class-cond: g(t)")
     # The released recipe: global batch 1024, 800k steps, EMA 0.9999 applied every 16 steps as 0.9999^16.
-    soflow.add_training_args(parser, global_batch_size=1024, steps=800_000, ema_every=16)
+    training.add_training_args(parser, global_batch_size=1024, steps=800_000, ema_every=16)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = soflow.PRESETS[args.preset]
+    config = soflow.PRESETS[args.preset]
     if args.class_cond:
-        cfg = replace(cfg, w=args.cfg_w, m=args.cfg_m, drop=args.cfg_drop, decay=args.cfg_decay)
-    rank, world_size, device = soflow.init_distributed()
+        config = replace(config, w=args.cfg_w, m=args.cfg_m, drop=args.cfg_drop, decay=args.cfg_decay)
+    rank, world_size, device = training.init_distributed()
     try:
         if rank == 0:                                     # one process downloads, the others wait
             images, labels = load_cifar10(args.data_path, download=not args.no_download)
@@ -210,7 +211,7 @@ def main(argv=None):
     run_config = dict(model=args.model, preset=args.preset, lr=args.lr, augment_p=args.augment_p,
                       class_cond=args.class_cond)
     grid_labels = torch.arange(32, device=device) % 10 if args.class_cond else None
-    soflow.train(args, net, cfg, make_optimizer, len(images), get_batch, run_config, grid_labels=grid_labels)
+    training.train(training.settings_from_args(args), net, config, make_optimizer, len(images), get_batch, run_config, grid_labels=grid_labels)
 
 
 if __name__ == "__main__":

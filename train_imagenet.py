@@ -5,7 +5,7 @@
 
 `prepare` encodes every image once, as the released pipeline does: ADM's center crop, [-1, 1], the SD VAE's
 posterior mean and std, in memory-mapped .npy files with a JSON manifest. Training draws a fresh latent of
-each image at every step, (mean + std * eps) * 0.18215. The loop, checkpoints and resume are soflow.train's.
+each image at every step, (mean + std * eps) * 0.18215. The loop, checkpoints and resume are training.train's.
 """
 import argparse
 import gc
@@ -23,29 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import soflow
-
-# ----- The SD VAE (diffusers, optional: imported only here) -----
-VAE_NAME = "stabilityai/sd-vae-ft-mse"
-VAE_SCALE = 0.18215                   # latents are scaled by this before training, divided by it to decode
-
-def load_vae(name_or_path=VAE_NAME, device="cpu", rank=0, world_size=1):
-    """The SD VAE (diffusers AutoencoderKL) in eval mode, from a hub name or a local folder."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as e:
-        raise SystemExit(f"the SD VAE needs diffusers ({e}): pip install diffusers") from e
-    if rank > 0:                          # under torchrun rank 0 loads first: it fills the download cache
-        dist.barrier()
-    vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
-    if rank == 0 and world_size > 1:
-        dist.barrier()
-    return vae.to(device).eval().requires_grad_(False)
-
-@torch.no_grad()
-def decode_latents(vae, z):
-    """(B, 4, H/8, W/8) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
-    return vae.decode(z / VAE_SCALE).sample.clamp(-1, 1)
-
+import training
 
 # ----- prepare: an ImageNet-style folder -> posterior means and stds of the SD VAE -----
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -89,7 +67,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def write_json(path, obj):
     """obj as JSON at path, atomically."""
-    soflow.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+    training.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 def open_or_create(out, manifest, labels):
     """Rank 0: (an error message or '', the manifest on disk); a new folder gets empty arrays first."""
@@ -114,22 +92,22 @@ def open_or_create(out, manifest, labels):
 @torch.no_grad()
 def prepare(args):
     """Encode the images in shards of --shard-size; rank r of W takes shards r, r + W, ... not marked done."""
-    rank, world_size, device = soflow.init_distributed()
+    rank, world_size, device = training.init_distributed()
     paths, labels, classes = list_images(args.data_path)
     listing = hashlib.sha256("\n".join(os.path.relpath(p, args.data_path) for p in paths).encode())
     listing = listing.hexdigest()
-    if len(set(soflow.gather_objects(listing, world_size))) > 1:
+    if len(set(training.gather_objects(listing, world_size))) > 1:
         raise SystemExit("the processes see different files under --data-path: it must be one shared folder")
-    vae = load_vae(args.vae, device, rank, world_size)
+    vae = training.load_vae(args.vae, device, rank, world_size)
     size = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)    # the SD VAE: 256 -> 32
     N, copies = len(paths), 2 if args.flip else 1
     settings = dict(data_path=os.path.abspath(args.data_path), num_images=N, listing_sha256=listing,
                     **{k: getattr(args, k) for k in ("image_size", "vae", "flip", "dtype", "shard_size")})
     manifest = dict(complete=False, settings=settings, count=N, copies=copies, unreadable=0, dtype=args.dtype,
-                    shape=[vae.config.latent_channels, size, size], scale=VAE_SCALE, crop="ADM center crop",
+                    shape=[vae.config.latent_channels, size, size], scale=training.VAE_SCALE, crop="ADM center crop",
                     classes=classes, arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy"))
     error, manifest = open_or_create(args.latents, manifest, labels) if rank == 0 else ("", None)
-    error, manifest = soflow.gather_objects((error, manifest), world_size)[0]
+    error, manifest = training.gather_objects((error, manifest), world_size)[0]
     if error:
         raise SystemExit(error)
     if manifest["complete"]:
@@ -185,7 +163,7 @@ def finish(out, manifest, paths, markers):
         if unreadable else ""))
 
 
-# ----- Training: latents drawn from the stored posteriors; the loop is soflow.train -----
+# ----- Training: latents drawn from the stored posteriors; the loop is training.train -----
 def open_latents(folder):
     """The manifest and the memory-mapped arrays of a prepared folder (a clear error if it is not one)."""
     path = os.path.join(folder, "manifest.json")
@@ -199,7 +177,7 @@ def open_latents(folder):
     return manifest, arrays
 
 def latent_batches(manifest, arrays, device):
-    """get_batch(rows) for soflow.train: rows of the readable images -> (x_0, y, None), x_0 drawn afresh."""
+    """get_batch(rows) for training.train: rows of the readable images -> (x_0, y, None), x_0 drawn afresh."""
     readable = np.flatnonzero(arrays["labels"] >= 0)
     N, copies = len(arrays["labels"]), manifest["copies"]
 
@@ -209,7 +187,7 @@ def latent_batches(manifest, arrays, device):
             index = index + N * torch.randint(2, (len(index),)).numpy()
         mean = torch.from_numpy(arrays["mean"][index]).to(device, torch.float32)   # (B, 4, h, w)
         std = torch.from_numpy(arrays["std"][index]).to(device, torch.float32)
-        x0 = (mean + std * torch.randn_like(mean)) * VAE_SCALE
+        x0 = (mean + std * torch.randn_like(mean)) * training.VAE_SCALE
         return x0, torch.from_numpy(arrays["labels"][index % N]).to(device), None
     return get_batch, len(readable)
 
@@ -218,8 +196,8 @@ def grid_decoder(vae_name, device, results_dir):
     decode, note = (lambda z: z), "sample grids: the latents' first channel (--vae none)"
     if vae_name != "none":
         try:
-            vae = load_vae(vae_name, device)
-            decode, note = (lambda z: decode_latents(vae, z)), f"sample grids decoded by {vae_name}"
+            vae = training.load_vae(vae_name, device)
+            decode, note = (lambda z: training.decode_latents(vae, z)), f"sample grids decoded by {vae_name}"
         except (OSError, SystemExit) as e:                # no diffusers, no network: the run goes on
             note = f"sample grids: the latents' first channel ({vae_name} did not load: {e})"
     os.makedirs(results_dir, exist_ok=True)
@@ -241,7 +219,7 @@ def parse_args(argv=None):
     add("--vae", default=None, help="decodes the sample grids (default: the one of prepare; "
         "'none': grids of the latents' first channel)")
     # The released recipe: global batch 256; 400k steps for B/4, 240 epochs (1.2M steps) for the other sizes.
-    soflow.add_training_args(parser, global_batch_size=256, steps=None)
+    training.add_training_args(parser, global_batch_size=256, steps=None)
     args = parser.parse_args(argv)
     args.steps = args.steps or (400_000 if args.model == "DiT-B/4" else 1_200_000)
     return args
@@ -253,7 +231,7 @@ def prepare_args(argv):
     add("--data-path", required=True, help="ImageNet's train/: one subfolder per class")
     add("--latents", required=True, help="output folder (resumed if interrupted)")
     add("--image-size", type=int, default=256, choices=[32, 64, 128, 256, 512])
-    add("--vae", default=VAE_NAME, help="hub name or local folder of a diffusers AutoencoderKL")
+    add("--vae", default=training.VAE_NAME, help="hub name or local folder of a diffusers AutoencoderKL")
     add("--flip", action="store_true", help="also encode horizontal flips (twice the time and disk)")
     add("--dtype", default="float32", choices=["float32", "float16"], help="float16: half the disk")
     add("--batch-size", type=int, default=64, help="images per VAE call and process")
@@ -277,9 +255,9 @@ def main(argv=None):
                 gc.collect()      # gloo's leftovers, freed at exit, can abort the process: free them now
     args = parse_args(argv)
     manifest, arrays = open_latents(args.latents)
-    cfg = soflow.PRESETS[args.preset]
-    cfg = replace(cfg, w=args.cfg_w) if args.cfg_w is not None else cfg
-    rank, world_size, device = soflow.init_distributed()
+    config = soflow.PRESETS[args.preset]
+    config = replace(config, w=args.cfg_w) if args.cfg_w is not None else config
+    rank, world_size, device = training.init_distributed()
     get_batch, num_examples = latent_batches(manifest, arrays, device)
     torch.manual_seed(args.global_seed)                   # the same initial weights on every process
     net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=len(manifest["classes"]))
@@ -290,7 +268,7 @@ def main(argv=None):
     run_config = dict(model=args.model, preset=args.preset, lr=args.lr, cfg_w=args.cfg_w,
                       latents=manifest["settings"]["listing_sha256"], copies=manifest["copies"])
     grid_labels = torch.arange(32, device=device) % len(manifest["classes"])
-    soflow.train(args, net, cfg, make_optimizer, num_examples, get_batch, run_config, decode, grid_labels)
+    training.train(training.settings_from_args(args), net, config, make_optimizer, num_examples, get_batch, run_config, decode, grid_labels)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,401 @@
+"""The machinery train_cifar.py and train_imagenet.py share: processes, global batches, the training loop of
+Algorithm 1 with micro-batches and EMA, logs, sample grids, atomic checkpoints with every process's random
+state, exact resume, SIGTERM and SIGINT, the non-finite guard; and the SD VAE of the latent models.
+
+One code path: `python script.py` is a world of one process; under torchrun every process drives one GPU
+(NCCL), or one CPU worker (gloo). The method itself is soflow.py; this file holds no equation of it.
+"""
+import contextlib
+import copy
+import gc
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from einops import rearrange
+from tqdm import tqdm
+
+from soflow import ema_update, sample, soflow_loss
+
+
+# ----- Settings of a run (the method's hyperparameters are soflow.SoFlowConfig) -----
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a run trains: its folder, batch, length, EMA and bookkeeping (the scripts' flags map onto it)."""
+    results_dir: str               # the run folder: log.txt, metrics.jsonl, samples/, checkpoints/; resumed
+    global_batch_size: int         # rows per step over all processes
+    steps: int                     # training steps K (r(k, K) depends on it)
+    micro_batch: int = 0           # rows per process and forward pass; 0: the whole per-process batch
+    global_seed: int = 0           # process r of W draws from seed global_seed * W + r
+    ema_decay: float = 0.9999      # per-step EMA decay
+    ema_every: int = 1             # update the EMA every this many steps, with ema_decay ** ema_every
+    log_every: int = 100           # steps per record in metrics.jsonl and log.txt
+    ckpt_every: int = 10_000       # steps per checkpoint
+    sample_every: int = 10_000     # steps per EMA sample grid (1 and 2 NFE)
+    keep_ckpts: int = 3            # checkpoints kept on disk, the newest
+    stop_at: int = 0               # save and stop after this step (0: run to `steps`)
+    compile: bool = False          # torch.compile the network
+    max_bad_steps: int = 10        # stop after this many non-finite steps in a row
+
+def add_training_args(parser, global_batch_size, steps, ema_every=1):
+    """The flags both training scripts share (names as in DiT's train.py where one exists)."""
+    add = parser.add_argument
+    add("--results-dir", required=True, help="run folder; an existing one is resumed")
+    add("--global-batch-size", type=int, default=global_batch_size)
+    add("--micro-batch", type=int, default=0, help="rows per process and forward pass (0: all)")
+    add("--global-seed", type=int, default=0)
+    add("--steps", type=int, default=steps, help="training steps K (r(k, K) depends on it)")
+    add("--ema-decay", type=float, default=0.9999)
+    add("--ema-every", type=int, default=ema_every, help="update the EMA every N steps")
+    add("--log-every", type=int, default=100)
+    add("--ckpt-every", type=int, default=10_000)
+    add("--sample-every", type=int, default=10_000, help="EMA sample grid (1 and 2 NFE)")
+    add("--keep-ckpts", type=int, default=3, help="checkpoints kept on disk, the newest")
+    add("--stop-at", type=int, default=0, help="save and stop after this step (0: none)")
+    add("--compile", action="store_true", help="torch.compile the network")
+    add("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
+
+def settings_from_args(args):
+    """The TrainSettings of parsed flags (those of add_training_args)."""
+    return TrainSettings(**{field.name: getattr(args, field.name) for field in fields(TrainSettings)})
+
+
+# ----- Processes and global batches -----
+def init_distributed():
+    """(rank, world_size, device): torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain run is 0 of 1."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    # LOCAL_RANK, not the global rank, picks the GPU: on a second node rank 8 drives cuda:0.
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True       # as the released code, which trains in fp32
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world_size, device
+
+def all_reduce_mean(values, world_size):
+    """The mean over processes of a 1D tensor (itself in a world of one)."""
+    if world_size == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size
+
+def gather_objects(obj, world_size):
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    objects = [obj] * world_size
+    if world_size > 1:
+        dist.all_gather_object(objects, obj)
+    return objects
+
+@lru_cache(maxsize=2)
+def epoch_order(num_examples, seed, epoch):
+    """The shuffled order of the dataset's rows in one epoch (kept for the next steps: it is not cheap)."""
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+def global_batch_indices(step, global_batch_size, num_examples, seed):
+    """Dataset rows of global batch `step` in an endless run of epochs, each shuffled by (seed, epoch).
+
+    A function of the step alone: a resumed run reads what it would have read, on any number of processes."""
+    positions = step * global_batch_size + torch.arange(global_batch_size)
+    epochs = positions // num_examples
+    indices = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        at = epochs == epoch
+        indices[at] = epoch_order(num_examples, seed, epoch)[positions[at] % num_examples]
+    return indices
+
+
+# ----- Files written atomically, random states, signals, logs -----
+def atomic_write(path, write):
+    """write(tmp) to a temporary file beside path, then rename it: never a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def save_checkpoint(path, **state):
+    """torch.save(state) atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+def to_uint8(x):
+    """[-1, 1] -> uint8 pixels as the ADM evaluator expects: clamp(x * 127.5 + 128, 0, 255)."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+def save_grid(path, pixels, columns):
+    """(N, H, W, C) uint8 -> a PNG with `columns` images per row (channel 0 in grey if C != 3), atomically."""
+    from PIL import Image                      # Pillow comes with matplotlib
+    N, H, W, C = pixels.shape
+    pixels = np.concatenate([pixels, np.zeros((-N % columns, H, W, C), np.uint8)])
+    grid = rearrange(pixels, "(r c) h w ch -> (r h) (c w) ch", c=columns)
+    grid = grid if C == 3 else np.repeat(grid[..., :1], 3, axis=-1)
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+def rng_state():
+    """Every random state a run draws from, for an exact resume."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), cuda=cuda)
+
+def set_rng_state(state):
+    """Restore what rng_state() returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+class StopRequest:
+    """Inside it, SIGTERM (a cluster's preemption) or SIGINT (Ctrl-C) asks the loop to save and stop.
+
+    A second signal acts at once; the previous handlers come back on exit."""
+    def __enter__(self):
+        self.signal = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+class RunLog:
+    """A tqdm bar, log.txt and metrics.jsonl (rank 0 writes): means over the steps since the last record."""
+    def __init__(self, results_dir, rank, start, end):
+        self.active, self.sums, self.steps, self.seconds = rank == 0, {}, 0, 0.0
+        self.bar = tqdm(total=end, initial=start, disable=not self.active, dynamic_ncols=True)
+        if self.active:
+            self.text = open(os.path.join(results_dir, "log.txt"), "a")
+            self.jsonl = open(os.path.join(results_dir, "metrics.jsonl"), "a")
+
+    def say(self, message):
+        if self.active:
+            tqdm.write(message)
+            print(message, file=self.text, flush=True)
+
+    def add(self, values, seconds):
+        """One step's diagnostics (tensors) and how long it took."""
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0) + value.float()
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+        self.bar.update(1)
+
+    def record(self, step, world_size, images_per_step, device):
+        """Every process calls it (the means are all-reduced); rank 0 writes."""
+        names = sorted(self.sums)
+        means = all_reduce_mean(torch.stack([self.sums[n] for n in names]) / self.steps, world_size)
+        record = {"step": step, **dict(zip(names, means.tolist())),
+                  "images_per_s": self.steps * images_per_step / self.seconds}
+        if device.type == "cuda":
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        self.sums, self.steps, self.seconds = {}, 0, 0.0
+        if self.active:
+            shown = ("loss", "fm_mse", "fm_weight", "scm_mse", "scm_weight", "grad_norm", "images_per_s",
+                     "max_memory_gb")
+            self.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+            print(json.dumps(record), file=self.jsonl, flush=True)
+            print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), file=self.text, flush=True)
+
+
+# ----- Checkpoints and resume -----
+def checkpoint_paths(results_dir):
+    """Our checkpoints in a run folder, oldest first."""
+    folder = os.path.join(results_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".pt")) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names]
+
+def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
+    """Load the newest checkpoint of a run folder into net, ema and optimizer; return its step."""
+    paths = checkpoint_paths(results_dir)
+    if not paths:
+        return 0
+    ckpt = torch.load(paths[-1], map_location="cpu", weights_only=False)
+    recorded = dict(ckpt["run_config"])
+    if "cfg" in recorded:                          # the key of run folders written before it was renamed
+        recorded["config"] = recorded.pop("cfg")
+    changed = [f"  {k}: {recorded.get(k)!r} in the run, {v!r} now"
+               for k, v in run_config.items() if recorded.get(k) != v]
+    if changed:
+        raise SystemExit(f"{results_dir} holds a run with another configuration:\n" + "\n".join(changed)
+                         + "\nResume it with the same settings, or pass another --results-dir for a new run")
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if len(ckpt["rng"]) == world_size:
+        set_rng_state(ckpt["rng"][rank])            # each process draws what it would have drawn
+    else:
+        if rank == 0:
+            print(f"the run had {len(ckpt['rng'])} processes, now {world_size}: new random streams")
+        torch.manual_seed(ckpt["step"] * world_size + rank)
+    return ckpt["step"]
+
+def save_run(settings, step, net, ema, optimizer, config, run_config, rank, world_size):
+    """Checkpoint `step` with every process's random state, written atomically by rank 0.
+
+    Rank 0 then deletes all but the newest settings.keep_ckpts. Every process must hold the same weights (DDP
+    keeps them so)."""
+    checksums = torch.cat(gather_objects(sum(p.double().sum() for p in net.parameters()).reshape(1).cpu(),
+                                         world_size))
+    if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+        raise RuntimeError(f"the processes' weights differ ({checksums.tolist()}): do not trust this run")
+    rng_states = gather_objects(rng_state(), world_size)
+    if rank == 0:
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise SystemExit(f"step {step}: the weights are not finite; the checkpoints on disk are kept")
+        path = os.path.join(settings.results_dir, "checkpoints", f"{step:07d}.pt")
+        save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs, model=net.state_dict(),
+                        ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                        config=asdict(config), run_config=run_config, rng=rng_states)
+        for old in checkpoint_paths(settings.results_dir)[:-settings.keep_ckpts]:
+            os.remove(old)
+    if world_size > 1:
+        dist.barrier()
+
+
+# ----- The training loop -----
+def train(settings, net, config, make_optimizer, num_examples, get_batch, run_config, decode=lambda x: x,
+          grid_labels=None):
+    """Algorithm 1 in a loop, on one process or many; resumes the run folder if it holds checkpoints.
+
+    settings: the TrainSettings. config: the SoFlowConfig. net: the bare network, built with the same seed on
+    every process. make_optimizer(params) -> optimizer.
+    get_batch(rows) -> (x0, y, cond) on the device, for dataset rows `rows` (augmented if the data is).
+    run_config: the script's settings that define the run (a resumed run must match them).
+    decode: x0 -> images in [-1, 1] for the sample grids. grid_labels: (N,) labels, None if unconditional.
+    """
+    # Setup: processes, batch sizes, the EMA copy (before DDP: no 'module.' prefixes), seeds, resume.
+    rank, world_size, device = init_distributed()
+    if settings.global_batch_size % world_size:
+        raise SystemExit(f"--global-batch-size {settings.global_batch_size} does not divide into "
+                         f"{world_size} processes: pick a multiple of the number of processes")
+    local_batch = settings.global_batch_size // world_size
+    micro_batch = settings.micro_batch or local_batch
+    if local_batch % micro_batch:
+        raise SystemExit(f"--micro-batch {micro_batch} does not divide the per-process batch {local_batch}")
+    net = net.to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = make_optimizer(net.parameters())
+    run_flags = ("global_batch_size", "global_seed", "steps", "ema_decay", "ema_every")
+    run_config = {**run_config, "config": asdict(config), **{k: getattr(settings, k) for k in run_flags}}
+    # The grid's noise has the shape of one example, read before the seeding below so that it changes no draw.
+    example = get_batch(torch.zeros(1, dtype=torch.long))[0]
+    grid_shape = (32 if grid_labels is None else len(grid_labels), *example.shape[1:])
+    grid_generator = torch.Generator().manual_seed(settings.global_seed)
+    grid_noise = torch.randn(grid_shape, generator=grid_generator).to(device)
+    torch.manual_seed(settings.global_seed * world_size + rank)  # each process draws its own noise and times
+    start = resume(settings.results_dir, run_config, net, ema, optimizer, rank, world_size)
+    # The gradient pass goes through DDP, which all-reduces the gradients.
+    model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
+    model = torch.compile(model) if settings.compile else model
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    end = min(settings.steps, settings.stop_at or settings.steps)
+    os.makedirs(os.path.join(settings.results_dir, "samples"), exist_ok=True)
+    log = RunLog(settings.results_dir, rank, start, end)
+    millions = sum(p.numel() for p in net.parameters()) / 1e6
+    log.say(f"{'resuming at' if start else 'starting'} step {start} of {settings.steps}: {world_size} "
+            f"process(es), {type(net).__name__} with {millions:.2f}M parameters")
+    bad_steps = 0
+    with StopRequest() as stop_request:
+        for step in range(start + 1, end + 1):  # step: the number of updates made after it
+            # One step: this process's rows of global batch step - 1, micro-batches, then one update.
+            started = time.time()
+            rows = global_batch_indices(step - 1, settings.global_batch_size, num_examples,
+                                        settings.global_seed)
+            rows = rows[rank * local_batch:(rank + 1) * local_batch]
+            optimizer.zero_grad(set_to_none=True)
+            batches = [get_batch(part) for part in rows.split(micro_batch)]
+            diagnostics = accumulate_gradients(model, batches, config, step - 1, settings.steps, autocast)
+            grad_norm = nn.utils.clip_grad_norm_(net.parameters(), float("inf"))  # the same on every process
+            bad_steps = 0 if torch.isfinite(grad_norm) else bad_steps + 1
+            if bad_steps == 0:
+                optimizer.step()
+            else:  # skip the update: the weights stay finite
+                log.say(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+                if bad_steps >= settings.max_bad_steps:
+                    raise SystemExit(f"{bad_steps} non-finite steps in a row: lower the learning rate, "
+                                     "check the data, or resume from an earlier checkpoint")
+            if step % settings.ema_every == 0:
+                ema_update(ema, net, settings.ema_decay ** settings.ema_every)
+            log.add({**diagnostics, "grad_norm": grad_norm}, time.time() - started)
+            if step % settings.log_every == 0 or step == end:
+                log.record(step, world_size, settings.global_batch_size, device)
+            # Sample grids, checkpoints, and a stop asked for by a signal on any process.
+            if rank == 0 and (step % settings.sample_every == 0 or step == end):
+                path = os.path.join(settings.results_dir, "samples", f"{step:07d}.png")
+                save_samples(path, ema, grid_noise, grid_labels, config, decode, settings.global_seed)
+            stop = torch.tensor([float(stop_request.signal is not None)], device=device)
+            stop = bool(all_reduce_mean(stop, world_size) > 0)
+            if step % settings.ckpt_every == 0 or step == end or stop:
+                save_run(settings, step, net, ema, optimizer, config, run_config, rank, world_size)
+            if stop:
+                log.say(f"{stop_request.signal}: saved step {step}; the same command resumes the run")
+                break
+    log.bar.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+        gc.collect()  # gloo objects left in reference cycles, freed at exit, can abort the process
+    return net, ema
+
+def accumulate_gradients(model, batches, config, step, total_steps, autocast):
+    """Backward of Algorithm 1 over micro-batches [(x0, y, cond), ...]; returns row-weighted diagnostics.
+
+    The gradient is that of the mean loss over all their rows; under DDP only the last one all-reduces it."""
+    total_rows = sum(len(x0) for x0, _, _ in batches)
+    sums = {}
+    for i, (x0, y, cond) in enumerate(batches):
+        last = i == len(batches) - 1
+        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
+            with autocast:
+                loss, diagnostics = soflow_loss(model, x0, y, cond, config=config, step=step,
+                                                total_steps=total_steps)
+            (loss * len(x0) / total_rows).backward()
+        for name, value in diagnostics.items():
+            sums[name] = sums.get(name, 0) + value.float() * len(x0) / total_rows
+    return sums
+
+@torch.no_grad()
+def save_samples(path, ema, noise, labels, config, decode, seed):
+    """A PNG grid of EMA samples: one step, then two steps (the released sampler), 16 per row."""
+    with torch.random.fork_rng(devices=[noise.device] if noise.is_cuda else []):  # training draws unchanged
+        torch.manual_seed(seed)
+        images = [decode(sample(ema, noise, labels, config=config, steps=k, mode="renoise")) for k in (1, 2)]
+    save_grid(path, to_uint8(torch.cat(images)).permute(0, 2, 3, 1).cpu().numpy(), columns=16)   # NHWC
+
+# ----- The SD VAE of the latent models (diffusers, optional: imported only where used) -----
+VAE_NAME = "stabilityai/sd-vae-ft-mse"
+VAE_SCALE = 0.18215                   # latents are scaled by this before training, divided by it to decode
+
+def load_vae(name_or_path=VAE_NAME, device="cpu", rank=0, world_size=1):
+    """The SD VAE (diffusers AutoencoderKL) in eval mode, from a hub name or a local folder."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise SystemExit(f"the SD VAE needs diffusers ({e}): pip install diffusers") from e
+    if rank > 0:                          # under torchrun rank 0 loads first: it fills the download cache
+        dist.barrier()
+    vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
+    if rank == 0 and world_size > 1:
+        dist.barrier()
+    return vae.to(device).eval().requires_grad_(False)
+
+@torch.no_grad()
+def decode_latents(vae, z):
+    """(B, 4, H/8, W/8) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
+    return vae.decode(z / VAE_SCALE).sample.clamp(-1, 1)
