@@ -30,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 def center_crop_arr(image, size):
     """ADM's center crop (guided-diffusion): a PIL image -> (size, size, 3) uint8."""
-    from PIL import Image                 # Pillow comes with matplotlib
+    from PIL import Image  # Pillow comes with matplotlib
     while min(image.size) >= 2 * size:    # box-filter halvings, then one bicubic resize
         image = image.resize(tuple(n // 2 for n in image.size), resample=Image.BOX)
     scale = size / min(image.size)

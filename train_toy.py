@@ -17,9 +17,19 @@ from functools import partial
 import torch
 from tqdm import trange
 
-from soflow import (MLP, PRESETS, SCHEDULES, ema_update, per_sample, sample, sample_euler, soflow_loss,
-                    solution)
+from soflow import (
+    MLP,
+    PRESETS,
+    SCHEDULES,
+    ema_update,
+    per_sample,
+    sample,
+    sample_euler,
+    soflow_loss,
+    solution,
+)
 from training import atomic_write
+
 
 # ----- A 2D toy with an exact answer: a mixture of Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
 # Given component k, (x_0, x_1, x_t) are jointly Gaussian, so E[x_0 | x_t, k] and E[x_1 | x_t, k] are

@@ -139,7 +139,7 @@ def to_uint8(x):
 
 def save_grid(path, pixels, columns):
     """(N, H, W, C) uint8 -> a PNG with `columns` images per row (channel 0 in grey if C != 3), atomically."""
-    from PIL import Image                      # Pillow comes with matplotlib
+    from PIL import Image  # Pillow comes with matplotlib
     N, H, W, C = pixels.shape
     pixels = np.concatenate([pixels, np.zeros((-N % columns, H, W, C), np.uint8)])
     grid = rearrange(pixels, "(r c) h w ch -> (r h) (c w) ch", c=columns)

@@ -1,5 +1,5 @@
-"""What both benchmarks share: the DiT sizes, the command-line flags of the setup, the setup itself (one network and
-one batch on one device), GPU synchronisation and an atomic JSON write."""
+"""What both benchmarks share: the DiT sizes, the command-line flags of the setup, the setup itself (one
+network and one batch on one device), GPU synchronisation and an atomic JSON write."""
 import json
 import time
 from functools import partial
@@ -7,14 +7,17 @@ from functools import partial
 import torch
 
 import soflow
+import training
 
 # DiT sizes: soflow's table, plus DiT's S/4 (Peebles & Xie 2023), the CPU default.
-SIZES = {**soflow.DiT_models, "DiT-S/4": partial(soflow.DiT, depth=12, hidden_size=384, num_heads=6, patch_size=4)}
+SIZES = {**soflow.DiT_models,
+         "DiT-S/4": partial(soflow.DiT, depth=12, hidden_size=384, num_heads=6, patch_size=4)}
 CONFIG = soflow.PRESETS["imagenet"]     # the samplers read its schedule and parameterization
 
 
 def add_setup_args(parser):
-    parser.add_argument("--model", default="DiT-S/4", choices=sorted(SIZES), help="DiT size (32x32x4 latents)")
+    parser.add_argument("--model", default="DiT-S/4", choices=sorted(SIZES),
+                        help="DiT size (32x32x4 latents)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
@@ -25,8 +28,9 @@ def add_setup_args(parser):
 
 
 def setup(args):
-    """(device, net, model, x, y, autocast): a class-conditional DiT (model: compiled if asked, else net), a batch of
-    (B, 4, 32, 32) latents with labels, and the autocast context of --dtype. Random weights: the cost ignores them."""
+    """(device, net, model, x, y, autocast): a class-conditional DiT (model: compiled if asked, else net), a
+    batch of (B, 4, 32, 32) latents with labels, and the autocast context of --dtype. Random weights: the cost
+    ignores them."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no GPU: run on a GPU machine or pass --device cpu")
@@ -65,4 +69,4 @@ def write_json(path, results):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
-    soflow.atomic_write(path, write)
+    training.atomic_write(path, write)

@@ -1,18 +1,20 @@
 """The data side of train_imagenet.py: reading latents against the training step, and `prepare`'s images/s.
 
-    python -m benchmarks.imagenet_data                 # CPU default: DiT-S/4, batch 16, tiny VAE; ~1 min on 2 cores
+    python -m benchmarks.imagenet_data    # CPU default: DiT-S/4, batch 16, tiny VAE; ~1 min on 2 cores
     python -m benchmarks.imagenet_data --model DiT-B/4 --batch-size 256 --device cuda --dtype bf16 --full-vae
 
 Latent reading: train_imagenet.latent_batches' get_batch (the rows of global_batch_indices, a gather from the
-memory-mapped mean and std, the posterior draw (mean + std * eps) * 0.18215, the copy to the device) on a folder of
---num-latents random posteriors written like `prepare` writes them (4x32x32, with flipped copies), against the bare
-Algorithm 1 step (PRESETS["imagenet"], AdamW) of the DiT at the same batch; interleaved, --rounds rounds, medians.
-The files were just written, so they are read from the page cache, as they are after the first epoch on a machine
-whose memory holds them (42 GB for ImageNet in float32); a colder disk costs more.
-prepare: train_imagenet.main(["prepare", ...]) on --images generated JPEGs of ImageNet's typical size (500 x 375) at
-256 x 256, with a tiny randomly initialised AutoencoderKL (3x256x256 -> 4x32x32, the SD VAE's layout at 1/16 of its widths), or with --full-vae the SD VAE's
-architecture (random weights: the cost of stabilityai/sd-vae-ft-mse); images/s of the whole command (listing, JPEG
-decoding and cropping in --workers processes, encoding, writing) beside the VAE's encoder alone on the same batches.
+memory-mapped mean and std, the posterior draw (mean + std * eps) * 0.18215, the copy to the device) on a
+folder of --num-latents random posteriors written like `prepare` writes them (4x32x32, with flipped copies),
+against the bare Algorithm 1 step (PRESETS["imagenet"], AdamW) of the DiT at the same batch; interleaved,
+--rounds rounds, medians.
+The files were just written, so they are read from the page cache, as they are after the first epoch on a
+machine whose memory holds them (42 GB for ImageNet in float32); a colder disk costs more.
+prepare: train_imagenet.main(["prepare", ...]) on --images generated JPEGs of ImageNet's typical size
+(500 x 375) at 256 x 256, with a tiny randomly initialised AutoencoderKL (3x256x256 -> 4x32x32, the SD VAE's
+layout at 1/16 of its widths), or with --full-vae the SD VAE's architecture (random weights: the cost of
+stabilityai/sd-vae-ft-mse); images/s of the whole command (listing, JPEG decoding and cropping in --workers
+processes, encoding, writing) beside the VAE's encoder alone on the same batches.
 """
 import argparse
 import contextlib
@@ -27,9 +29,10 @@ import torch
 
 import soflow
 import train_imagenet
+import training
 from benchmarks.common import add_setup_args, describe, setup, sync, timed, write_json
 
-CFG = soflow.PRESETS["imagenet"]
+CONFIG = soflow.PRESETS["imagenet"]
 
 
 def write_latents(folder, count, seed):
@@ -37,15 +40,16 @@ def write_latents(folder, count, seed):
     rng = np.random.default_rng(seed)
     os.makedirs(folder)
     for name in ("mean", "std"):
-        array = np.lib.format.open_memmap(os.path.join(folder, f"{name}.npy"), "w+", np.float32, (2 * count, 4, 32, 32))
+        array = np.lib.format.open_memmap(os.path.join(folder, f"{name}.npy"), "w+", np.float32,
+                                          (2 * count, 4, 32, 32))
         for a in range(0, 2 * count, 10_000):
             chunk = rng.standard_normal((min(10_000, 2 * count - a), 4, 32, 32), dtype=np.float32)
             array[a:a + len(chunk)] = np.abs(chunk) * 0.1 if name == "std" else chunk
         array.flush()
     np.save(os.path.join(folder, "labels.npy"), rng.integers(0, 1000, count))
     train_imagenet.write_json(os.path.join(folder, "manifest.json"), dict(
-        complete=True, settings=dict(num_images=count), copies=2, shape=[4, 32, 32], classes=list(range(1000)),
-        arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy")))
+        complete=True, settings=dict(num_images=count), copies=2, shape=[4, 32, 32],
+        classes=list(range(1000)), arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy")))
 
 
 def reading(args, device, net, model, autocast, folder):
@@ -58,13 +62,13 @@ def reading(args, device, net, model, autocast, folder):
     for k in range(args.warmup + args.rounds):
         sync(device)
         start = time.perf_counter()
-        rows = soflow.global_batch_indices(k, args.batch_size, count, args.seed)
+        rows = training.global_batch_indices(k, args.batch_size, count, args.seed)
         x0, y, _ = get_batch(rows)
         sync(device)
         middle = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss, _ = soflow.soflow_loss(model, x0, y, cfg=CFG, step=k, total_steps=400_000)
+            loss, _ = soflow.soflow_loss(model, x0, y, config=CONFIG, step=k, total_steps=400_000)
         loss.backward()
         opt.step()
         sync(device)
@@ -87,7 +91,8 @@ def make_vae(folder, full):
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
     if full:            # stabilityai/sd-vae-ft-mse's configuration
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
                             sample_size=256)
     else:
@@ -109,7 +114,7 @@ def preparing(args, device, root):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         train_imagenet.main(argv)
     command = args.images / (time.perf_counter() - start)
-    vae = train_imagenet.load_vae(vae_path, device)
+    vae = training.load_vae(vae_path, device)
     x = torch.randn(args.prepare_batch, 3, 256, 256, device=device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     seconds = []
@@ -126,13 +131,15 @@ def preparing(args, device, root):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_setup_args(parser)
-    parser.add_argument("--num-latents", type=int, default=20_000, help="images in the latent folder (x2 flips)")
+    parser.add_argument("--num-latents", type=int, default=20_000,
+                        help="images in the latent folder (x2 flips)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--images", type=int, default=64, help="prepare: generated JPEGs")
     parser.add_argument("--prepare-batch", type=int, default=16, help="prepare: --batch-size")
     parser.add_argument("--workers", type=int, default=2, help="prepare: --workers")
-    parser.add_argument("--full-vae", action="store_true", help="prepare: the SD VAE's size, not the tiny one")
+    parser.add_argument("--full-vae", action="store_true",
+                        help="prepare: the SD VAE's size, not the tiny one")
     args = parser.parse_args(argv)
     device, net, model, _, _, autocast = setup(args)
     results = {}
@@ -140,7 +147,8 @@ def main(argv=None):
         write_latents(os.path.join(root, "latents"), args.num_latents, args.seed)
         data, step = reading(args, device, net, model, autocast, os.path.join(root, "latents"))
         results["data_ms"], results["step_ms"] = statistics.median(data) * 1e3, statistics.median(step) * 1e3
-        print(f"{describe(args, device)}; {args.num_latents} images x 2 copies of latents, {args.rounds} rounds")
+        print(f"{describe(args, device)}; {args.num_latents} images x 2 copies of latents, "
+              f"{args.rounds} rounds")
         print(f"{'part':<52}{'ms':>10}{'images/s':>12}{'/ step':>9}")
         for name, ms in (("data: get_batch (memmap gather, posterior draw)", results["data_ms"]),
                          ("bare Algorithm 1 step (loss, backward, AdamW)", results["step_ms"])):
@@ -148,10 +156,10 @@ def main(argv=None):
         results["data_over_step"] = results["data_ms"] / results["step_ms"]
         manifest, arrays = train_imagenet.open_latents(os.path.join(root, "latents"))
         get_batch, count = train_imagenet.latent_batches(manifest, arrays, device)
-        big = [timed(lambda: get_batch(soflow.global_batch_indices(k, 256, count, args.seed)), device)
+        big = [timed(lambda: get_batch(training.global_batch_indices(k, 256, count, args.seed)), device)
                for k in range(args.rounds)]
         results["data_ms_at_256"] = statistics.median(big) * 1e3
-        gather = [timed(lambda: [arrays[n][soflow.global_batch_indices(k, 256, count, args.seed).numpy()]
+        gather = [timed(lambda: [arrays[n][training.global_batch_indices(k, 256, count, args.seed).numpy()]
                                  for n in ("mean", "std")], device) for k in range(args.rounds)]
         results["gather_ms_at_256"] = statistics.median(gather) * 1e3
         for name, key in (("data alone at batch 256 (the released global batch)", "data_ms_at_256"),
@@ -161,7 +169,8 @@ def main(argv=None):
     results.update(prepare_images_per_s=command, encoder_images_per_s=encoder)
     vae = "the SD VAE's architecture" if args.full_vae else "a tiny VAE"
     print(f"prepare, {args.images} JPEGs of 500x375 -> 256x256, {vae}, batch {args.prepare_batch}, "
-          f"{args.workers} workers: {command:.1f} images/s for the whole command; the encoder alone {encoder:.1f}")
+          f"{args.workers} workers: {command:.1f} images/s for the whole command; "
+          f"the encoder alone {encoder:.1f}")
     if args.json:
         write_json(args.json, {"args": vars(args), **results})
     return results

@@ -1,19 +1,22 @@
-"""Sampling throughput on the same DiT and the same batch of noise: the bare network forward F(x_1, 1, 0, y), SoFlow's
-one-step sampler x_0 = f(x_1, 1, 0) (soflow.sample, 1 NFE) and flow matching's Euler sampler (soflow.sample_euler).
+r"""Sampling throughput on the same DiT and the same batch of noise: the bare network forward F(x_1, 1, 0, y),
+SoFlow's one-step sampler x_0 = f(x_1, 1, 0) (soflow.sample, 1 NFE) and flow matching's Euler sampler
+(soflow.sample_euler).
 
-    python -m benchmarks.sampling                            # CPU default: DiT-S/4, batch 16, ~1 min on 2 cores
-    python -m benchmarks.sampling --model DiT-XL/2 --batch-size 256 --device cuda --dtype bf16 --compile --json s.json
-    python -m benchmarks.sampling --end-to-end            # also sample.py on the same network: a few minutes on a CPU
+    python -m benchmarks.sampling               # CPU default: DiT-S/4, batch 16, ~1 min on 2 cores
+    python -m benchmarks.sampling --model DiT-XL/2 --batch-size 256 --device cuda --dtype bf16 --compile \
+        --json s.json
+    python -m benchmarks.sampling --end-to-end  # also sample.py on the same network: a few minutes on a CPU
 
-The one-call samplers first run --warmup times; then --repeats interleaved rounds each run every sampler once (the
-Euler sampler, 50 network calls, only in the first --euler-repeats rounds). Under torch.no_grad, between
-torch.cuda.synchronize() calls on a GPU. Printed: images/s from the median time, the spread (from the slowest and
-the fastest run), and the ratio to the bare forward, whose images/s is the ceiling of a 1-NFE sampler.
+The one-call samplers first run --warmup times; then --repeats interleaved rounds each run every sampler once
+(the Euler sampler, 50 network calls, only in the first --euler-repeats rounds). Under torch.no_grad, between
+torch.cuda.synchronize() calls on a GPU. Printed: images/s from the median time, the spread (from the slowest
+and the fastest run), and the ratio to the bare forward, whose images/s is the ceiling of a 1-NFE sampler.
 
---end-to-end then runs sample.py in this process on a checkpoint of the same network (--e2e-images images, the same
-batch size, --dtype and --compile, 1 NFE, a PNG grid and an .npz) and splits its time: per-image noise, generation,
-VAE decoding, conversion to uint8 (and gathering), writing. The VAE is by default the SD VAE's architecture with random
-weights, built offline: its cost is that of stabilityai/sd-vae-ft-mse; --vae takes a hub name or a local folder.
+--end-to-end then runs sample.py in this process on a checkpoint of the same network (--e2e-images images, the
+same batch size, --dtype and --compile, 1 NFE, a PNG grid and an .npz) and splits its time: per-image noise,
+generation, VAE decoding, conversion to uint8 (and gathering), writing. The VAE is by default the SD VAE's
+architecture with random weights, built offline: its cost is that of stabilityai/sd-vae-ft-mse; --vae takes a
+hub name or a local folder.
 """
 import argparse
 import os
@@ -35,9 +38,10 @@ def samplers(euler_steps):
         return net(x1, t, torch.zeros_like(t), y)
     return {
         "network forward F(x_1, 1, 0)": (forward, 1),
-        "SoFlow 1-NFE": (lambda net, x1, y: soflow.sample(net, x1, y, cfg=CONFIG), 1),
+        "SoFlow 1-NFE": (lambda net, x1, y: soflow.sample(net, x1, y, config=CONFIG), 1),
         f"flow matching, {euler_steps} Euler steps": (
-            lambda net, x1, y: soflow.sample_euler(net, x1, y, cfg=CONFIG, steps=euler_steps), euler_steps),
+            lambda net, x1, y: soflow.sample_euler(net, x1, y, config=CONFIG, steps=euler_steps),
+            euler_steps),
     }
 
 
@@ -53,23 +57,25 @@ def timed(fn, net, x1, y, autocast):
 
 
 def sd_vae_random():
-    """The SD VAE's architecture (stabilityai/sd-vae-ft-mse: 4 levels of 128-512 channels, 2 layers each) with random
-    weights: decoding costs what the real one costs, without a download."""
+    """The SD VAE's architecture (stabilityai/sd-vae-ft-mse: 4 levels of 128-512 channels, 2 layers each) with
+    random weights: decoding costs what the real one costs, without a download."""
     from diffusers import AutoencoderKL
-    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512),
+                         down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
                          norm_num_groups=32, sample_size=256)
 
 
 def end_to_end(args, net, forward_images_per_s):
-    """sample.py on a checkpoint of net, in this process: its timings and its generation rate over the bare forward."""
+    """sample.py on a checkpoint of net, in this process: its timings and its generation rate over
+    the bare forward."""
     import sample
     num_images = args.e2e_images or args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "net.pt")
         weights = {k: v.cpu() for k, v in net.state_dict().items()}
-        torch.save(dict(arch="DiT", arch_kwargs=net.init_kwargs, model=weights, ema=weights, config=asdict(CONFIG)),
-                   ckpt)
+        torch.save(dict(arch="DiT", arch_kwargs=net.init_kwargs, model=weights, ema=weights,
+                        config=asdict(CONFIG)), ckpt)
         vae = args.vae
         if vae == "sd-random":
             vae = os.path.join(tmp, "vae")
@@ -79,7 +85,8 @@ def end_to_end(args, net, forward_images_per_s):
                              "--out", os.path.join(tmp, "samples")] + (["--compile"] if args.compile else []))
     stats["generation_to_forward"] = stats["generate_images_per_s"] / forward_images_per_s
     parts = {"noise": "per-image noise (CPU generators)", "generate": "generation (soflow.sample)",
-             "decode": f"VAE decoding ({args.vae})", "convert": "to uint8 NHWC, gather", "write": "write PNG and .npz"}
+             "decode": f"VAE decoding ({args.vae})", "convert": "to uint8 NHWC, gather",
+             "write": "write PNG and .npz"}
     print(f"\nsample.py, {num_images} images in batches of {args.batch_size}, 1 NFE:")
     print(f"{'part':<44}{'seconds':>9}{'images/s':>10}{'share':>8}")
     for name, label in parts.items():
@@ -93,7 +100,8 @@ def end_to_end(args, net, forward_images_per_s):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     add_setup_args(parser)
     parser.add_argument("--euler-steps", type=int, default=50, help="flow matching's Euler steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each one-call sampler")
@@ -101,22 +109,24 @@ def main(argv=None):
     parser.add_argument("--euler-repeats", type=int, default=2, help="timed runs of the Euler sampler")
     parser.add_argument("--end-to-end", action="store_true", help="also run sample.py on the same network")
     parser.add_argument("--e2e-images", type=int, default=0, help="--end-to-end: images (0: one batch)")
-    parser.add_argument("--vae", default="sd-random", help="--end-to-end: 'sd-random', a hub name or a local folder")
+    parser.add_argument("--vae", default="sd-random",
+                        help="--end-to-end: 'sd-random', a hub name or a local folder")
     args = parser.parse_args(argv)
     if args.end_to_end and torch.device(args.device).type != ("cuda" if torch.cuda.is_available() else "cpu"):
-        raise SystemExit("--end-to-end: sample.py runs on the GPU when there is one, else the CPU: pass that --device")
+        raise SystemExit("--end-to-end: sample.py runs on the GPU when there is one, else the CPU: "
+                         "pass that --device")
     # Setup: one network in eval mode, one batch of noise.
     device, net, model, x1, y, autocast = setup(args)
     net.eval()
     table = samplers(args.euler_steps)
     euler = list(table)[-1]
     print(describe(args, device))
-    # Warm up: the one-call samplers, and the Euler sampler with one step (it passes t as both times of F, which a
-    # compiled network compiles anew for). Then interleaved rounds.
+    # Warm up: the one-call samplers, and the Euler sampler with one step (it passes t as both times of F,
+    # which a compiled network compiles anew for). Then interleaved rounds.
     for name, (fn, nfe) in table.items():
         for _ in range(args.warmup if nfe == 1 else 0):
             timed(fn, model, x1, y, autocast)
-    timed(lambda net, x, y_: soflow.sample_euler(net, x, y_, cfg=CONFIG, steps=1), model, x1, y, autocast)
+    timed(lambda net, x, y_: soflow.sample_euler(net, x, y_, config=CONFIG, steps=1), model, x1, y, autocast)
     times = {name: [] for name in table}
     rounds = max(args.repeats, args.euler_repeats)
     for k in range(rounds):
@@ -138,11 +148,13 @@ def main(argv=None):
     for r in rows:
         r["ratio_to_forward"] = r["images_per_s"] / ceiling
         spread = f"{r['min_images_per_s']:.2f}-{r['max_images_per_s']:.2f}"
-        print(f"{r['sampler']:<34}{r['nfe']:>4}{r['images_per_s']:>10.2f}{spread:>19}{r['ratio_to_forward']:>11.3f}")
+        print(f"{r['sampler']:<34}{r['nfe']:>4}{r['images_per_s']:>10.2f}{spread:>19}"
+              f"{r['ratio_to_forward']:>11.3f}")
     e2e = end_to_end(args, net, ceiling) if args.end_to_end else None
     if args.json:
-        write_json(args.json, dict(config=vars(args), threads=torch.get_num_threads(), torch=torch.__version__,
-                                   samplers=rows, **({"end_to_end": e2e} if e2e else {})))
+        write_json(args.json, dict(config=vars(args), threads=torch.get_num_threads(),
+                                   torch=torch.__version__, samplers=rows,
+                                   **({"end_to_end": e2e} if e2e else {})))
     return rows
 
 

@@ -1,18 +1,20 @@
-"""Cost of one training step on the same DiT and the same batch: flow matching, SoFlow (Algorithm 1) without and
-with CFG, and MeanFlow (Geng et al. 2025, arXiv 2505.13447) with its JVP, without and with CFG.
+r"""Cost of one training step on the same DiT and the same batch: flow matching, SoFlow (Algorithm 1) without
+and with CFG, and MeanFlow (Geng et al. 2025, arXiv 2505.13447) with its JVP, without and with CFG.
 
     python -m benchmarks.train_step                 # CPU default: DiT-S/4, batch 16, 1-2 min on 2 cores
-    python -m benchmarks.train_step --model DiT-B/2 --batch-size 64 --device cuda --dtype bf16 --compile --json gpu.json
+    python -m benchmarks.train_step --model DiT-B/2 --batch-size 64 --device cuda --dtype bf16 --compile \
+        --json gpu.json
 
-Time: each method runs --warmup steps, then --repeats rounds each run one step of every method, in an order that
-rotates from round to round (interleaved: changes in machine load touch every method alike). A step is zero_grad,
-the loss, backward and an AdamW step, between torch.cuda.synchronize() calls on a GPU. Printed: the median and the
-interquartile range. On a CPU that other processes share, --threads 1 gives steadier numbers.
-Peak memory: the most bytes that tensors hold at once during a step, everything included (weights, AdamW state,
-gradients, activations, temporaries), the allocator's cache excluded. CUDA: torch.cuda.max_memory_allocated. CPU,
-which has no such counter: the bytes of the weights and AdamW state, plus the peak of the running sum of the
-allocations and frees that the CPU allocator reports to torch.profiler(profile_memory=True) during one step (the
-gradients are freed before it, so every byte the step adds is allocated inside it).
+Time: each method runs --warmup steps, then --repeats rounds each run one step of every method, in an order
+that rotates from round to round (interleaved: changes in machine load touch every method alike). A step is
+zero_grad, the loss, backward and an AdamW step, between torch.cuda.synchronize() calls on a GPU. Printed: the
+median and the interquartile range. On a CPU that other processes share, --threads 1 gives steadier numbers.
+Peak memory: the most bytes that tensors hold at once during a step, everything included (weights, AdamW
+state, gradients, activations, temporaries), the allocator's cache excluded.
+CUDA: torch.cuda.max_memory_allocated. CPU, which has no such counter: the bytes of the weights and AdamW
+state, plus the peak of the running sum of the allocations and frees that the CPU allocator reports to
+torch.profiler(profile_memory=True) during one step (the gradients are freed before it, so every byte the
+step adds is allocated inside it).
 The "predicted" column: COST_MODEL below, the count of forward and backward passes over the rows of the batch.
 """
 import argparse
@@ -29,18 +31,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import soflow
 from benchmarks.common import add_setup_args, describe, setup, sync, write_json
+
 COST_MODEL = (
-    "a forward pass over one row of the batch costs 1 (with or without gradient), a backward pass 2: flow matching "
-    "3 a row. SoFlow: n = lam B rows of flow matching 3, B - n consistency rows 1 (no-grad target) + 3; CFG adds a "
-    "no-grad pass over B + (B - n) rows. MeanFlow: the JVP 3 (the primal, and a tangent of two matmuls per linear "
-    "layer: PyTorch's forward-mode AD also multiplies by the weights' tangent, a zero tensor it materialises; an "
-    "ideal JVP costs 2) + backward 2; CFG adds a no-grad pass over B rows. The AdamW step is left out.")
+    "a forward pass over one row of the batch costs 1 (with or without gradient), a backward pass 2: flow "
+    "matching 3 a row. SoFlow: n = lam B rows of flow matching 3, B - n consistency rows 1 (no-grad target) "
+    "+ 3; CFG adds a no-grad pass over B + (B - n) rows. MeanFlow: the JVP 3 (the primal, and a tangent of "
+    "two matmuls per linear layer: PyTorch's forward-mode AD also multiplies by the weights' tangent, a zero "
+    "tensor it materialises; an ideal JVP costs 2) + backward 2; CFG adds a no-grad pass over B rows. The "
+    "AdamW step is left out.")
 
 
 # ----- Flow matching, the baseline: v = F(x_t, t, t, y) (Euler parameterization, Eq. 10) -----
 
 def flow_matching_baseline(net, x0, y, mu=-0.2, sd=1.0):
-    """Plain flow matching: mean ||F(x_t, t, t, y) - (x_1 - x_0)||^2, t ~ logit-normal(mu, sd); one forward."""
+    """Plain flow matching: mean ||F(x_t, t, t, y) - (x_1 - x_0)||^2, t ~ logit-normal(mu, sd);
+    one forward."""
     t = soflow.logit_normal(x0.shape[0], mu, sd, x0.device)
     x1 = torch.randn_like(x0)
     x_t = soflow.per_sample(1 - t, x0) * x0 + soflow.per_sample(t, x0) * x1
@@ -48,17 +53,21 @@ def flow_matching_baseline(net, x0, y, mu=-0.2, sd=1.0):
 
 
 # ----- MeanFlow (Geng et al. 2025), the JVP baseline -----
-# The average velocity u(z_t, r, t) from r to t (r <= t; t = 1 is noise) is F(z_t, t, r): with f = x_t + (s - t) F,
-# z_r = z_t - (t - r) u is f(z_t, t, r). MeanFlow's identity: u = v - (t - r) du/dt, with the total derivative
-# du/dt = v . d_z u + d_t u, a JVP along the tangents (dz, dr, dt) = (v, 0, 1).
+# The average velocity u(z_t, r, t) from r to t (r <= t; t = 1 is noise) is F(z_t, t, r): with
+# f = x_t + (s - t) F, z_r = z_t - (t - r) u is f(z_t, t, r). MeanFlow's identity: u = v - (t - r) du/dt,
+# with the total derivative du/dt = v . d_z u + d_t u, a JVP along the tangents (dz, dr, dt) = (v, 0, 1).
 
-JVP_SDPA = {}    # device type -> the attention backend the JVP runs with: "default", or "math" (found on first use)
+# device type -> the attention backend the JVP runs with: "default", or "math" (found on first use)
+JVP_SDPA = {}
 
 
 def jvp_u(net, z, r, t, y, v):
-    """(u, du/dt) = torch.func.jvp of u(z, r, t) = F(z, t, r, y) along (v, 0, 1). The CPU's fused (flash) attention
-    kernel has no forward-AD formula (NotImplementedError): then this JVP runs with the math backend of SDPA."""
-    fn = lambda z_, r_, t_: net(z_, t_, r_, y)  # noqa: E731
+    """(u, du/dt) = torch.func.jvp of u(z, r, t) = F(z, t, r, y) along (v, 0, 1). The CPU's fused (flash)
+    attention kernel has no forward-AD formula (NotImplementedError): then this JVP runs with the math
+    backend of SDPA."""
+    def fn(z_, r_, t_):
+        return net(z_, t_, r_, y)
+
     primals, tangents = (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t))
     if z.device.type not in JVP_SDPA:
         try:
@@ -74,10 +83,10 @@ def jvp_u(net, z, r, t, y, v):
 
 
 def meanflow_loss(net, x0, y, w=1.0, drop=0.1, neq=0.25, mu=-0.4, sd=1.0, p=1.0, c=1e-3):
-    """MeanFlow's loss, adaptive weight 1 / (||err||^2 + c)^p, as its PyTorch code computes it: one JVP whose primal
-    u carries the gradient. (t, r): two logit-normal(mu, sd) draws, t the larger; r = t on a fraction 1 - neq of the
-    rows. CFG (w != 1) in its w-only form (no kappa): v~ = w v + (1 - w) u(z_t, t, t | null), from one no-grad pass
-    over the batch; rows whose label is dropped keep v."""
+    """MeanFlow's loss, adaptive weight 1 / (||err||^2 + c)^p, as its PyTorch code computes it: one JVP whose
+    primal u carries the gradient. (t, r): two logit-normal(mu, sd) draws, t the larger; r = t on a fraction
+    1 - neq of the rows. CFG (w != 1) in its w-only form (no kappa): v~ = w v + (1 - w) u(z_t, t, t | null),
+    from one no-grad pass over the batch; rows whose label is dropped keep v."""
     B = x0.shape[0]
     tr = soflow.logit_normal(2 * B, mu, sd, x0.device).view(2, B)
     t, r = tr.max(0).values, tr.min(0).values
@@ -99,13 +108,15 @@ def meanflow_loss(net, x0, y, w=1.0, drop=0.1, neq=0.25, mu=-0.4, sd=1.0, p=1.0,
 
 def methods(B, steps=400_000):
     """name -> (loss(net, x0, y, step), the step's cost in COST_MODEL's units)."""
-    cfg = soflow.PRESETS["imagenet"]                     # the released configuration: lam 0.75, w 3, m 0.25
-    n = int(cfg.lam * B)
-    sof = lambda c: lambda net, x0, y, k: soflow.soflow_loss(net, x0, y, cfg=c, step=k, total_steps=steps)[0]  # noqa
+    config = soflow.PRESETS["imagenet"]                  # the released configuration: lam 0.75, w 3, m 0.25
+    n = int(config.lam * B)
+
+    def sof(c):
+        return lambda net, x0, y, k: soflow.soflow_loss(net, x0, y, config=c, step=k, total_steps=steps)[0]
     return {
         "flow matching": (lambda net, x0, y, k: flow_matching_baseline(net, x0, y), 3 * B),
-        "SoFlow": (sof(replace(cfg, w=1.0)), 3 * n + 4 * (B - n)),
-        "SoFlow CFG (w 3, m 0.25)": (sof(cfg), 3 * n + 4 * (B - n) + B + (B - n)),
+        "SoFlow": (sof(replace(config, w=1.0)), 3 * n + 4 * (B - n)),
+        "SoFlow CFG (w 3, m 0.25)": (sof(config), 3 * n + 4 * (B - n) + B + (B - n)),
         "MeanFlow (JVP)": (lambda net, x0, y, k: meanflow_loss(net, x0, y), 5 * B),
         "MeanFlow CFG (w 3)": (lambda net, x0, y, k: meanflow_loss(net, x0, y, w=3.0), 6 * B),
     }
@@ -128,7 +139,7 @@ def train_step(net, opt, loss_fn, x0, y, k, autocast):
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """Silence file descriptor 2: the CPU profiler (kineto) logs two lines there each time it starts and stops."""
+    """Silence file descriptor 2: the CPU profiler (kineto) logs two lines there at each start and stop."""
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
@@ -152,7 +163,7 @@ def peak_memory(net, opt, loss_fn, x0, y, autocast):
                                                 profile_memory=True) as prof:
         train_step(net, opt, loss_fn, x0, y, 0, autocast)
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:                                   # allocations (+bytes) and frees (-bytes), anywhere in the tree
+    while stack:                           # allocations (+bytes) and frees (-bytes), anywhere in the tree
         e = stack.pop()
         stack.extend(e.children)
         if str(e.tag).endswith("Allocation"):
@@ -167,8 +178,10 @@ def peak_memory(net, opt, loss_fn, x0, y, autocast):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_setup_args(parser)
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method (default 1, compiled 3)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; each runs one step of every method")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps per method (default 1, compiled 3)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds; each runs one step of every method")
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else 3 if args.compile else 1
     # Setup: one network, one optimizer (the released AdamW) and one batch, shared by every method.
@@ -209,11 +222,12 @@ def main(argv=None):
     print(f"MeanFlow's JVP ran with the {JVP_SDPA.get(device.type)} attention backend.")
     print(textwrap.fill(f"Predicted (cost model): {COST_MODEL}", 116))
     if args.json:
+        memory = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                  "weights + AdamW state + peak of the CPU allocator's running total (torch.profiler)")
         write_json(args.json, dict(config=vars(args), n_params=n_params, threads=torch.get_num_threads(),
-                                   torch=torch.__version__, jvp_sdpa=JVP_SDPA.get(device.type), cost_model=COST_MODEL,
-                                   peak_memory="torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                                   "weights + AdamW state + peak of the CPU allocator's running total (torch.profiler)",
-                                   soflow_vs_meanflow=vs, methods=rows))
+                                   torch=torch.__version__, jvp_sdpa=JVP_SDPA.get(device.type),
+                                   cost_model=COST_MODEL, peak_memory=memory, soflow_vs_meanflow=vs,
+                                   methods=rows))
     return rows
 
 

@@ -1,6 +1,6 @@
-"""The benchmarks run end to end at tiny sizes, and what they time is correct: the flow matching baseline against
-soflow's own functions, MeanFlow's JVP against finite differences, the cost model against the rows the network
-actually sees, the samplers against soflow.sample. No timing is asserted."""
+"""The benchmarks run end to end at tiny sizes, and what they time is correct: the flow matching baseline
+against soflow's own functions, MeanFlow's JVP against finite differences, the cost model against the rows the
+network actually sees, the samplers against soflow.sample. No timing is asserted."""
 import json
 import math
 
@@ -10,7 +10,9 @@ import torch.nn as nn
 
 import soflow
 import train_imagenet
-from benchmarks import sampling, train_loop as tl, train_step as ts
+from benchmarks import sampling
+from benchmarks import train_loop as tl
+from benchmarks import train_step as ts
 
 # Loading forward-AD decompositions makes torch call its deprecated torch.jit.script.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -19,7 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One CPU thread: tiny networks run many small ops, and when other processes share the cores, two OpenMP
-    threads wait on each other at every op (this file took 40 s with 2 threads on a busy 2-core machine, 4 s with 1)."""
+    threads wait on each other at every op (this file took 40 s with 2 threads on a busy 2-core machine, 4 s
+    with 1)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -85,7 +88,8 @@ def test_meanflow_loss_at_r_equal_t_is_weighted_flow_matching():
 
 @pytest.mark.parametrize("name", list(ts.methods(4)))
 def test_cost_model_counts_the_rows_the_network_sees(name):
-    """predicted units = 3 x (rows forwarded with gradient) + 1 x (rows without); a JVP row costs 5 (3 + backward)."""
+    """predicted units = 3 x (rows forwarded with gradient) + 1 x (rows without); a JVP row costs 5 (3 +
+    backward)."""
     net, (x0, y) = tiny_dit(), batch()
     loss_fn, units = ts.methods(4)[name]
     rows = {"grad": 0, "no_grad": 0}
@@ -101,8 +105,8 @@ def test_cost_model_counts_the_rows_the_network_sees(name):
 
 
 def test_cpu_peak_memory_counts_allocations_and_frees():
-    """Two 40 MiB tensors live at once, then freed, then 20 MiB: the peak the profiler sees is 80 MiB above the
-    weights, plus the tiny network's activations and gradients."""
+    """Two 40 MiB tensors live at once, then freed, then 20 MiB: the peak the profiler sees is 80 MiB above
+    the weights, plus the tiny network's activations and gradients."""
     net, (x0, y) = tiny_dit(), batch(1)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
 
@@ -193,8 +197,9 @@ def test_train_loop_clock_wraps_global_batch_indices_and_restores_it():
 
 
 def test_train_loop_own_timer_reads_only_the_window_and_removes_the_clock(tmp_path):
-    """Records every step (4 images/s of batch 2: 0.5 s a step), then one at step 6 covering 5 and 6: the window
-    3..5 takes steps 3 and 4 only (the record at 6 reaches past it), less the clock's 0.1 s and 0.2 s inside them."""
+    """Records every step (4 images/s of batch 2: 0.5 s a step), then one at step 6 covering 5 and 6: the
+    window 3..5 takes steps 3 and 4 only (the record at 6 reaches past it), less the clock's 0.1 s and 0.2 s
+    inside them."""
     records = [dict(step=k, images_per_s=4.0) for k in (1, 2, 3, 4)] + [dict(step=6, images_per_s=2.0)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     inside = [0.0, 0.0, 0.1, 0.2, 0.0, 0.0]

@@ -1,5 +1,6 @@
-"""toy_2d.ipynb: committed executed (full run), free of IPython magics, and its FAST run (every code cell, about a
-tenth of the training) produces sane numbers. Needs nothing beyond the project: json + exec, no Jupyter."""
+"""toy_2d.ipynb: committed executed (full run), free of IPython magics, and its FAST run (every code cell,
+about a tenth of the training) produces sane numbers. Needs nothing beyond the project: json + exec, no
+Jupyter."""
 import json
 import math
 import pathlib
@@ -24,18 +25,21 @@ def test_notebook_is_plain_python_and_committed_executed():
         assert not magics and "get_ipython" not in src, f"code cell {i}: IPython-only syntax {magics}"
         # Executed top to bottom in one kernel, without errors, before it was committed.
         assert cell["execution_count"] == i + 1, f"code cell {i}: execution_count {cell['execution_count']}"
-        assert not [o for o in cell["outputs"] if o["output_type"] == "error"], f"code cell {i} stored an error"
+        errors = [o for o in cell["outputs"] if o["output_type"] == "error"]
+        assert not errors, f"code cell {i} stored an error"
     outputs = [o for _, cell in cells for o in cell["outputs"]]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 8, "figures missing from the stored outputs"
+    figures = sum("image/png" in o.get("data", {}) for o in outputs)
+    assert figures >= 8, "figures missing from the stored outputs"
     stdout = "".join(o["text"] if isinstance(o["text"], str) else "".join(o["text"])
                      for o in outputs if o["output_type"] == "stream")
-    assert "FAST=False" in stdout, "the stored outputs must come from the full run, not SOFLOW_NOTEBOOK_FAST=1"
+    assert "FAST=False" in stdout, (
+        "the stored outputs must come from the full run, not SOFLOW_NOTEBOOK_FAST=1")
     assert "| SoFlow, 1 step, chain" in stdout, "the section 4 table is missing from the stored outputs"
 
 
 @pytest.mark.slow
 def test_notebook_fast_run_numbers(monkeypatch):
-    """Run every code cell in order in one namespace (FAST, Agg backend), then check the numbers it computed."""
+    """Run every code cell in order in one namespace (FAST, Agg backend), then check its numbers."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -60,12 +64,13 @@ def test_notebook_fast_run_numbers(monkeypatch):
     # Section 4: SoFlow's one step against flow matching trained for as many steps.
     table = r["table"]
     for name, row in table.items():
-        assert math.isfinite(row["sw"]) and (math.isfinite(row["err"]) or name.startswith("data vs data")), name
+        assert math.isfinite(row["sw"]), name
+        assert math.isfinite(row["err"]) or name.startswith("data vs data"), name
     soflow1, fm1 = table["SoFlow, 1 step, chain"], table["flow matching, 1 Euler step"]
-    assert soflow1["err"] < 0.3, soflow1                                      # close to the exact map in absolute terms
-    assert soflow1["err"] < fm1["err"] / 3, (soflow1, fm1)                   # far closer than one Euler step
-    assert soflow1["sw"] < fm1["sw"] / 2, (soflow1, fm1)                     # and closer to the data in distribution
-    assert table["flow matching, 8 Euler steps"]["err"] < fm1["err"] / 3     # the baseline did learn a velocity
+    assert soflow1["err"] < 0.3, soflow1                                  # close to the exact map, absolutely
+    assert soflow1["err"] < fm1["err"] / 3, (soflow1, fm1)               # far closer than one Euler step
+    assert soflow1["sw"] < fm1["sw"] / 2, (soflow1, fm1)                 # and closer to the data in law
+    assert table["flow matching, 8 Euler steps"]["err"] < fm1["err"] / 3  # the baseline did learn a velocity
     assert table["data vs data (SW floor)"]["sw"] < soflow1["sw"] < 1.0
 
     # Section 3: the classic shapes, judged by SW_2 only.
@@ -77,8 +82,8 @@ def test_notebook_fast_run_numbers(monkeypatch):
     for name, runs in r["ablations"].items():
         assert all(math.isfinite(x["err"]) and 0 < x["err"] < 5 for x in runs.values()), (name, runs)
 
-    # Section 6: a model trained with guidance strength w lands far closer to the exact guided map for that w than to
-    # the exact conditional map without guidance (w = 1), and the w = 1 model the other way round.
+    # Section 6: a model trained with guidance strength w lands far closer to the exact guided map for that w
+    # than to the exact conditional map without guidance (w = 1), and the w = 1 model the other way round.
     cross = r["cfg_cross"]
     for w in (2.0, 3.0):
         assert cross[w][w] < 0.6 * cross[w][1.0], (w, cross[w])

@@ -16,7 +16,7 @@ import torch.nn as nn
 import sample
 import soflow
 import train_cifar
-import train_imagenet
+import training
 from benchmarks import sampling
 from distributed import torchrun
 
@@ -89,7 +89,7 @@ def run_sample(out, *flags):
         return f["arr_0"], f["arr_1"] if "arr_1" in f.files else None
 
 
-def expected(net, cfg, n, nfe, seed=0, num_classes=0, decode=lambda x: x):
+def expected(net, config, n, nfe, seed=0, num_classes=0, decode=lambda x: x):
     """Image i computed alone (so sample.py runs with --batch-size 1: the same kernels, the same bits) from its own
     generator, numpy's seeded by (seed, i): its class, x_1, then the re-noising noises."""
     kw = net.init_kwargs
@@ -99,8 +99,8 @@ def expected(net, cfg, n, nfe, seed=0, num_classes=0, decode=lambda x: x):
         rng = np.random.default_rng([seed, i])
         y = torch.tensor([rng.integers(num_classes)]) if num_classes else None
         x1, *eps = [torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) for _ in range(nfe)]
-        x0 = decode(soflow.sample(net, x1, y, cfg=cfg, steps=nfe, mode="renoise", eps=eps))
-        images.append(soflow.to_uint8(x0).permute(0, 2, 3, 1).numpy())
+        x0 = decode(soflow.sample(net, x1, y, config=config, steps=nfe, mode="renoise", eps=eps))
+        images.append(training.to_uint8(x0).permute(0, 2, 3, 1).numpy())
         labels.append(y)
     return np.concatenate(images), torch.cat(labels).numpy() if num_classes else None
 
@@ -109,7 +109,6 @@ def test_our_checkpoint_gives_its_ema_images_a_grid_and_an_npz(trained, tmp_path
     pixels, labels = run_sample(tmp_path / "ours", "--ckpt", trained, "--num-images", "5", "--batch-size", "1")
     assert pixels.shape == (5, 32, 32, 3) and pixels.dtype == np.uint8 and labels is None
     net = soflow.load_network(trained)
-    assert net.soflow_config == soflow.PRESETS["cifar10"]
     assert np.array_equal(pixels, expected(net, net.soflow_config, 5, 1)[0])
     import matplotlib.pyplot as plt
     assert plt.imread(tmp_path / "ours.png").shape[:2] == (2 * 32, 3 * 32)            # 5 images, 3 columns
@@ -125,9 +124,9 @@ def test_released_dit_decodes_latents_and_labels_the_npz(ckpts, tmp_path, capsys
                                 "--batch-size", "1", "--nfe", "2", "--grid", "4")
     assert pixels.shape == (6, 32, 32, 3) and pixels.dtype == np.uint8                 # the VAE's output size
     assert labels.shape == (6,) and labels.dtype == np.int64 and 0 <= labels.min() and labels.max() < 10
-    net, vae = soflow.load_network(ckpts.dit), train_imagenet.load_vae(ckpts.vae)
+    net, vae = soflow.load_network(ckpts.dit), training.load_vae(ckpts.vae)
     want, want_labels = expected(net, soflow.PRESETS["imagenet"], 6, 2, num_classes=10,
-                                 decode=lambda z: train_imagenet.decode_latents(vae, z))
+                                 decode=lambda z: training.decode_latents(vae, z))
     assert np.array_equal(pixels, want) and np.array_equal(labels, want_labels)
     assert pixels.std() > 10                                         # real images, not a constant
     import matplotlib.pyplot as plt

@@ -1,6 +1,6 @@
-"""The method, equation by equation: closed forms, autograd, finite differences and an exact solution map."""
+"""soflow.py, equation by equation in the paper's order: closed forms, autograd, finite differences and the exact
+solution map of a 2D Gaussian mixture (train_toy.py)."""
 import math
-import os
 from dataclasses import replace
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import soflow
+import train_toy
 
 torch.set_default_dtype(torch.float32)
 
@@ -21,17 +22,17 @@ def random_mlp(dtype=torch.float64, **kw):
     return net
 
 
-def config(param="euler", schedule="linear", **kw):
+def make_config(param="euler", schedule="linear", **kw):
     """The released ImageNet configuration with another parameterization, schedule or values."""
     return replace(soflow.PRESETS["imagenet"], param=param, schedule=schedule, **kw)
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return soflow.GaussianMixture.ring(k=4, radius=1.5, std=0.3, num_classes=2)
+    return train_toy.GaussianMixture.ring(k=4, radius=1.5, std=0.3, num_classes=2)
 
 
-# ----- Schedules and parameterizations -----
+# ----- Noising schedules (Sec. 3) and parameterizations (Sec. 4.2) -----
 
 @pytest.mark.parametrize("name", ["linear", "triangular"])
 def test_schedule_boundaries_and_derivatives(name):
@@ -59,37 +60,37 @@ def test_parameterization_boundary_and_derivatives(name):
 def test_solution_is_identity_at_s_equals_t(param):
     net, x, t = random_mlp(), torch.randn(5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
     assert net(x, t, t).abs().min() > 0                                     # F is not zero, yet
-    assert torch.equal(soflow.solution(net, x, t, t, cfg=config(param)), x)             # f(x, t, t) = x exactly
+    assert torch.equal(soflow.solution(net, x, t, t, config=make_config(param)), x)             # f(x, t, t) = x exactly
 
 
 @pytest.mark.parametrize("param", ["euler", "triangular"])
 def test_velocity_eq10_is_derivative_of_f_in_s(param):
     net, x = random_mlp(), torch.randn(5, 2, dtype=torch.float64)
     t, h = torch.rand(5, dtype=torch.float64) * 0.8 + 0.1, 1e-5
-    fd = (soflow.solution(net, x, t, t + h, cfg=config(param)) - soflow.solution(net, x, t, t - h, cfg=config(param))) / (2 * h)
-    assert torch.allclose(soflow.velocity(net, x, t, cfg=config(param)), fd, atol=1e-7)
+    fd = (soflow.solution(net, x, t, t + h, config=make_config(param)) - soflow.solution(net, x, t, t - h, config=make_config(param))) / (2 * h)
+    assert torch.allclose(soflow.velocity(net, x, t, config=make_config(param)), fd, atol=1e-7)
 
 
-# ----- Time sampling -----
+# ----- Time sampling and r(k, K) (App. A) -----
 
 @pytest.mark.parametrize("kind", ["exp", "cosine", "linear", "constant"])
 def test_r_schedule_end_points_and_monotone(kind):
-    cfg = config(r_schedule=kind, r_init=0.1, r_end=0.002)
-    r = [soflow.r_schedule(k, 100, cfg) for k in range(0, 121)]
+    config = make_config(r_schedule=kind, r_init=0.1, r_end=0.002)
+    r = [soflow.r_schedule(k, 100, config) for k in range(0, 121)]
     assert r[0] == pytest.approx(0.002 if kind == "constant" else 0.1)
     assert r[100] == pytest.approx(0.002) and r[120] == pytest.approx(0.002)   # past K it stays at r_end
     assert all(b <= a + 1e-15 for a, b in zip(r, r[1:]))
     if kind != "constant":
         assert r[50] < r[0] and r[100] < r[50]
     with pytest.raises(ValueError, match="unknown r_schedule 'step'; choose one of 'exp', 'cosine'"):
-        config(r_schedule="step")
+        make_config(r_schedule="step")
 
 
 @pytest.mark.parametrize("r", [1.0, 0.1, 1e-3, 1e-7])
 def test_consistency_times_are_ordered(r):
     torch.manual_seed(0)
-    cfg = soflow.PRESETS["cifar10"]                                               # mu_s = -4: many s near 0
-    t, s, l = soflow.consistency_times(20000, r, cfg)
+    config = soflow.PRESETS["cifar10"]                                               # mu_s = -4: many s near 0
+    t, s, l = soflow.consistency_times(20000, r, config)
     assert (s >= 0).all() and (s <= l + 1e-7).all() and (l <= t - 1e-4 + 1e-7).all() and (t >= 1e-4).all()
     if r < 1:                                                                # s = l only where s was clamped
         assert ((s < l) | (s >= t - 1e-4 - 1e-7)).all() and (s < l).any()
@@ -97,7 +98,14 @@ def test_consistency_times_are_ordered(r):
         assert torch.allclose(l, t - 1e-4)
 
 
-# ----- The losses against hand computations -----
+def test_consistency_times_clamp_at_1e_4():
+    """t below 1e-4 is raised to exactly 1e-4 (the released code's floor), and then s = l = t - 1e-4 = 0."""
+    torch.manual_seed(0)
+    t, s, l = soflow.consistency_times(100, 0.5, make_config(t_mu=-12.0, t_sd=0.1))  # sigmoid(-12) ~ 6e-6
+    assert torch.all(t == torch.tensor(1e-4)) and torch.all(s <= 0) and torch.allclose(l, t - 1e-4)
+
+
+# ----- The flow matching and solution consistency losses (Eq. 11-15), against hand computations -----
 
 class Fixed(nn.Module):
     """A 'network' whose output is a fixed tensor times a parameter, for hand computations."""
@@ -120,11 +128,11 @@ def test_fm_loss_by_hand():
     vmix = torch.stack([v[0], 0.25 * v[1] + 0.75 * vt[1]])
     mse = ((vt - vmix) ** 2).mean(1)
     w = 1 / (math.pi / 2 * (mse + 0.1) ** 0.5)
-    cfg = config("triangular", p=0.5, eps=0.1)
+    config = make_config("triangular", p=0.5, eps=0.1)
     net = Fixed(F_out)
-    v_pred = soflow.velocity(net, x_t, t, cfg=cfg)
+    v_pred = soflow.velocity(net, x_t, t, config=config)
     v_mix = soflow.mix_velocity(v, v_pred.detach(), mix)                    # as Algorithm 1 builds it
-    loss, got_mse, got_w = soflow.fm_loss(v_pred, v_mix, t, cfg)
+    loss, got_mse, got_w = soflow.fm_loss(v_pred, v_mix, t, config)
     assert torch.allclose(got_mse, mse) and torch.allclose(got_w, w) and torch.allclose(loss, w * mse)
     # The weight is a constant and the mixed-in guided velocity has no gradient: d loss / d scale = w * d mse.
     loss.sum().backward()
@@ -142,11 +150,11 @@ def test_scm_loss_by_hand_and_gradient_matches_eq14_with_eq15():
         s = t * torch.rand(B, dtype=torch.float64) * 0.5
         l = t - 0.05 * (t - s)
         p, eps = 0.75, 1e-3
-        loss, mse, w = soflow.scm_loss(net, x_t, t, s, l, v, cfg=config(param, p=p, eps=eps))
+        loss, mse, w = soflow.scm_loss(net, x_t, t, s, l, v, config=make_config(param, p=p, eps=eps))
         # By hand: the target is f at x_l = x_t + v (l - t), without gradient.
         x_l = x_t + (l - t)[:, None] * v
-        f_l = soflow.solution(net, x_l, l, s, cfg=config(param)).detach()
-        f_t = soflow.solution(net, x_t, t, s, cfg=config(param))
+        f_l = soflow.solution(net, x_l, l, s, config=make_config(param)).detach()
+        f_t = soflow.solution(net, x_t, t, s, config=make_config(param))
         dq = (f_t.detach() - f_l) / (t - l)[:, None]
         assert torch.allclose(mse, (dq ** 2).mean(1)) and torch.allclose(w, 1 / ((dq ** 2).mean(1) + eps) ** p)
         # Eq. 14 with Eq. 15's weight (weight held constant): its gradient is twice that of the returned loss.
@@ -159,27 +167,59 @@ def test_scm_loss_by_hand_and_gradient_matches_eq14_with_eq15():
             assert torch.allclose(a, 2 * b, rtol=1e-6, atol=1e-9)
 
 
-# ----- Classifier-free guidance -----
+# ----- Classifier-free guidance (Eq. 17-19) -----
 
 def test_guided_target_is_eq18_where_decay_is_one():
-    cfg = soflow.PRESETS["imagenet"]
+    config = soflow.PRESETS["imagenet"]
     v, vu = torch.randn(5, 3), torch.randn(5, 3)
     t = torch.tensor([0.0, 0.2, 0.5, 0.7, 0.8])                              # t <= decay_t: g = 1
-    assert torch.allclose(soflow.guided_target(v, vu, t, cfg), cfg.w * v + (1 - cfg.w) * vu, atol=1e-6)
-    v_mix = soflow.mix_velocity(soflow.guided_target(v, vu, t, cfg), v, torch.ones(5))
-    assert torch.allclose(v_mix, cfg.w * v + (1 - cfg.w) * vu, atol=1e-6)    # m = 1: Eq. 18 exactly
-    assert torch.allclose(soflow.guided_target(v, vu, torch.ones(5), cfg), v)     # t = 1: no guidance
+    assert torch.allclose(soflow.guided_target(v, vu, t, config), config.w * v + (1 - config.w) * vu, atol=1e-6)
+    v_mix = soflow.mix_velocity(soflow.guided_target(v, vu, t, config), v, torch.ones(5))
+    assert torch.allclose(v_mix, config.w * v + (1 - config.w) * vu, atol=1e-6)    # m = 1: Eq. 18 exactly
+    assert torch.allclose(soflow.guided_target(v, vu, torch.ones(5), config), v)     # t = 1: no guidance
 
 
 @pytest.mark.parametrize("kind", ["exp", "linear"])
 def test_guidance_decay(kind):
     t = torch.linspace(0, 1, 1001)
-    g = soflow.guidance_decay(t, config(decay=kind, decay_t=0.8))
+    g = soflow.guidance_decay(t, make_config(decay=kind, decay_t=0.8))
     assert torch.allclose(g[t <= 0.8], torch.ones(1)) and g[-1] == 0
     assert (g[1:] <= g[:-1] + 1e-7).all() and g[900] < 1                      # falls over (0.8, 1]
     if kind == "linear":
         assert torch.allclose(g[900], torch.tensor(0.5), atol=1e-4)
 
+
+# ----- Hyperparameters -----
+
+def test_config_is_validated_with_the_valid_choices():
+    for field, value in [("schedule", "cosine"), ("param", "sigmoid"), ("decay", "step")]:
+        with pytest.raises(ValueError, match=f"unknown {field} '{value}'; choose one of"):
+            make_config(**{field: value})
+    for field, value in [("lam", 1.5), ("lam", -0.1), ("m", 2.0), ("drop", -1.0), ("p", -0.5), ("eps", -1e-3),
+                         ("decay_t", 1.0)]:
+        with pytest.raises(ValueError, match=f"{field} = {value} is outside"):
+            make_config(**{field: value})
+    assert make_config(lam=0.0, p=0.0, eps=0.0).lam == 0.0                        # the edges are allowed
+
+
+def test_released_constants_by_value():
+    """Values fixed by the released code, each against its definition: the smooth decay's 0.025, l on the
+    segment from t towards s (Eq. 16), and the flow matching share int(lambda B), rounded down."""
+    t = torch.tensor([0.9, 0.95, 0.5], dtype=torch.float64)
+    d = (1 - t) / (1 - 0.8)
+    expected = torch.where(t > 0.8, 1 - torch.exp(-0.025 * d / (1 - d)), torch.ones_like(t))
+    torch.testing.assert_close(soflow.guidance_decay(t, make_config()), expected, rtol=1e-12, atol=0)
+    torch.manual_seed(0)
+    t, s, l = soflow.consistency_times(1000, 0.25, make_config())
+    free = l < t - 1e-4                                                      # where the clamp is not active
+    assert free.float().mean() > 0.5
+    torch.testing.assert_close(l[free], (t + 0.25 * (s - t))[free])          # l = t + (s - t) r
+    for B, lam, n_fm in [(10, 0.75, 7), (7, 0.5, 3), (8, 0.25, 2), (3, 0.99, 2), (5, 1.0, 5), (5, 0.0, 0)]:
+        d = soflow.draw(torch.zeros(B, 2), make_config(lam=lam), 0.1, labelled=False)
+        assert len(d.t_fm) == n_fm and len(d.t) == B - n_fm, (B, lam)
+
+
+# ----- Algorithm 1 -----
 
 def recording(monkeypatch, name):
     """Wrap soflow.<name> to record the arguments of every call."""
@@ -196,17 +236,17 @@ def test_cfg_targets_in_algorithm1(monkeypatch, toy):
     """Kept labels get the guided target with mix m; dropped labels get the null label and the plain velocity."""
     torch.manual_seed(0)
     net = random_mlp(torch.float32, num_classes=2)
-    cfg = replace(soflow.PRESETS["imagenet"], lam=1.0, m=0.25)
+    config = replace(soflow.PRESETS["imagenet"], lam=1.0, m=0.25)
     x0, y = toy.sample(64)
-    d = soflow.draw(x0, cfg, 0.1, labelled=True)
+    d = soflow.draw(x0, config, 0.1, labelled=True)
     d.keep[:10] = False
     calls = recording(monkeypatch, "cfg_targets")
-    soflow.soflow_loss(net, x0, y, cfg=cfg, step=0, total_steps=1, draws=d)
+    soflow.soflow_loss(net, x0, y, config=config, step=0, total_steps=1, draws=d)
     (_, x_t, t, v_t, y_used, _, _, _, _), _, (target, mix, _) = calls[0]
     x_t_ref, v = soflow.interpolate("linear", x0, d.x1, d.t_fm)
     assert torch.equal(x_t, x_t_ref) and torch.equal(v_t, v)
-    v_unc = soflow.velocity(net, x_t_ref, d.t_fm, torch.full_like(y, 2), cfg=cfg).detach()
-    w = soflow.guidance_strength(d.t_fm, cfg)[:, None]
+    v_unc = soflow.velocity(net, x_t_ref, d.t_fm, torch.full_like(y, 2), config=config).detach()
+    w = soflow.guidance_strength(d.t_fm, config)[:, None]
     keep = d.keep
     assert torch.allclose(target[~keep], v[~keep]) and torch.all(mix[~keep] == 1) and torch.all(y_used[~keep] == 2)
     assert torch.allclose(target[keep], (w * v + (1 - w) * v_unc)[keep], atol=1e-5)
@@ -216,22 +256,22 @@ def test_cfg_targets_in_algorithm1(monkeypatch, toy):
 def test_algorithm1_rejects_labels_it_cannot_use(toy):
     x0, y = toy.sample(8)
     with pytest.raises(ValueError, match="unconditional network"):
-        soflow.soflow_loss(random_mlp(torch.float32), x0, y, cfg=soflow.PRESETS["imagenet"], step=0, total_steps=1)
+        soflow.soflow_loss(random_mlp(torch.float32), x0, y, config=soflow.PRESETS["imagenet"], step=0, total_steps=1)
     with pytest.raises(ValueError, match="needs label dropping"):             # the null label would stay untrained
-        soflow.soflow_loss(random_mlp(torch.float32, num_classes=2), x0, y, cfg=replace(soflow.PRESETS["imagenet"], drop=0.0),
+        soflow.soflow_loss(random_mlp(torch.float32, num_classes=2), x0, y, config=replace(soflow.PRESETS["imagenet"], drop=0.0),
                       step=0, total_steps=1)
 
 
 def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
     torch.manual_seed(0)
     net = random_mlp(torch.float64, num_classes=2)
-    cfg = replace(soflow.PRESETS["imagenet"], lam=0.25, m=0.5)
+    config = replace(soflow.PRESETS["imagenet"], lam=0.25, m=0.5)
     x0, y = toy.sample(40)
     x0 = x0.double()
-    d = soflow.draw(x0, cfg, 0.05, labelled=True)
+    d = soflow.draw(x0, config, 0.05, labelled=True)
     calls = []                                                               # (gradient on?, rows) per call
     net.register_forward_hook(lambda mod, inp, out: calls.append((torch.is_grad_enabled(), inp[0].shape[0])))
-    loss, diag = soflow.soflow_loss(net, x0, y, cfg=cfg, step=0, total_steps=1, draws=d)
+    loss, diag = soflow.soflow_loss(net, x0, y, config=config, step=0, total_steps=1, draws=d)
     # Three network calls: CFG (v_uncond for all 40 rows, v_guided for the 30 consistency rows), one student pass
     # for both losses, the consistency target pass.
     assert calls == [(False, 70), (True, 40), (False, 30)]
@@ -239,15 +279,15 @@ def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
     x_t, v = soflow.interpolate("linear", x0, d.x1, torch.cat([d.t_fm, d.t]))
     y_in = torch.where(d.keep, y, 2)
     t_all = torch.cat([d.t_fm, d.t])
-    v_unc = soflow.velocity(net, x_t, t_all, torch.full_like(y, 2), cfg=cfg).detach()
-    v_gui = soflow.velocity(net, x_t, t_all, y_in, cfg=cfg).detach()
-    target = torch.where(d.keep[:, None], soflow.guided_target(v, v_unc, t_all, cfg), v)
+    v_unc = soflow.velocity(net, x_t, t_all, torch.full_like(y, 2), config=config).detach()
+    v_gui = soflow.velocity(net, x_t, t_all, y_in, config=config).detach()
+    target = torch.where(d.keep[:, None], soflow.guided_target(v, v_unc, t_all, config), v)
     mix = torch.where(d.keep, 0.5, 1.0).double()
-    v_pred = soflow.velocity(net, x_t[:n], d.t_fm, y_in[:n], cfg=cfg)      # Eq. 10, with gradient
+    v_pred = soflow.velocity(net, x_t[:n], d.t_fm, y_in[:n], config=config)      # Eq. 10, with gradient
     v_fm = mix[:n, None] * target[:n] + (1 - mix[:n, None]) * v_pred.detach()
-    l_fm = soflow.fm_loss(v_pred, v_fm, d.t_fm, cfg)[0].mean()
+    l_fm = soflow.fm_loss(v_pred, v_fm, d.t_fm, config)[0].mean()
     v_scm = mix[n:, None] * target[n:] + (1 - mix[n:, None]) * v_gui[n:]
-    l_scm = soflow.scm_loss(net, x_t[n:], d.t, d.s, d.l, v_scm, y_in[n:], cfg=cfg)[0].mean()
+    l_scm = soflow.scm_loss(net, x_t[n:], d.t, d.s, d.l, v_scm, y_in[n:], config=config)[0].mean()
     assert torch.allclose(loss, 0.25 * l_fm + 0.75 * l_scm, rtol=1e-10)
     params = list(net.parameters())                                          # and so are the gradients
     for g, g_ref in zip(torch.autograd.grad(loss, params), torch.autograd.grad(0.25 * l_fm + 0.75 * l_scm, params)):
@@ -264,12 +304,30 @@ def test_dropout_masks_shared_between_student_and_target(toy):
             m.register_forward_hook(lambda mod, inp, out: records.append(
                 (torch.is_grad_enabled(), out.shape[0], (out != 0) | (inp[0] == 0))))
     x0, _ = toy.sample(16)
-    soflow.soflow_loss(net, x0, cfg=replace(soflow.PRESETS["toy"], lam=0.5), step=0, total_steps=10)
+    soflow.soflow_loss(net, x0, config=replace(soflow.PRESETS["toy"], lam=0.5), step=0, total_steps=10)
     fm, target, student = records[:2], records[2:4], records[4:]            # FM pass, target pass, SCM student
     assert [r[0] for r in records] == [True, True, False, False, True, True]
     for a, b, c in zip(target, student, fm):
         assert torch.equal(a[2], b[2])                                       # same masks
         assert not torch.equal(a[2], c[2])                                   # fresh masks elsewhere
+
+
+def test_conditioning_vector_trains(toy):
+    """Algorithm 1 passes cond through every network call: the conditioning layer receives a gradient."""
+    net = soflow.MLP(hidden=32, depth=1, cond_dim=3)
+    nn.init.normal_(net.out[1].weight)
+    x0 = toy.sample(16)[0]
+    loss, _ = soflow.soflow_loss(net, x0, cond=torch.randn(16, 3), config=soflow.PRESETS["toy"], step=0, total_steps=1)
+    loss.backward()
+    assert net.cond_proj.weight.grad.abs().sum() > 0
+
+
+def test_labels_are_dropped_at_the_configured_rate():
+    torch.manual_seed(0)
+    for drop in (0.1, 0.5):
+        keep = soflow.draw(torch.zeros(20000, 2), make_config(drop=drop), 0.1, labelled=True).keep
+        assert abs(keep.float().mean().item() - (1 - drop)) < 0.01, drop
+    assert soflow.draw(torch.zeros(8, 2), make_config(), 0.1, labelled=False).keep is None
 
 
 # ----- Sampling, against the exact solution map -----
@@ -292,167 +350,24 @@ def test_one_step_and_chained_sampling_reproduce_the_exact_map(toy, param):
     x1 = torch.randn(64, 2, dtype=torch.float64)
     exact = toy.solution(x1, 1.0, 0.0, steps=300).double()
     net = Oracle(toy, param)
-    cfg = config(param)
-    assert torch.allclose(soflow.sample(net, x1, cfg=cfg), exact, atol=1e-4)
-    chained = soflow.sample(net, x1, times=[1.0, 0.7, 0.2, 0.0], cfg=cfg)
+    config = make_config(param)
+    assert torch.allclose(soflow.sample(net, x1, config=config), exact, atol=1e-4)
+    chained = soflow.sample(net, x1, times=[1.0, 0.7, 0.2, 0.0], config=config)
     assert torch.allclose(chained, exact, atol=1e-4)
-    assert torch.allclose(soflow.sample_euler(net, x1, steps=400, cfg=cfg), exact, atol=2e-2)
+    assert torch.allclose(soflow.sample_euler(net, x1, steps=400, config=config), exact, atol=2e-2)
 
 
 def test_renoise_sampler_follows_its_definition(toy):
     net, x1, times = Oracle(toy), torch.randn(32, 2, dtype=torch.float64), [1.0, 0.6, 0.3, 0.0]
     torch.manual_seed(5)
-    got = soflow.sample(net, x1, times=times, mode="renoise", cfg=config())
+    got = soflow.sample(net, x1, times=times, mode="renoise", config=make_config())
     torch.manual_seed(5)
     x = x1
     for t_i, t_next in zip(times[:-1], times[1:]):
         x0_hat = toy.solution(x, t_i, 0.0, steps=100).double()
         x = (1 - t_next) * x0_hat + t_next * torch.randn_like(x)
     assert torch.allclose(got, x, atol=1e-6)
-    assert not torch.allclose(got, soflow.sample(net, x1, times=times, cfg=config()), atol=1e-3)   # differs from chaining
-
-
-def test_sampling_rejects_bad_grids():
-    net = random_mlp(torch.float32)
-    with pytest.raises(ValueError, match="times must decrease strictly"):
-        soflow.sample(net, torch.randn(2, 2), times=[0.0, 1.0], cfg=config())
-    with pytest.raises(ValueError, match="unknown sampling mode"):
-        soflow.sample(net, torch.randn(2, 2), mode="ddim", cfg=config())
-
-
-# ----- The exact toy solution -----
-
-def test_toy_velocity_is_the_conditional_expectation(toy):
-    """E[(alpha' x_0 + beta' x_1 - v(x_t, t)) phi(x_t)] = 0 for test functions phi (Eq. 1), also per class (Eq. 17)."""
-    g = torch.Generator().manual_seed(0)
-    n = 400_000
-    x0, y = toy.sample(n, g)
-    x1, t = torch.randn(n, 2, generator=g), torch.rand(n, generator=g)
-    x_t, u = soflow.interpolate("linear", x0.double(), x1.double(), t.double())
-    sign = (2 * y - 1).double()                                              # a test function of the label
-    r_u, r_c = u - toy.velocity(x_t, t), u - toy.velocity(x_t, t, y)
-    for phi in (torch.ones_like(sign), x_t[:, 0], torch.sin(2 * x_t[:, 1]), t.double()):
-        assert r_u.mul(phi[:, None]).mean(0).abs().max() < 0.01
-        assert r_c.mul(phi[:, None]).mean(0).abs().max() < 0.01
-        assert r_c.mul((sign * phi)[:, None]).mean(0).abs().max() < 0.01
-    assert r_u.mul((sign * x_t[:, 0])[:, None]).mean(0).abs().max() > 0.05   # Eq. 1 is not Eq. 17
-
-
-def test_toy_guided_velocity_is_eq18(toy):
-    x, t, y = torch.randn(10, 2), torch.rand(10), torch.randint(0, 2, (10,))
-    v, v_c = toy.velocity(x, t), toy.velocity(x, t, y)
-    assert torch.allclose(toy.velocity(x, t, y, w=3.0), 3 * v_c - 2 * v)
-
-
-def test_toy_solution_boundary_pde_and_semigroup(toy):
-    x = torch.randn(16, 2, dtype=torch.float64)
-    t, s, l = 0.9, 0.1, 0.4
-    assert torch.equal(toy.solution(x, t, t).double(), x.float().double())
-    # Eq. 6 for the exact map: d1 f(x, t, s) v(x, t) + d2 f(x, t, s) = 0, by central differences (float64 inside).
-    h = 1e-4
-    f = lambda z, tt: toy.solution(z, tt, s, steps=400).double()   # noqa: E731
-    v = toy.velocity(x, torch.full((16,), t)).double()
-    resid = (f(x + h * v, t) - f(x - h * v, t)) / (2 * h) + (f(x, t + h) - f(x, t - h)) / (2 * h)
-    assert resid.abs().max() < 1e-2 and (f(x, t + h) - f(x, t - h)).abs().max() / (2 * h) > 0.1
-    # f(f(x, t, l), l, s) = f(x, t, s)
-    assert torch.allclose(toy.solution(toy.solution(x, t, l), l, s), toy.solution(x, t, s), atol=1e-5)
-
-
-def test_toy_solution_pushes_noise_onto_the_data():
-    toy = soflow.GaussianMixture.ring(k=4, radius=2.0, std=0.1)
-    x0 = toy.solution(torch.randn(4000, 2), 1.0, 0.0)
-    dist = torch.cdist(x0.double(), toy.means).min(1).values
-    assert dist.pow(2).mean() < 2 * 0.1 ** 2 * 1.2                          # E||x0 - mu||^2 = 2 sigma^2
-    counts = torch.bincount(torch.cdist(x0.double(), toy.means).argmin(1), minlength=4).float() / 4000
-    assert (counts - 0.25).abs().max() < 0.04
-
-
-# ----- Networks, training, EMA, checkpoints -----
-
-def test_mlp_conditioning_and_shapes():
-    net = random_mlp(torch.float32, data_shape=(3, 4), num_classes=5, cond_dim=6)
-    x, t, s, c = torch.randn(2, 3, 4), torch.rand(2), torch.zeros(2), torch.randn(2, 6)
-    out = net(x, t, s, torch.tensor([1, 2]), c)
-    assert out.shape == x.shape
-    assert not torch.allclose(out, net(x, t, s, torch.tensor([3, 2]), c))
-    assert not torch.allclose(out, net(x, t, s, torch.tensor([1, 2]), c + 1))
-    assert torch.equal(net(x, t, s, None, c), net(x, t, s, torch.tensor([5, 5]), c))
-    with pytest.raises(ValueError, match="cond_dim=6"):
-        net(x, t, s)
-    assert torch.equal(soflow.MLP()(torch.randn(3, 2), t[:1].expand(3), s[:1].expand(3)), torch.zeros(3, 2))
-
-
-def test_training_lowers_the_one_step_error():
-    """A short seeded run brings f_theta(x_1, 1, 0) at least 4x closer to the exact map than at init."""
-    toy = soflow.GaussianMixture.ring()
-    x1 = torch.randn(2048, 2, generator=torch.Generator().manual_seed(1))
-    exact = toy.solution(x1, 1.0, 0.0)
-    net = soflow.MLP(hidden=64, depth=2)
-    before = soflow.map_error(x1, exact, lambda x: soflow.sample(net, x, cfg=soflow.PRESETS["toy"]))
-    net = soflow.train_toy(toy, soflow.PRESETS["toy"], steps=300, batch=256, lr=3e-3, net=net)
-    after = soflow.map_error(x1, exact, lambda x: soflow.sample(net, x, cfg=soflow.PRESETS["toy"]))
-    assert after < before / 4, (before, after)
-
-
-def test_conditioning_vector_trains(toy):
-    """Algorithm 1 passes cond through every network call: the conditioning layer receives a gradient."""
-    net = soflow.MLP(hidden=32, depth=1, cond_dim=3)
-    nn.init.normal_(net.out[1].weight)
-    x0 = toy.sample(16)[0]
-    loss, _ = soflow.soflow_loss(net, x0, cond=torch.randn(16, 3), cfg=soflow.PRESETS["toy"], step=0, total_steps=1)
-    loss.backward()
-    assert net.cond_proj.weight.grad.abs().sum() > 0
-
-
-def test_ema_update():
-    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
-    old = a.weight.detach().clone()
-    soflow.ema_update(a, b, 0.9)
-    assert torch.allclose(a.weight, 0.9 * old + 0.1 * b.weight)
-
-
-def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    soflow.save_checkpoint(path, step=1)
-    assert torch.load(path)["step"] == 1
-
-    def broken(obj, f):
-        open(f, "wb").write(b"partial")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
-        soflow.save_checkpoint(path, step=2)
-    monkeypatch.undo()
-    assert torch.load(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
-
-
-@pytest.mark.slow
-def test_map_figures_by_hand():
-    means = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
-    exact = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 0.0], [10.0, 0.0]])
-    landed = torch.tensor([[0.0, 1.0], [10.0, 0.0], [9.0, 0.0], [10.0, 3.0]])    # the third crosses to mode 1
-    figures = soflow.map_figures(landed, exact, means)
-    assert figures == dict(same_mode=0.75, median=2.0, mse=(1 + 0 + 81 + 9) / 4)    # distances 1, 0, 9, 3
-
-
-def test_demo_command(tmp_path):
-    """`python soflow.py` trains both models, prints every sampler's error and saves a figure; SoFlow's one step
-    lands far closer to the exact map than one Euler step of flow matching trained for as long."""
-    import subprocess
-    import sys
-    out = tmp_path / "fig.png"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}        # a tiny MLP: on a busy machine, 2 threads wait on each other
-    run = subprocess.run([sys.executable, "soflow.py", "--steps", "200", "--out", str(out)], capture_output=True,
-                         text=True, timeout=300, cwd=__file__.rsplit("/tests/", 1)[0], env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = [line.rsplit(maxsplit=3) for line in run.stdout.splitlines() if line.startswith("  ") and "%" in line]
-    figures = {name.strip(): (float(same[:-1]) / 100, float(median), float(mse)) for name, same, median, mse in rows}
-    assert len(figures) == 7 and all(math.isfinite(x) for row in figures.values() for x in row)
-    soflow1, euler1 = figures["SoFlow, NFE=1"], figures["flow matching, Euler NFE=1"]
-    assert soflow1[2] < euler1[2] / 3 and soflow1[1] < euler1[1] / 2, figures
-    # On the ring one Euler step shrinks x_1 towards the centre along its own angle: the mode is often right.
-    assert soflow1[0] > 0.75, figures
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not torch.allclose(got, soflow.sample(net, x1, times=times, config=make_config()), atol=1e-3)   # differs from chaining
 
 
 def test_renoise_sampler_takes_given_noise(toy):
@@ -460,54 +375,28 @@ def test_renoise_sampler_takes_given_noise(toy):
     net, x1, times = Oracle(toy), torch.randn(8, 2, dtype=torch.float64), [1.0, 0.6, 0.3, 0.0]
     eps = torch.randn(2, 8, 2, dtype=torch.float64)
     torch.manual_seed(5)
-    expected = soflow.sample(net, x1, times=times, mode="renoise", cfg=config())
+    expected = soflow.sample(net, x1, times=times, mode="renoise", config=make_config())
     torch.manual_seed(5)
     drawn = [torch.randn_like(x1) for _ in range(2)]
-    assert not torch.allclose(expected, soflow.sample(net, x1, times=times, mode="renoise", cfg=config(), eps=eps))
+    assert not torch.allclose(expected, soflow.sample(net, x1, times=times, mode="renoise", config=make_config(), eps=eps))
     state = torch.get_rng_state()
-    got = soflow.sample(net, x1, times=times, mode="renoise", cfg=config(), eps=torch.stack(drawn))
+    got = soflow.sample(net, x1, times=times, mode="renoise", config=make_config(), eps=torch.stack(drawn))
     assert torch.equal(torch.get_rng_state(), state)                         # no draw from the global RNG
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
-def test_config_is_validated_with_the_valid_choices():
-    for field, value in [("schedule", "cosine"), ("param", "sigmoid"), ("decay", "step")]:
-        with pytest.raises(ValueError, match=f"unknown {field} '{value}'; choose one of"):
-            config(**{field: value})
-    for field, value in [("lam", 1.5), ("lam", -0.1), ("m", 2.0), ("drop", -1.0), ("p", -0.5), ("eps", -1e-3),
-                         ("decay_t", 1.0)]:
-        with pytest.raises(ValueError, match=f"{field} = {value} is outside"):
-            config(**{field: value})
-    assert config(lam=0.0, p=0.0, eps=0.0).lam == 0.0                        # the edges are allowed
+def test_sampling_rejects_bad_grids():
+    net = random_mlp(torch.float32)
+    with pytest.raises(ValueError, match="times must decrease strictly"):
+        soflow.sample(net, torch.randn(2, 2), times=[0.0, 1.0], config=make_config())
+    with pytest.raises(ValueError, match="unknown sampling mode"):
+        soflow.sample(net, torch.randn(2, 2), mode="ddim", config=make_config())
 
 
-def test_released_constants_by_value():
-    """Values fixed by the released code, each against its definition: the smooth decay's 0.025, l on the
-    segment from t towards s (Eq. 16), and the flow matching share int(lambda B), rounded down."""
-    t = torch.tensor([0.9, 0.95, 0.5], dtype=torch.float64)
-    d = (1 - t) / (1 - 0.8)
-    expected = torch.where(t > 0.8, 1 - torch.exp(-0.025 * d / (1 - d)), torch.ones_like(t))
-    torch.testing.assert_close(soflow.guidance_decay(t, config()), expected, rtol=1e-12, atol=0)
-    torch.manual_seed(0)
-    t, s, l = soflow.consistency_times(1000, 0.25, config())
-    free = l < t - 1e-4                                                      # where the clamp is not active
-    assert free.float().mean() > 0.5
-    torch.testing.assert_close(l[free], (t + 0.25 * (s - t))[free])          # l = t + (s - t) r
-    for B, lam, n_fm in [(10, 0.75, 7), (7, 0.5, 3), (8, 0.25, 2), (3, 0.99, 2), (5, 1.0, 5), (5, 0.0, 0)]:
-        d = soflow.draw(torch.zeros(B, 2), config(lam=lam), 0.1, labelled=False)
-        assert len(d.t_fm) == n_fm and len(d.t) == B - n_fm, (B, lam)
+# ----- EMA -----
 
-
-def test_consistency_times_clamp_at_1e_4():
-    """t below 1e-4 is raised to exactly 1e-4 (the released code's floor), and then s = l = t - 1e-4 = 0."""
-    torch.manual_seed(0)
-    t, s, l = soflow.consistency_times(100, 0.5, config(t_mu=-12.0, t_sd=0.1))  # sigmoid(-12) ~ 6e-6
-    assert torch.all(t == torch.tensor(1e-4)) and torch.all(s <= 0) and torch.allclose(l, t - 1e-4)
-
-
-def test_labels_are_dropped_at_the_configured_rate():
-    torch.manual_seed(0)
-    for drop in (0.1, 0.5):
-        keep = soflow.draw(torch.zeros(20000, 2), config(drop=drop), 0.1, labelled=True).keep
-        assert abs(keep.float().mean().item() - (1 - drop)) < 0.01, drop
-    assert soflow.draw(torch.zeros(8, 2), config(), 0.1, labelled=False).keep is None
+def test_ema_update():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    old = a.weight.detach().clone()
+    soflow.ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * old + 0.1 * b.weight)

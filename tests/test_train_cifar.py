@@ -1,18 +1,280 @@
-"""train_cifar.py end to end on a CIFAR-format folder of a few dozen images: one process in this one, two under
+"""train_cifar.py: the CIFAR-10 archive (a small one in the real format), loading and downloading, EDM's
+augmentation, and the script end to end on a CIFAR-format folder of a few dozen images: one process, and two under
 torchrun (gloo); exact resume, SIGTERM, grids and the errors a user meets first."""
+import hashlib
+import io
+import math
+import os
 import pickle
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_cifar
 from distributed import torchrun
+
+PER_BATCH = 6  # 30 training images
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A cifar-10-python.tar.gz of random images in the real layout: (path, md5, images, labels)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5 * PER_BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (5 * PER_BATCH,), generator=g)
+    path = tmp_path_factory.mktemp("src") / train_cifar.ARCHIVE
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, obj):
+            data = pickle.dumps(obj)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i, name in enumerate(train_cifar.TRAIN_BATCHES + ["test_batch"]):
+            rows = slice(i * PER_BATCH, (i + 1) * PER_BATCH) if i < 5 else slice(0, PER_BATCH)
+            # Channel-major rows as in the real files: (n, 3, 32, 32) -> (n, 3072).
+            add(f"{train_cifar.FOLDER}/{name}", {b"batch_label": name.encode(), b"filenames": [],
+                                       b"labels": labels[rows].tolist(),
+                                       b"data": images[rows].reshape(-1, 3072).numpy()})
+        add("../escape", {b"data": None})  # members outside the folder must never be written
+        add(f"{train_cifar.FOLDER}/extra", {b"data": None})
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    return path, md5, images, labels
+
+
+def check_loaded(got, archive):
+    x, y = got
+    assert x.dtype == torch.uint8 and x.shape == (5 * PER_BATCH, 3, 32, 32)
+    assert y.dtype == torch.int64
+    assert torch.equal(x, archive[2]) and torch.equal(y, archive[3])
+
+
+# ----- Loading -----
+
+def test_load_from_archive_then_folders(tmp_path, archive):
+    path, md5, *_ = archive
+    (tmp_path / train_cifar.ARCHIVE).write_bytes(path.read_bytes())
+    check_loaded(train_cifar.load_cifar10(tmp_path, download=False, md5=md5), archive)  # extracts it
+    assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "escape").exists()
+    assert sorted(os.listdir(tmp_path)) == sorted([train_cifar.ARCHIVE, train_cifar.FOLDER])  # no temporary folder
+    assert sorted(os.listdir(tmp_path / train_cifar.FOLDER)) == train_cifar.TRAIN_BATCHES + ["test_batch"]
+    (tmp_path / train_cifar.ARCHIVE).unlink()
+    check_loaded(train_cifar.load_cifar10(tmp_path, download=False), archive)  # root holds the folder
+    check_loaded(train_cifar.load_cifar10(tmp_path / train_cifar.FOLDER, download=False), archive)  # root is it
+
+
+def test_download_via_url(tmp_path, archive):
+    path, md5, *_ = archive
+    folder = train_cifar.download_cifar10(tmp_path / "dl", url=path.as_uri(), md5=md5)
+    assert folder == str(tmp_path / "dl" / train_cifar.FOLDER)
+    assert (tmp_path / "dl" / train_cifar.ARCHIVE).read_bytes() == path.read_bytes()
+    check_loaded(train_cifar.load_cifar10(tmp_path / "dl", download=False), archive)
+    check_loaded(train_cifar.load_cifar10(tmp_path / "dl2", url=path.as_uri(), md5=md5), archive)
+
+
+def test_download_wrong_md5_keeps_nothing(tmp_path, archive):
+    path, md5, *_ = archive
+    with pytest.raises(ValueError) as e:
+        train_cifar.download_cifar10(tmp_path, url=path.as_uri(), md5="0" * 32)
+    msg = str(e.value)
+    assert md5 in msg and "0" * 32 in msg and train_cifar.ARCHIVE in msg and "--data-path" in msg
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_archive_wrong_md5(tmp_path, archive):
+    (tmp_path / train_cifar.ARCHIVE).write_bytes(archive[0].read_bytes()[:-10])
+    with pytest.raises(ValueError, match="Delete it"):
+        train_cifar.load_cifar10(tmp_path)
+    assert os.listdir(tmp_path) == [train_cifar.ARCHIVE]  # the user's file stays; nothing extracted
+
+
+def test_download_failure_says_what_to_do(tmp_path):
+    with pytest.raises(RuntimeError, match="by hand to .*cifar-10-python.tar.gz.*--data-path"):
+        train_cifar.download_cifar10(tmp_path, url=(tmp_path / "nowhere.tar.gz").as_uri())
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_without_download(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        train_cifar.load_cifar10(tmp_path, download=False)
+    for looked_for in ["data_batch_1", train_cifar.FOLDER, train_cifar.ARCHIVE]:
+        assert looked_for in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("batch", [b"not a pickle", {b"data": [[1, 2]], b"labels": [0]},
+                                   {b"data": np.zeros((2, 3000), np.uint8), b"labels": [0, 1]},
+                                   {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}])
+def test_corrupt_batch(tmp_path, archive, batch):
+    path, md5, *_ = archive
+    train_cifar.download_cifar10(tmp_path, url=path.as_uri(), md5=md5)
+    content = batch if isinstance(batch, bytes) else pickle.dumps(batch)
+    (tmp_path / train_cifar.FOLDER / "data_batch_3").write_bytes(content)
+    with pytest.raises(ValueError, match="data_batch_3.*extract the archive again"):
+        train_cifar.load_cifar10(tmp_path)
+
+
+def test_model_range_round_trip():
+    u = torch.arange(256, dtype=torch.uint8)
+    x = train_cifar.to_model_range(u)
+    assert x.dtype == torch.float32 and x[0] == -1 and x[-1] == 1
+    assert torch.equal((x * 127.5 + 128).clamp(0, 255).to(torch.uint8), u)  # DESIGN section 6
+
+
+# ----- Augmentation -----
+
+def images(n, size=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g, dtype=dtype) * 2 - 1
+
+
+def edm_theta(w_scale, a, b, tx, ty, H, W, aniso_sign=1.0):
+    """Our own reading of EDM's G_inv as 3x3 products, from the labels, as theta for affine_grid."""
+    def m(*rows):
+        return torch.tensor(rows, dtype=torch.float64)
+    def rot(t):
+        return m([math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1])
+    # The labels give (w cos r, w sin r); the pair (w, r) is read back as (+-|.|, atan2).
+    w, r = aniso_sign * math.hypot(a, b), math.atan2(b, a)
+    s, q = 2 ** (0.2 * w_scale), 2 ** (0.2 * w)
+    G_inv = (m([1 / s, 0, 0], [0, 1 / s, 0], [0, 0, 1]) @ rot(-r)
+             @ m([1 / q, 0, 0], [0, q, 0], [0, 0, 1]) @ rot(r)
+             @ m([1, 0, -tx * W / 8], [0, 1, -ty * H / 8], [0, 0, 1]))
+    to_unit = m([2 / W, 0, 0], [0, 2 / H, 0], [0, 0, 1])
+    return (to_unit @ G_inv @ torch.linalg.inv(to_unit))[:2]
+
+
+def warp(x, theta):
+    grid = F.affine_grid(theta[None].to(x.dtype), [1, *x.shape], align_corners=False)
+    return F.grid_sample(x[None], grid, padding_mode="reflection", align_corners=False)[0]
+
+
+def test_p0_is_identity():
+    x = images(64)
+    y, labels = train_cifar.augment(x, p=0)
+    assert torch.equal(y, x) and labels.shape == (64, train_cifar.AUGMENT_DIM) and not labels.any()
+
+
+def test_flip_only_is_exact():
+    x = images(256)
+    g = torch.Generator().manual_seed(1)
+    y, labels = train_cifar.augment(x, p=0.12, generator=g, scale=0, aniso=0, translate=0)
+    flipped = labels[:, 0] == 1
+    assert not labels[:, 1:].any() and 0.35 < flipped.float().mean() < 0.65
+    assert torch.equal(y[flipped], x[flipped].flip(3)) and torch.equal(y[~flipped], x[~flipped])
+
+
+def test_seeded_generator_is_deterministic():
+    x = images(64)
+    a = train_cifar.augment(x, p=0.5, generator=torch.Generator().manual_seed(3))
+    b = train_cifar.augment(x, p=0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.manual_seed(3)
+    c = train_cifar.augment(x, p=0.5)
+    assert torch.equal(a[1], c[1])  # generator=None draws from the global RNG
+
+
+def test_integer_translation_against_a_shift():
+    # w = 0.25 moves by 0.25 * 32 * 0.125 = 1 pixel (right in x, down in y); border pixels repeat.
+    x = images(1, size=32)[0]
+    zero = torch.zeros(1)
+    theta = train_cifar.affine_theta(zero, zero, zero, torch.tensor([[0.25], [-0.5]]), 32, 32)[0]
+    expect = torch.cat([x[:, :, :1], x[:, :, :-1]], 2)  # 1 px right
+    expect = torch.cat([expect[:, 2:], expect[:, -1:], expect[:, -2:-1]], 1)  # 2 px up, reflected
+    assert torch.allclose(warp(x, theta), expect, atol=1e-5)
+
+
+def test_isotropic_scale_against_bilinear_by_hand():
+    x = images(1, size=32, dtype=torch.float64)[0]
+    zero = torch.zeros(1, dtype=torch.float64)
+    five, no_shift = zero + 5, torch.zeros(2, 1, dtype=torch.float64)
+    theta = train_cifar.affine_theta(five, zero, zero, no_shift, 32, 32)[0]  # 2 ** (5 * 0.2) = 2x zoom
+    # Output pixel i samples the input at (i - 15.5) / 2 + 15.5: linear interpolation matrix A.
+    pos = (torch.arange(32, dtype=torch.float64) - 15.5) / 2 + 15.5
+    A = torch.zeros(32, 32, dtype=torch.float64)
+    i0 = pos.floor().long()
+    A[torch.arange(32), i0] = 1 - (pos - i0)
+    A[torch.arange(32), i0 + 1] = pos - i0
+    assert torch.allclose(warp(x, theta), A @ x @ A.T, atol=1e-12)
+
+
+def test_theta_matches_edm_composition():
+    # The labels cannot tell an anisotropic stretch from its inverse, so check the convention here:
+    # w = 5, r = 0 stretches x by 2 (output x samples the input at x / 2) and squeezes y by 2.
+    zero = torch.zeros(1, dtype=torch.float64)
+    theta = train_cifar.affine_theta(zero, zero + 5, zero, torch.zeros(2, 1, dtype=torch.float64), 8, 8)[0]
+    assert torch.allclose(theta, torch.tensor([[0.5, 0, 0], [0, 2, 0]], dtype=torch.float64))
+    g = torch.Generator().manual_seed(5)
+    w_scale, w_aniso, r = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    w_t = torch.randn(2, 20, generator=g, dtype=torch.float64)
+    thetas = train_cifar.affine_theta(w_scale, w_aniso, r, w_t, 8, 12)
+    for i in range(20):
+        w, ri = w_aniso[i].item(), r[i].item()
+        expect = edm_theta(w_scale[i].item(), w * math.cos(ri), w * math.sin(ri), w_t[0, i].item(),
+                           w_t[1, i].item(), 8, 12, math.copysign(1, w))
+        assert torch.allclose(thetas[i], expect, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["scale", "translate", "aniso", "all"])
+def test_labels_reproduce_the_output(kind):
+    x = images(300, dtype=torch.float64)
+    only = {} if kind == "all" else dict(scale=0, aniso=0, translate=0) | {kind: 1}
+    y, labels = train_cifar.augment(x, p=0.5, generator=torch.Generator().manual_seed(2), **only)
+    moved = labels[:, 1:].any(1).nonzero().squeeze(1)
+    assert len(moved) > 50
+    unflipped = torch.where(labels[:, :1, None, None] == 1, x.flip(3), x)
+    for i in moved.tolist():
+        w_scale, a, b, tx, ty = labels[i, 1:].tolist()
+        # The aniso labels fit two inverse stretches; the output must match one of them. The labels
+        # hold float32 products (w cos r, w sin r), hence the tolerance.
+        errors = [(warp(unflipped[i], edm_theta(w_scale, a, b, tx, ty, 8, 8, sign)) - y[i])
+                  .abs().max() for sign in (1.0, -1.0)]
+        assert min(errors) < 1e-6, (i, labels[i], errors)
+        if kind in ("scale", "translate"):
+            assert errors[0] < 1e-10
+    still = labels[:, 1:].eq(0).all(1)
+    assert torch.equal(y[still], unflipped[still])
+
+
+def test_range_and_rates():
+    x = images(20000, size=4)
+    x[:, :, 0] = 1.0  # images at both ends of the range
+    x[:, :, -1] = -1.0
+    y, labels = train_cifar.augment(x, generator=torch.Generator().manual_seed(4))
+    assert y.min() >= -1 and y.max() <= 1
+    rate = (labels != 0).float().mean(0)
+    assert abs(rate[0] - 0.5) < 0.02
+    for col in [1, 2, 4, 5]:  # scale, aniso, translate x and y: each about p = 0.12
+        assert abs(rate[col] - 0.12) < 0.015, (col, rate)
+    assert abs(rate[3] / rate[2] - 0.5) < 0.06  # half of the anisotropic stretches are rotated
+    assert torch.equal(labels[:, 4] != 0, labels[:, 5] != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtype_and_device(dtype):
+    x = images(128, dtype=torch.float32).to(dtype)
+    y, labels = train_cifar.augment(x, p=0.5)
+    assert y.dtype == labels.dtype == dtype and y.device == labels.device == x.device
+    assert labels[:, 1:].any() and y.float().abs().max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda():
+    x = images(256).cuda()
+    y, labels = train_cifar.augment(x, p=0.5, generator=torch.Generator("cuda").manual_seed(0))
+    assert y.is_cuda and labels.is_cuda
+    still = labels.eq(0).all(1)
+    assert torch.equal(y[still], x[still])
+
+
+# ----- The script end to end -----
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "UNet-T", "--global-batch-size", "8", "--steps", "4", "--log-every", "1", "--sample-every", "100"]

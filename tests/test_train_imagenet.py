@@ -12,6 +12,7 @@ from PIL import Image
 
 import sample
 import train_imagenet
+import training
 from distributed import torchrun
 
 pytest.importorskip("diffusers")
@@ -79,7 +80,7 @@ def test_prepare_stores_the_vae_posterior_of_each_crop_and_of_its_flip(folders, 
     # Sorted folders and files: n01's 4 images, n02's 4 and broken.JPEG (unreadable: -1), n03's 4.
     assert labels.tolist() == [0] * 4 + [1] * 4 + [-1] + [2] * 4
     assert "broken.JPEG" in (latents / "unreadable.txt").read_text()
-    vae = train_imagenet.load_vae(vae_path)
+    vae = training.load_vae(vae_path)
     for i, path in ((0, images / "n01" / "0.jpeg"), (6, images / "n02" / "2.jpeg")):
         crop = train_imagenet.center_crop_arr(Image.open(path), 32)
         x = torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1

@@ -1,4 +1,5 @@
-"""The training machinery both scripts share (soflow.train and its parts), on a 2D toy in one process.
+"""The training machinery both scripts share (training.py), on a 2D toy in one process.
+
 The scripts' own tests run it under torchrun with 2 processes."""
 import argparse
 import json
@@ -10,15 +11,18 @@ import pytest
 import torch
 
 import soflow
+import train_toy
+import training
 
-CFG = soflow.PRESETS["toy"]
-DATA = soflow.GaussianMixture.ring().sample(50, torch.Generator().manual_seed(0))[0]
+CONFIG = soflow.PRESETS["toy"]
+DATA = train_toy.GaussianMixture.ring().sample(50, torch.Generator().manual_seed(0))[0]
 
 
 def parse(*flags, steps=6):
+    """The TrainSettings of the scripts' shared flags."""
     parser = argparse.ArgumentParser()
-    soflow.add_training_args(parser, global_batch_size=8, steps=steps)
-    return parser.parse_args([*flags])
+    training.add_training_args(parser, global_batch_size=8, steps=steps)
+    return training.settings_from_args(parser.parse_args([*flags]))
 
 
 def get_batch(rows):
@@ -36,10 +40,13 @@ def toy_net():
     return soflow.MLP(hidden=16, depth=1, dropout=0.2)
 
 
-def run(results_dir, *flags, steps=6, batches=get_batch, cfg=CFG):
-    args = parse("--results-dir", str(results_dir), "--sample-every", "1000", *flags, steps=steps)
-    optimizer = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
-    return soflow.train(args, toy_net(), cfg, optimizer, len(DATA), batches, {"model": "toy"}, decode=as_images)
+def run(results_dir, *flags, steps=6, batches=get_batch, config=CONFIG):
+    settings = parse("--results-dir", str(results_dir), "--sample-every", "1000", *flags, steps=steps)
+
+    def optimizer(params):
+        return torch.optim.Adam(params, lr=1e-2)
+    return training.train(settings, toy_net(), config, optimizer, len(DATA), batches, {"model": "toy"},
+                          decode=as_images)
 
 
 def checkpoint(results_dir, step):
@@ -54,12 +61,12 @@ def assert_same_weights(a, b):
 
 def test_global_batches_walk_through_shuffled_epochs():
     n, size = 10, 4
-    rows = torch.cat([soflow.global_batch_indices(k, size, n, seed=3) for k in range(5)])       # 2 epochs
+    rows = torch.cat([training.global_batch_indices(k, size, n, seed=3) for k in range(5)])       # 2 epochs
     assert sorted(rows[:n].tolist()) == list(range(n)) and sorted(rows[n:2 * n].tolist()) == list(range(n))
     assert not torch.equal(rows[:n], rows[n:2 * n])                           # each epoch has its own order
     assert not torch.equal(rows[:n], torch.arange(n))
-    assert torch.equal(soflow.global_batch_indices(3, size, n, seed=3), rows[12:16])   # a function of the step
-    assert not torch.equal(soflow.global_batch_indices(3, size, n, seed=4), rows[12:16])
+    assert torch.equal(training.global_batch_indices(3, size, n, seed=3), rows[12:16])   # a function of the step
+    assert not torch.equal(training.global_batch_indices(3, size, n, seed=4), rows[12:16])
 
 
 def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
@@ -67,9 +74,9 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
     torch.manual_seed(1)
     net = soflow.MLP(hidden=16, depth=1, num_classes=3).double()
     torch.nn.init.normal_(net.out[1].weight)
-    cfg = replace(CFG, lam=0.5, w=2.0, m=0.5, drop=0.25)
+    config = replace(CONFIG, lam=0.5, w=2.0, m=0.5, drop=0.25)
     x0, y = torch.randn(8, 2, dtype=torch.float64), torch.randint(0, 3, (8,))
-    halves = [soflow.draw(x0[:4], cfg, 0.1, labelled=True), soflow.draw(x0[4:], cfg, 0.1, labelled=True)]
+    halves = [soflow.draw(x0[:4], config, 0.1, labelled=True), soflow.draw(x0[4:], config, 0.1, labelled=True)]
     # The whole batch puts the flow matching rows (2 of each half) first.
     order = torch.tensor([0, 1, 4, 5, 2, 3, 6, 7])
     whole = soflow.Draws(x1=torch.cat([d.x1 for d in halves])[order], t_fm=torch.cat([d.t_fm for d in halves]),
@@ -79,10 +86,10 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
     monkeypatch.setattr(soflow, "draw", lambda *args, **kw: next(draws))
     autocast = torch.autocast("cpu", enabled=False)
     batches = [(x0[:4], y[:4], None), (x0[4:], y[4:], None)]
-    diagnostics = soflow.accumulate_gradients(net, batches, cfg, 0, 10, autocast)
+    diagnostics = training.accumulate_gradients(net, batches, config, 0, 10, autocast)
     accumulated = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    loss, whole_diagnostics = soflow.soflow_loss(net, x0[order], y[order], cfg=cfg, step=0, total_steps=10,
+    loss, whole_diagnostics = soflow.soflow_loss(net, x0[order], y[order], config=config, step=0, total_steps=10,
                                                  draws=whole)
     loss.backward()
     for a, b in zip(accumulated, net.parameters()):
@@ -97,21 +104,53 @@ def test_stopped_and_resumed_run_ends_where_a_straight_run_ends(tmp_path):
     run(tmp_path / "resumed", "--micro-batch", "4")
     assert_same_weights(checkpoint(tmp_path / "straight", 6), checkpoint(tmp_path / "resumed", 6))
     ckpt = checkpoint(tmp_path / "resumed", 6)
-    assert ckpt["step"] == 6 and ckpt["arch"] == "MLP" and ckpt["config"] == asdict(CFG)
+    assert ckpt["step"] == 6 and ckpt["arch"] == "MLP" and ckpt["config"] == asdict(CONFIG)
     log = (tmp_path / "resumed" / "log.txt").read_text()
     assert "resuming at step 3 of 6" in log
     # load_network rebuilds the EMA network and the config it was trained with.
     net = soflow.load_network(tmp_path / "resumed" / "checkpoints" / "0000006.pt")
-    assert net.soflow_config == CFG and not net.training
+    assert net.soflow_config == CONFIG and not net.training
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
 
 
 def test_a_run_folder_with_another_configuration_is_refused(tmp_path):
     run(tmp_path, "--stop-at", "2")
-    with pytest.raises(SystemExit, match=r"another configuration:\n  cfg: .*lam"):
-        run(tmp_path, cfg=replace(CFG, lam=0.25))
+    with pytest.raises(SystemExit, match=r"another configuration:\n  config: .*lam"):
+        run(tmp_path, config=replace(CONFIG, lam=0.25))
     with pytest.raises(SystemExit, match="global_batch_size: 8 in the run, 4 now"):
         run(tmp_path, "--global-batch-size", "4")
+
+
+def test_a_run_folder_written_before_the_config_key_was_renamed_resumes(tmp_path):
+    """Checkpoints of earlier versions record the SoFlowConfig under run_config['cfg']: they resume as they are."""
+    run(tmp_path / "straight")
+    run(tmp_path / "old", "--stop-at", "3")
+    path = tmp_path / "old" / "checkpoints" / "0000003.pt"
+    ckpt = torch.load(path, weights_only=False)
+    recorded = ckpt["run_config"].pop("config")
+    ckpt["run_config"]["cfg"] = {**recorded, "lam": 0.25}          # the old key is still compared
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=r"another configuration:\n  config: .*lam"):
+        run(tmp_path / "old")
+    ckpt["run_config"]["cfg"] = recorded
+    torch.save(ckpt, path)
+    run(tmp_path / "old")
+    assert_same_weights(checkpoint(tmp_path / "straight", 6), checkpoint(tmp_path / "old", 6))
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    training.save_checkpoint(path, step=1)
+    assert torch.load(path)["step"] == 1
+
+    def broken(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        training.save_checkpoint(path, step=2)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
 def test_only_the_newest_checkpoints_are_kept_and_a_failed_save_keeps_them(tmp_path, monkeypatch):
@@ -167,8 +206,8 @@ def test_sigterm_saves_at_the_step_boundary_and_the_same_command_resumes(tmp_pat
 
 
 def test_sample_grid_is_written(tmp_path):
-    args = parse("--results-dir", str(tmp_path), "--sample-every", "2", steps=2)
-    soflow.train(args, toy_net(), CFG, lambda p: torch.optim.Adam(p), len(DATA), get_batch, {}, decode=as_images)
+    settings = parse("--results-dir", str(tmp_path), "--sample-every", "2", steps=2)
+    training.train(settings, toy_net(), CONFIG, torch.optim.Adam, len(DATA), get_batch, {}, decode=as_images)
     import matplotlib.pyplot as plt
     grid = plt.imread(tmp_path / "samples" / "0000002.png")
     assert grid.shape[:2] == (2 * 4, 2 * 16)             # 32 one-step and 32 two-step images, 16 per row
@@ -185,7 +224,7 @@ def test_ema_every_k_steps_uses_decay_to_the_k(tmp_path):
 
 
 def test_the_log_records_means_since_the_last_record_and_the_bar_shows_the_weights(tmp_path):
-    log = soflow.RunLog(str(tmp_path), rank=0, start=0, end=4)
+    log = training.RunLog(str(tmp_path), rank=0, start=0, end=4)
     for loss, weight in ((1.0, 2.0), (3.0, 6.0)):
         log.add({"loss": torch.tensor(loss), "scm_mse": torch.tensor(0.5), "scm_weight": torch.tensor(weight)}, 0.5)
     log.record(2, world_size=1, images_per_step=8, device=torch.device("cpu"))
