@@ -1,13 +1,14 @@
-"""Generate images with SoFlow from a checkpoint, ours or the authors' (DiT on SD-VAE latents, U-Net on pixels).
+"""SoFlow images from a checkpoint, ours or the authors' (DiT on SD-VAE latents, U-Net on pixels).
 
     python sample.py --ckpt runs/cifar10/checkpoints/0800000.pt --num-images 64             # a PNG grid
     torchrun --nproc_per_node=8 sample.py --ckpt XL-2-cond/ckpts/1200000.pt --num-images 50000 --npz \
         --out samples/xl2-1nfe                                                               # FID-50K files
 
-Image i's class (when drawn at random), its noise x_1 and its re-noising noises (--nfe > 1, --sampler renoise) come
-from a generator seeded by (--seed, i), as in EDM's generate.py: the same seed gives the same images on any number of
-processes (and with any batch size, up to float rounding). Rank 0 gathers the images and writes OUT.png and, with
---npz, OUT.npz in the ADM evaluator's format: arr_0 uint8 NHWC, arr_1 the labels of a class-conditional model.
+Image i's class (when drawn at random), its noise x_1 and its re-noising noises (--nfe > 1, --sampler
+renoise) come from a generator seeded by (--seed, i), as in EDM's generate.py: the same seed gives the same
+images on any number of processes (and with any batch size, up to float rounding). Rank 0 gathers the images
+and writes OUT.png and, with --npz, OUT.npz in the ADM evaluator's format: arr_0 uint8 NHWC, arr_1 the
+labels of a class-conditional model.
 """
 import argparse
 import gc
@@ -28,8 +29,9 @@ RELEASED = {"DiT": "imagenet", "UNet": "cifar10"}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="One- or few-step SoFlow samples: a PNG grid and an FID-ready .npz.")
-    parser.add_argument("--ckpt", required=True, help="ours (RESULTS_DIR/checkpoints/STEP.pt) or a released one")
+    parser = argparse.ArgumentParser(description="One- or few-step SoFlow samples: a PNG grid, FID files.")
+    parser.add_argument("--ckpt", required=True,
+                        help="ours (RESULTS_DIR/checkpoints/STEP.pt) or a released one")
     parser.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA")
     parser.add_argument("--nfe", type=int, default=1, help="network calls per image")
     parser.add_argument("--sampler", default="renoise", choices=["renoise", "chain"],
@@ -38,8 +40,10 @@ def parse_args(argv=None):
                         help="class indices, cycled over the images (default: one drawn at random per image)")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64, help="images per process and network call")
-    parser.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded by (seed, i)")
-    parser.add_argument("--out", default=None, help="writes OUT.png (and OUT.npz); default samples/STEM-nfeN-seedS")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="image i draws from a generator seeded by (seed, i)")
+    parser.add_argument("--out", default=None,
+                        help="writes OUT.png (and OUT.npz); default samples/STEM-nfeN-seedS")
     parser.add_argument("--npz", action="store_true", help="also write OUT.npz for the ADM evaluator")
     parser.add_argument("--grid", type=int, default=64, help="the first this many images go in the PNG grid")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -55,7 +59,7 @@ def parse_args(argv=None):
 
 
 def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
-    """(y, x1, eps) for the images `indices`: y (B,) labels or None, x1 (B, *shape), eps renoise_steps x (B, *shape).
+    """(y, x1, eps) of the images `indices`: y (B,) labels or None, x1 (B, *shape), eps steps x (B, *shape).
 
     Each image draws from its own generator, in this order: its class (if random), x_1, the re-noising noises.
     numpy's, seeded by the pair (seed, i): a torch CPU generator keeps only the low 32 bits of its seed, so no
@@ -114,7 +118,8 @@ def generate(args, rank, world_size, device, started):
     paths = [out + ".png"] + ([out + ".npz"] if args.npz else [])
     existing = training.gather_objects([p for p in paths if os.path.exists(p)], world_size)[0]
     if existing and not args.overwrite:
-        raise SystemExit(f"sample.py: {' and '.join(existing)} already there: pass --overwrite, or another --out")
+        raise SystemExit(f"sample.py: {' and '.join(existing)} already there: pass --overwrite, "
+                         "or another --out")
     # Network and config: ours store their SoFlowConfig, the released ones were trained with a known preset.
     try:
         net = soflow.load_network(args.ckpt, use_ema=not args.no_ema).to(device)
@@ -137,7 +142,8 @@ def generate(args, rank, world_size, device, started):
     if args.classes and not num_classes:
         raise SystemExit("sample.py: this model is unconditional (no classes): drop --class")
     if bad := [c for c in args.classes or [] if not 0 <= c < num_classes]:
-        raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to {num_classes - 1}")
+        raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to "
+                         f"{num_classes - 1}")
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     model = torch.compile(net) if args.compile else net
@@ -154,7 +160,8 @@ def generate(args, rank, world_size, device, started):
         y, x1, eps = per_image_draws(args.seed, indices, shape, num_classes, args.classes, renoise_steps)
         return None if y is None else y.to(device), x1.to(device), [e.to(device) for e in eps]
 
-    # Untimed, a batch of each size (EDM's split gives at most two): compiling and first calls stay out of images/s.
+    # Untimed, a batch of each size (EDM's split gives at most two): compiling and first calls stay out of
+    # images/s.
     for indices in {len(b): b for b in batches if len(b)}.values():
         y, x1, eps = draws(indices)
         with autocast:
@@ -181,7 +188,8 @@ def generate(args, rank, world_size, device, started):
         t3 = clock()
         # uint8 = clamp(x * 127.5 + 128, 0, 255), NHWC: as the ADM evaluator reads them.
         batch = training.to_uint8(x0.float()).permute(0, 2, 3, 1).cpu().numpy()
-        parts = gather_to_rank0((indices.numpy(), batch, None if y is None else y.cpu().numpy()), rank, world_size)
+        part = (indices.numpy(), batch, None if y is None else y.cpu().numpy())
+        parts = gather_to_rank0(part, rank, world_size)
         for idx, part, part_labels in [p for p in parts or [] if len(p[0])]:    # fewer images than processes
             if pixels is None:
                 pixels = np.empty((args.num_images, *part.shape[1:]), np.uint8)
@@ -204,7 +212,8 @@ def generate(args, rank, world_size, device, started):
     # Generation alone: the sampler on the process that spent longest in it.
     generate_seconds = max(s["generate"] for s in training.gather_objects(seconds, world_size))
     stats = dict(images=args.num_images, seconds=seconds, loop_seconds=loop_seconds,
-                 total_seconds=time.perf_counter() - started, generate_images_per_s=args.num_images / generate_seconds,
+                 total_seconds=time.perf_counter() - started,
+                 generate_images_per_s=args.num_images / generate_seconds,
                  end_to_end_images_per_s=args.num_images / loop_seconds)
     say(f"wrote {', '.join(paths)}\n{args.num_images} images in {loop_seconds:.2f} s: "
         f"{stats['end_to_end_images_per_s']:.2f} images/s end to end, {stats['generate_images_per_s']:.2f} "

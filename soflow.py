@@ -516,8 +516,9 @@ def sincos_pos_embed_2d(dim, grid_size):
     pos = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None]         # (G, dim/4)
     emb = torch.cat([pos.sin(), pos.cos()], dim=1)                                    # (G, dim/2)
     G = grid_size
-    cols, rows_ = emb[None].expand(G, G, -1), emb[:, None].expand(G, G, -1)  # at [i, j]: column j, row i
-    return torch.cat([cols, rows_], dim=-1).reshape(G * G, dim).float()
+    column = emb[None].expand(G, G, -1)                           # at [i, j]: column j
+    row = emb[:, None].expand(G, G, -1)                           # at [i, j]: row i
+    return torch.cat([column, row], dim=-1).reshape(G * G, dim).float()
 
 class Attention(nn.Module):
     """Multi-head self-attention; qkv packs q, k, v (in that order) along its output."""

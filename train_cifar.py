@@ -173,7 +173,7 @@ def parse_args(argv=None):
     parser.add_argument("--augment-p", type=float, default=0.12, help="EDM augmentation probability (0: off)")
     parser.add_argument("--class-cond", action="store_true", help="class labels and CFG (not in the paper)")
     parser.add_argument("--cfg-w", type=float, default=2.0, help="--class-cond: CFG strength w (Eq. 18)")
-    parser.add_argument("--cfg-m", type=float, default=0.5, help="--class-cond: velocity mix ratio m (Eq. 19)")
+    parser.add_argument("--cfg-m", type=float, default=0.5, help="--class-cond: velocity mix ratio (Eq. 19)")
     parser.add_argument("--cfg-drop", type=float, default=0.1, help="--class-cond: label drop probability")
     parser.add_argument("--cfg-decay", default="exp", choices=soflow.DECAYS, help="--class-cond: g(t)")
     # The released recipe: global batch 1024, 800k steps, EMA 0.9999 applied every 16 steps as 0.9999^16.
@@ -202,7 +202,7 @@ def main(argv=None):
 
     def get_batch(rows):
         rows = rows.to(device)
-        x0, augment_labels = augment(to_model_range(images[rows]), p=args.augment_p)   # (B, 3, 32, 32), (B, 6)
+        x0, augment_labels = augment(to_model_range(images[rows]), p=args.augment_p)  # (B, 3, 32, 32), (B, 6)
         return x0, labels[rows] if args.class_cond else None, augment_labels
 
     def make_optimizer(params):
@@ -211,7 +211,9 @@ def main(argv=None):
     run_config = dict(model=args.model, preset=args.preset, lr=args.lr, augment_p=args.augment_p,
                       class_cond=args.class_cond)
     grid_labels = torch.arange(32, device=device) % 10 if args.class_cond else None
-    training.train(training.settings_from_args(args), net, config, make_optimizer, len(images), get_batch, run_config, grid_labels=grid_labels)
+    settings = training.settings_from_args(args)
+    training.train(settings, net, config, make_optimizer, len(images), get_batch, run_config,
+                   grid_labels=grid_labels)
 
 
 if __name__ == "__main__":

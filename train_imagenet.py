@@ -104,7 +104,8 @@ def prepare(args):
     settings = dict(data_path=os.path.abspath(args.data_path), num_images=N, listing_sha256=listing,
                     **{k: getattr(args, k) for k in ("image_size", "vae", "flip", "dtype", "shard_size")})
     manifest = dict(complete=False, settings=settings, count=N, copies=copies, unreadable=0, dtype=args.dtype,
-                    shape=[vae.config.latent_channels, size, size], scale=training.VAE_SCALE, crop="ADM center crop",
+                    shape=[vae.config.latent_channels, size, size], scale=training.VAE_SCALE,
+                    crop="ADM center crop",
                     classes=classes, arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy"))
     error, manifest = open_or_create(args.latents, manifest, labels) if rank == 0 else ("", None)
     error, manifest = training.gather_objects((error, manifest), world_size)[0]
@@ -268,7 +269,9 @@ def main(argv=None):
     run_config = dict(model=args.model, preset=args.preset, lr=args.lr, cfg_w=args.cfg_w,
                       latents=manifest["settings"]["listing_sha256"], copies=manifest["copies"])
     grid_labels = torch.arange(32, device=device) % len(manifest["classes"])
-    training.train(training.settings_from_args(args), net, config, make_optimizer, num_examples, get_batch, run_config, decode, grid_labels)
+    settings = training.settings_from_args(args)
+    training.train(settings, net, config, make_optimizer, num_examples, get_batch, run_config, decode,
+                   grid_labels)
 
 if __name__ == "__main__":
     main()

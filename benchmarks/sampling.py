@@ -100,7 +100,7 @@ def end_to_end(args, net, forward_images_per_s):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
     add_setup_args(parser)
     parser.add_argument("--euler-steps", type=int, default=50, help="flow matching's Euler steps")

@@ -44,8 +44,8 @@ def centre():
 
 
 def guided():
-    """(c) 6 modes on a ring in 3 classes (opposite modes share a class), unequal weights, trained with
-    CFG."""
+    """(c) 6 modes on a ring in 3 classes (opposite modes share a class), unequal weights,
+    trained with CFG."""
     ring = train_toy.GaussianMixture.ring(k=6, radius=2.0, std=0.15, num_classes=3)
     return train_toy.GaussianMixture(ring.means, std=0.15, weights=[3, 1, 2, 1, 2, 3], classes=ring.classes)
 
@@ -65,18 +65,18 @@ SETTINGS = {
     "ema0.99": dict(ema=0.99),
     "ema0.999": dict(ema=0.999),
     "lr3e-3": dict(lr=3e-3),
-    "t-high": dict(cfg=dict(t_mu=0.8)),                       # more consistency pairs start near the noise
-    "s-low": dict(cfg=dict(s_mu=-2.0)),                       # more pairs end near the data
-    "s-low+ema0.99": dict(cfg=dict(s_mu=-2.0), ema=0.99),
-    "s-low+ema0.999": dict(cfg=dict(s_mu=-2.0), ema=0.999),
-    "s-lower": dict(cfg=dict(s_mu=-3.0)),
-    "s-lower+ema0.99": dict(cfg=dict(s_mu=-3.0), ema=0.99),
-    "lam0.75": dict(cfg=dict(lam=0.75)),
-    "lam0.25": dict(cfg=dict(lam=0.25)),
-    "p1": dict(cfg=dict(p=1.0)),
-    "eps1e-2": dict(cfg=dict(eps=1e-2)),
-    "r-end0.001": dict(cfg=dict(r_end=0.001)),
-    "triangular": dict(cfg=dict(param="triangular")),
+    "t-high": dict(config=dict(t_mu=0.8)),                    # more consistency pairs start near the noise
+    "s-low": dict(config=dict(s_mu=-2.0)),                    # more pairs end near the data
+    "s-low+ema0.99": dict(config=dict(s_mu=-2.0), ema=0.99),
+    "s-low+ema0.999": dict(config=dict(s_mu=-2.0), ema=0.999),
+    "s-lower": dict(config=dict(s_mu=-3.0)),
+    "s-lower+ema0.99": dict(config=dict(s_mu=-3.0), ema=0.99),
+    "lam0.75": dict(config=dict(lam=0.75)),
+    "lam0.25": dict(config=dict(lam=0.25)),
+    "p1": dict(config=dict(p=1.0)),
+    "eps1e-2": dict(config=dict(eps=1e-2)),
+    "r-end0.001": dict(config=dict(r_end=0.001)),
+    "triangular": dict(config=dict(param="triangular")),
     "wide": dict(hidden=256),
     "deep": dict(depth=5),
 }
@@ -171,8 +171,8 @@ class Problem:
         self.x1 = torch.randn(n, 2, generator=g)
         self.guided = "w" in extra
         config = replace(START, **extra)
-        # The strength the network is trained to at each t (decayed near the noise), so target and training
-        # agree.
+        # The strength the network is trained to at each t (decayed near the noise), so that target and
+        # training agree.
         self.w = lambda tau: soflow.guidance_strength(tau.float(), config).double()
         self.y = self.toy.sample(n, generator=g)[1] if self.guided else None
         self.exact = self.solve(self.x1, 1.0, 0.0, ode_steps)
@@ -289,8 +289,8 @@ def report(cache, names, seeds, steps, wall):
              "samples whose nearest mode mean is that of the exact endpoint f(x_1, 1, 0); median: the "
              "median distance to that endpoint; MSE: the mean squared distance. Mean ± sd over the seeds "
              "(n). FM: flow matching (lam = 1) with the same network, lr and EMA, Euler steps. SoFlow 2: "
-             "two chained steps through t = 0.5 (soflow.sample's default grid), SoFlow 2 @0.3: through t = "
-             "0.3.\n"]
+             "two chained steps through t = 0.5 (soflow.sample's default grid), SoFlow 2 @0.3: through "
+             "t = 0.3.\n"]
     verdicts = []
     for mixture in MIXTURES:
         rows = collect(cache, names, mixture, seeds, steps)
@@ -311,8 +311,10 @@ def report(cache, names, seeds, steps, wall):
               "Differences of the seed means: share(a) - share(b) and median(a) / median(b).\n",
               "| setting | mixture | n | 1 vs FM4: share | median | met | 2@0.5 vs 1: share | median | met | "
               "2@0.3 vs 1: share | median | met |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
     def yes(ok):
         return "**yes**" if ok else "no"
+
     lines += [f"| {n} | {m} | {k} | "
               + " | ".join(f"{d:+.3f} | {r:.2f} | {yes(d >= 0 and r <= 1)}" for d, r in v) + " |"
               for n, m, k, *v in verdicts]

@@ -190,7 +190,7 @@ def spread(values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="UNet-T", choices=sorted(soflow.UNet_models))
     parser.add_argument("--batch-size", type=int, default=16,
                         help="the script's --global-batch-size (one process)")

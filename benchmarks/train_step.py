@@ -176,7 +176,7 @@ def peak_memory(net, opt, loss_fn, x0, y, autocast):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_setup_args(parser)
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps per method (default 1, compiled 3)")

@@ -8,7 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def torchrun(script, *flags, processes=2, check=True):
-    """`torchrun --standalone --nproc_per_node=processes script flags` in the repository; its CompletedProcess."""
+    """`torchrun --standalone --nproc_per_node=processes script flags` in the repository.
+
+    Returns its CompletedProcess.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(ROOT / script), *flags]

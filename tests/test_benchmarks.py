@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import soflow
 import train_imagenet
+import training
 from benchmarks import sampling
 from benchmarks import train_loop as tl
 from benchmarks import train_step as ts
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One CPU thread: tiny networks run many small ops, and when other processes share the cores, two OpenMP
-    threads wait on each other at every op (this file took 40 s with 2 threads on a busy 2-core machine, 4 s
-    with 1)."""
+    threads wait on each other at every op (this file took 40 s with 2 threads on a busy 2-core machine,
+    4 s with 1)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -52,20 +53,23 @@ def test_flow_matching_baseline_is_soflow_velocity_regression():
     torch.manual_seed(3)
     loss = ts.flow_matching_baseline(net, x0, y)
     torch.manual_seed(3)                                           # the same draws: t, then x1
-    cfg = soflow.PRESETS["imagenet"]
-    t = soflow.logit_normal(4, cfg.fm_mu, cfg.fm_sd)
+    config = soflow.PRESETS["imagenet"]
+    t = soflow.logit_normal(4, config.fm_mu, config.fm_sd)
     x_t, v = soflow.interpolate("linear", x0, torch.randn_like(x0), t)
-    assert torch.allclose(loss, ((soflow.velocity(net, x_t, t, y, cfg=cfg) - v) ** 2).mean(), rtol=1e-6)
+    assert torch.allclose(loss, ((soflow.velocity(net, x_t, t, y, config=config) - v) ** 2).mean(), rtol=1e-6)
 
 
 def test_meanflow_jvp_matches_central_finite_difference():
     net, (z, y) = tiny_dit(torch.float64), batch(3, torch.float64)
-    t, r = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64), torch.tensor([0.2, 0.6, 0.1], dtype=torch.float64)
+    t = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.6, 0.1], dtype=torch.float64)
     v = torch.randn_like(z)
     with torch.no_grad():
         u, dudt = ts.jvp_u(net, z, r, t, y, v)
-        h = 1e-4          # the time embedding computes in float32: error ~ 1e-7 / h from rounding, h^2 from truncation
-        fd = (net(z + h * v, t + h, r, y) - net(z - h * v, t - h, r, y)) / (2 * h)   # along (dz, dr, dt) = (v, 0, 1)
+        # The time embedding computes in float32: error ~ 1e-7 / h from rounding, h^2 from truncation.
+        h = 1e-4
+        # The central difference along (dz, dr, dt) = (v, 0, 1).
+        fd = (net(z + h * v, t + h, r, y) - net(z - h * v, t - h, r, y)) / (2 * h)
         assert torch.allclose(u, net(z, t, r, y), atol=1e-12)                      # u(z, r, t) = F(z, t, r)
     assert dudt.abs().max() > 1e-2                                                 # a real test: non-zero
     assert torch.allclose(dudt, fd, rtol=1e-3, atol=1e-3 * fd.abs().max().item())
@@ -88,20 +92,23 @@ def test_meanflow_loss_at_r_equal_t_is_weighted_flow_matching():
 
 @pytest.mark.parametrize("name", list(ts.methods(4)))
 def test_cost_model_counts_the_rows_the_network_sees(name):
-    """predicted units = 3 x (rows forwarded with gradient) + 1 x (rows without); a JVP row costs 5 (3 +
-    backward)."""
+    """predicted units = 3 x (rows forwarded with gradient) + 1 x (rows without); a JVP row costs 5
+    (3 + backward)."""
     net, (x0, y) = tiny_dit(), batch()
     loss_fn, units = ts.methods(4)[name]
     rows = {"grad": 0, "no_grad": 0}
-    net.register_forward_pre_hook(lambda m, a: rows.__setitem__(
-        "grad" if torch.is_grad_enabled() else "no_grad", rows["grad" if torch.is_grad_enabled() else "no_grad"]
-        + a[0].shape[0]))
+
+    def count_rows(module, args):
+        key = "grad" if torch.is_grad_enabled() else "no_grad"
+        rows[key] = rows[key] + args[0].shape[0]
+    net.register_forward_pre_hook(count_rows)
     loss = loss_fn(net, x0, y, 0)
     loss.backward()
     per_grad_row = 5 if name.startswith("MeanFlow") else 3
     assert units == per_grad_row * rows["grad"] + rows["no_grad"]
     assert rows["grad"] == 4 and torch.isfinite(loss)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in net.parameters() if p.requires_grad)
 
 
 def test_cpu_peak_memory_counts_allocations_and_frees():
@@ -117,7 +124,8 @@ def test_cpu_peak_memory_counts_allocations_and_frees():
         return net(x0, torch.ones(1), torch.zeros(1), y).square().mean()
 
     weights = sum(p.nbytes for p in net.parameters())
-    extra_mib = (ts.peak_memory(net, opt, loss_fn, x0, y, torch.autocast("cpu", enabled=False)) - weights) / 2 ** 20
+    autocast = torch.autocast("cpu", enabled=False)
+    extra_mib = (ts.peak_memory(net, opt, loss_fn, x0, y, autocast) - weights) / 2 ** 20
     assert 80 <= extra_mib < 83
 
 
@@ -125,7 +133,8 @@ def test_cpu_peak_memory_counts_allocations_and_frees():
 
 def test_train_step_benchmark_end_to_end(tmp_path):
     out = tmp_path / "train.json"
-    rows = ts.main(["--model", "DiT-T/4", "--batch-size", "4", "--warmup", "1", "--repeats", "2", "--json", str(out)])
+    rows = ts.main(["--model", "DiT-T/4", "--batch-size", "4", "--warmup", "1", "--repeats", "2",
+                    "--json", str(out)])
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["methods"]] == list(ts.methods(4)) == [r["method"] for r in rows]
     by = {r["method"]: r for r in data["methods"]}
@@ -153,11 +162,12 @@ def test_sampling_benchmark_end_to_end(tmp_path):
 def test_samplers_compute_what_they_claim():
     net, (x1, y) = tiny_dit(), batch(2)
     fns = list(sampling.samplers(3).values())
+    config = soflow.PRESETS["imagenet"]
     with torch.no_grad():
         F_out, x_one, x_euler = (fn(net, x1, y) for fn, _ in fns)
-        assert torch.equal(x_one, soflow.sample(net, x1, y, cfg=soflow.PRESETS["imagenet"]))
-        assert torch.allclose(x_one, x1 - F_out, atol=1e-6)          # Euler parameterization: f(x, 1, 0) = x - F
-        assert torch.allclose(x_euler, soflow.sample_euler(net, x1, y, cfg=soflow.PRESETS["imagenet"], steps=3))
+        assert torch.equal(x_one, soflow.sample(net, x1, y, config=config))
+        assert torch.allclose(x_one, x1 - F_out, atol=1e-6)   # Euler parameterization: f(x, 1, 0) = x - F
+        assert torch.allclose(x_euler, soflow.sample_euler(net, x1, y, config=config, steps=3))
 
 
 # ----- The training loop against the bare step -----
@@ -182,16 +192,17 @@ def test_train_loop_benchmark_end_to_end(tmp_path):
     assert data["script"]["images_per_s"] == pytest.approx(2e3 / script)
     assert data["round_ratios"] == pytest.approx([s / b for s, b in zip(data["script"]["ms_all"],
                                                                         data["bare"]["ms_all"])])
-    assert data["rest_ms"] == pytest.approx(script - bare - sum(p["ms_median"] for p in data["parts"].values()))
+    parts_ms = sum(p["ms_median"] for p in data["parts"].values())
+    assert data["rest_ms"] == pytest.approx(script - bare - parts_ms)
     assert data["config"]["ema_every"] == 16 and data["script_dtype"] == "fp32"
 
 
 def test_train_loop_clock_wraps_global_batch_indices_and_restores_it():
-    original, calls, between = soflow.global_batch_indices, [], []
+    original, calls, between = training.global_batch_indices, [], []
     with tl.step_clock(torch.device("cpu"), calls, lambda: between.append(1)):
-        assert soflow.global_batch_indices is not original
-        rows = [soflow.global_batch_indices(k, 4, 10, 0) for k in range(3)]
-    assert soflow.global_batch_indices is original
+        assert training.global_batch_indices is not original
+        rows = [training.global_batch_indices(k, 4, 10, 0) for k in range(3)]
+    assert training.global_batch_indices is original
     assert len(calls) == len(between) == 3 and all(b <= a for b, a in calls)
     assert all(torch.equal(r, original(k, 4, 10, 0)) for k, r in enumerate(rows))
 
@@ -218,8 +229,8 @@ def test_imagenet_data_benchmark_reads_a_prepare_style_folder_and_times_prepare(
     x0, y, cond = get_batch(torch.arange(5))
     assert count == 30 and x0.shape == (5, 4, 32, 32) and cond is None and 0 <= y.min() and y.max() < 1000
     assert arrays["std"].min() >= 0                                 # a posterior std
-    results = imagenet_data.main(["--model", "DiT-T/4", "--batch-size", "2", "--num-latents", "40", "--warmup", "0",
-                                  "--rounds", "1", "--images", "4", "--prepare-batch", "2", "--workers", "0",
-                                  "--threads", "1", "--json", str(tmp_path / "r.json")])
+    results = imagenet_data.main(["--model", "DiT-T/4", "--batch-size", "2", "--num-latents", "40",
+                                  "--warmup", "0", "--rounds", "1", "--images", "4", "--prepare-batch", "2",
+                                  "--workers", "0", "--threads", "1", "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["data_over_step"] == results["data_over_step"] > 0
     assert results["prepare_images_per_s"] > 0 and results["encoder_images_per_s"] > 0

@@ -1,7 +1,7 @@
 """The networks (MLP, DiT, U-Net) and loading checkpoints, ours and the released ones.
 
-CPU and small sizes; the full sizes only on the meta device. tests/data/released_unet_tiny.pt holds a tiny released
-U-Net (its constructor config, weights in the released layout), its inputs and its outputs.
+CPU and small sizes; the full sizes only on the meta device. tests/data/released_unet_tiny.pt holds a tiny
+released U-Net (its constructor config, weights in the released layout), its inputs and its outputs.
 """
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import soflow
 
 # Trainable parameters of the released networks, in millions (reference/official_dit_state_dict.md).
-REFERENCE_COUNTS = {"DiT-B/4": 131.17, "DiT-B/2": 131.09, "DiT-M/2": 308.02, "DiT-L/2": 459.14, "DiT-XL/2": 676.44}
+REFERENCE_COUNTS = {"DiT-B/4": 131.17, "DiT-B/2": 131.09, "DiT-M/2": 308.02, "DiT-L/2": 459.14,
+                    "DiT-XL/2": 676.44}
 
 # The released DiT-B/4 state dict (without the "network." prefix); "blocks.N." repeats for N = 0..11.
 REFERENCE_B4_LAYOUT = {
@@ -252,7 +253,7 @@ def test_torch_compile_matches_eager():
     with torch.no_grad():
         out = torch.compile(dit, fullgraph=True)(xd, t, s, y)          # inductor: generated kernels
         torch.testing.assert_close(out, dit(xd, t, s, y), atol=1e-4, rtol=1e-4)
-        # The U-Net through the same graph capture (fullgraph: no breaks), without code generation to save time.
+        # The U-Net through the same graph capture (fullgraph: no breaks), no code generation to save time.
         out = torch.compile(unet, fullgraph=True, backend="aot_eager")(xu, t, s)
         torch.testing.assert_close(out, unet(xu, t, s), atol=1e-5, rtol=1e-5)
 
@@ -275,7 +276,10 @@ def test_regression_of_F_to_a_fixed_target_lowers_the_loss(kind):
 # ----- load_network -----
 
 def released_file(path, net, ema_sd=None):
-    """Write net's weights in the released layout: 'network.'-prefixed state dicts under 'model' and 'ema_model'."""
+    """Write net's weights in the released layout.
+
+    'network.'-prefixed state dicts under 'model' and 'ema_model'.
+    """
     prefixed = lambda sd: {"network." + k: v for k, v in sd.items()}  # noqa: E731
     torch.save({"model": prefixed(net.state_dict()), "ema_model": prefixed(ema_sd or net.state_dict()),
                 "optimizer": {}, "finished_steps": 10, "finished_epochs": 1}, path)
@@ -283,8 +287,8 @@ def released_file(path, net, ema_sd=None):
 
 
 def our_file(path, net, ema_net, arch):
-    torch.save({"arch": arch, "arch_kwargs": net.init_kwargs, "model": net.state_dict(), "ema": ema_net.state_dict(),
-                "optimizer": {}, "step": 10, "config": {}, "rng": {}}, path)
+    torch.save({"arch": arch, "arch_kwargs": net.init_kwargs, "model": net.state_dict(),
+                "ema": ema_net.state_dict(), "optimizer": {}, "step": 10, "config": {}, "rng": {}}, path)
     return path
 
 
@@ -385,9 +389,9 @@ def test_missing_ema_weights_are_reported(tmp_path):
     assert soflow.load_network(path, use_ema=False).init_kwargs == net.init_kwargs
 
 
-# ================================================================================================================
+# ============================================================================================================
 # Tests that need the method core (soflow.soflow_loss, soflow.PRESETS).
-# ================================================================================================================
+# ============================================================================================================
 
 @pytest.mark.needs_core
 def test_soflow_loss_training_lowers_the_one_step_error():
@@ -400,8 +404,9 @@ def test_soflow_loss_training_lowers_the_one_step_error():
     g = torch.Generator().manual_seed(1)
     x1, t = torch.randn(x0.shape, generator=g), torch.full((8,), 0.6)
 
+    # || f(x_t, t, 0) - x0 || on fixed draws
     @torch.no_grad()
-    def one_step_error():                                               # || f(x_t, t, 0) - x0 || on fixed draws
+    def one_step_error():
         net.eval()
         x_t = (1 - 0.6) * x0 + 0.6 * x1
         f = x_t - 0.6 * net(x_t, t, torch.zeros(8))                     # Euler, linear schedule
@@ -445,14 +450,15 @@ def test_unet_dropout_masks_are_shared_by_student_and_target_passes():
     net.forward = recording_forward
 
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1
-    config = replace(soflow.PRESETS["cifar10"], lam=0.5)                   # 4 flow matching rows, 4 consistency rows
+    # 4 flow matching rows, 4 consistency rows
+    config = replace(soflow.PRESETS["cifar10"], lam=0.5)
     soflow.soflow_loss(net, x0, config=config, step=0, total_steps=100)
 
     same = lambda a, b: all(torch.equal(u, v) for u, v in zip(a["masks"], b["masks"]))  # noqa: E731
     targets = [p for p in passes if not p["grad"]]
     students = [p for p in passes if p["grad"] and p["batch"] == 4]
     assert len(targets) == 1 and targets[0]["batch"] == 4
-    # Exactly one gradient pass (the consistency student) reuses the target's masks; the FM pass draws its own.
+    # Exactly one gradient pass (consistency student) reuses the target's masks; the FM pass draws its own.
     assert sum(same(p, targets[0]) for p in students) == 1 and len(students) == 2
     # A fresh pass on another batch of the same size draws other masks.
     net(torch.randn(4, 3, 16, 16), torch.rand(4), torch.zeros(4))
@@ -470,9 +476,9 @@ def test_dit_time_features_are_cosines_then_sines():
     torch.testing.assert_close(soflow.timestep_embedding(t, 2 * half), expected, atol=1e-5, rtol=0)
 
 
-# ================================================================================================================
+# ============================================================================================================
 # The released U-Net: EDM's SongUNet with SoFlow's two time inputs, its function and layout
-# ================================================================================================================
+# ============================================================================================================
 RELEASED_TINY = Path(__file__).parent / "data" / "released_unet_tiny.pt"
 RELEASED_UNET_PARAMS = 55_932_419
 
@@ -565,7 +571,8 @@ def test_full_size_unet_has_the_released_parameter_count_and_state_dict():
     assert sum(p.numel() for p in net.parameters() if p.requires_grad) == RELEASED_UNET_PARAMS
     # The released U-Net trains with dropout 0.3, as visible modules (forward hooks see them).
     drops = [m for m in net.modules() if isinstance(m, nn.Dropout)]
-    assert len(drops) == sum(isinstance(m, soflow.UNetBlock) for m in net.modules()) and {m.p for m in drops} == {0.3}
+    assert len(drops) == sum(isinstance(m, soflow.UNetBlock) for m in net.modules())
+    assert {m.p for m in drops} == {0.3}
     layout = released_layout()
     assert len(layout) == 425
     assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == layout

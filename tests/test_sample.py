@@ -1,6 +1,9 @@
-"""sample.py end to end on the CPU: a checkpoint trained here by train_cifar.py, and synthetic checkpoints in the
-released DiT (latents, decoded by a tiny random VAE) and U-Net (pixels) layouts. Files, per-image seeds against a
-direct computation, the same images with 1 and 2 processes and two batch sizes, no overwriting, clear errors."""
+"""sample.py end to end on the CPU.
+
+A checkpoint trained here by train_cifar.py, and synthetic checkpoints in the released DiT (latents, decoded
+by a tiny random VAE) and U-Net (pixels) layouts. Files, per-image seeds against a direct computation, the
+same images with 1 and 2 processes and two batch sizes, no overwriting, clear errors.
+"""
 import json
 import os
 import pickle
@@ -50,7 +53,10 @@ def released_file(path, net):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """A class-conditional DiT-T/4 on 4x16x16 latents, an unconditional UNet-T, a tiny VAE folder (16 -> 32 pixels)."""
+    """A class-conditional DiT-T/4 on 4x16x16 latents, an unconditional UNet-T, a tiny VAE folder.
+
+    The VAE decodes 16 -> 32 pixels.
+    """
     from diffusers import AutoencoderKL
     folder = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
@@ -67,13 +73,16 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Our checkpoint after 2 steps of train_cifar.py (UNet-T, a large learning rate and a fast EMA, so that the
-    EMA and the raw weights differ) on a CIFAR-format folder of 40 random images."""
+    """Our checkpoint after 2 steps of train_cifar.py on a CIFAR-format folder of 40 random images.
+
+    UNet-T, a large learning rate and a fast EMA, so that the EMA and the raw weights differ.
+    """
     data = tmp_path_factory.mktemp("cifar") / train_cifar.FOLDER
     data.mkdir()
     rng = np.random.default_rng(0)
     for name in train_cifar.TRAIN_BATCHES:
-        batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 8))}
+        batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, 8))}
         (data / name).write_bytes(pickle.dumps(batch))
     run = tmp_path_factory.mktemp("run")
     train_cifar.main(["--model", "UNet-T", "--global-batch-size", "8", "--steps", "2", "--lr", "1e-2",
@@ -90,8 +99,11 @@ def run_sample(out, *flags):
 
 
 def expected(net, config, n, nfe, seed=0, num_classes=0, decode=lambda x: x):
-    """Image i computed alone (so sample.py runs with --batch-size 1: the same kernels, the same bits) from its own
-    generator, numpy's seeded by (seed, i): its class, x_1, then the re-noising noises."""
+    """Image i computed alone, from its own generator: numpy's, seeded by (seed, i).
+
+    Alone, so sample.py runs with --batch-size 1: the same kernels, the same bits. The generator draws its
+    class, x_1, then the re-noising noises.
+    """
     kw = net.init_kwargs
     shape = (1, kw["in_channels"], *[kw.get("input_size") or kw["img_resolution"]] * 2)
     images, labels = [], []
@@ -106,7 +118,8 @@ def expected(net, config, n, nfe, seed=0, num_classes=0, decode=lambda x: x):
 
 
 def test_our_checkpoint_gives_its_ema_images_a_grid_and_an_npz(trained, tmp_path, capsys):
-    pixels, labels = run_sample(tmp_path / "ours", "--ckpt", trained, "--num-images", "5", "--batch-size", "1")
+    pixels, labels = run_sample(tmp_path / "ours", "--ckpt", trained, "--num-images", "5",
+                                "--batch-size", "1")
     assert pixels.shape == (5, 32, 32, 3) and pixels.dtype == np.uint8 and labels is None
     net = soflow.load_network(trained)
     assert np.array_equal(pixels, expected(net, net.soflow_config, 5, 1)[0])
@@ -114,14 +127,16 @@ def test_our_checkpoint_gives_its_ema_images_a_grid_and_an_npz(trained, tmp_path
     assert plt.imread(tmp_path / "ours.png").shape[:2] == (2 * 32, 3 * 32)            # 5 images, 3 columns
     out = capsys.readouterr().out
     assert "stores no config" not in out and "images/s end to end" in out and "generation alone" in out
-    raw, _ = run_sample(tmp_path / "raw", "--ckpt", trained, "--num-images", "5", "--batch-size", "1", "--no-ema")
+    raw, _ = run_sample(tmp_path / "raw", "--ckpt", trained, "--num-images", "5", "--batch-size", "1",
+                        "--no-ema")
     assert not np.array_equal(raw, pixels)
-    assert np.array_equal(raw, expected(soflow.load_network(trained, use_ema=False), net.soflow_config, 5, 1)[0])
+    assert np.array_equal(raw, expected(soflow.load_network(trained, use_ema=False),
+                                        net.soflow_config, 5, 1)[0])
 
 
 def test_released_dit_decodes_latents_and_labels_the_npz(ckpts, tmp_path, capsys):
-    pixels, labels = run_sample(tmp_path / "dit", "--ckpt", ckpts.dit, "--vae", ckpts.vae, "--num-images", "6",
-                                "--batch-size", "1", "--nfe", "2", "--grid", "4")
+    pixels, labels = run_sample(tmp_path / "dit", "--ckpt", ckpts.dit, "--vae", ckpts.vae,
+                                "--num-images", "6", "--batch-size", "1", "--nfe", "2", "--grid", "4")
     assert pixels.shape == (6, 32, 32, 3) and pixels.dtype == np.uint8                 # the VAE's output size
     assert labels.shape == (6,) and labels.dtype == np.int64 and 0 <= labels.min() and labels.max() < 10
     net, vae = soflow.load_network(ckpts.dit), training.load_vae(ckpts.vae)
@@ -135,8 +150,8 @@ def test_released_dit_decodes_latents_and_labels_the_npz(ckpts, tmp_path, capsys
 
 
 def test_released_unet_and_chosen_classes(ckpts, tmp_path, capsys):
-    pixels, labels = run_sample(tmp_path / "unet", "--ckpt", ckpts.unet, "--num-images", "3", "--sampler", "chain",
-                                "--nfe", "2")
+    pixels, labels = run_sample(tmp_path / "unet", "--ckpt", ckpts.unet, "--num-images", "3",
+                                "--sampler", "chain", "--nfe", "2")
     assert pixels.shape == (3, 32, 32, 3) and labels is None
     assert "assuming the released PRESETS['cifar10']" in capsys.readouterr().out
     _, labels = run_sample(tmp_path / "classes", "--ckpt", ckpts.dit, "--vae", ckpts.vae, "--num-images", "5",
@@ -174,10 +189,12 @@ def test_per_image_draws_do_not_depend_on_the_batch_or_the_number_of_steps():
     for a, b in zip([whole[0], whole[1], *whole[2]], [part[0], part[1], *part[2]]):
         assert torch.equal(a[3:5], b)
     one_step = sample.per_image_draws(5, torch.arange(6), (2, 3), 10, None, 0)
-    assert torch.equal(one_step[1], whole[1]) and torch.equal(one_step[0], whole[0])   # x_1 drawn before the eps
+    # x_1 drawn before the eps
+    assert torch.equal(one_step[1], whole[1]) and torch.equal(one_step[0], whole[0])
     assert not torch.equal(whole[2][0], whole[2][1]) and not torch.equal(whole[1], whole[2][0])
     y, _, _ = sample.per_image_draws(5, torch.arange(3, 6), (2, 3), 10, [1, 8], 0)
-    assert y.tolist() == [8, 1, 8]                                   # chosen classes cycle with the image index
+    # chosen classes cycle with the image index
+    assert y.tolist() == [8, 1, 8]
 
 
 def test_an_existing_output_is_not_overwritten(ckpts, tmp_path):
@@ -189,7 +206,8 @@ def test_an_existing_output_is_not_overwritten(ckpts, tmp_path):
     assert [(tmp_path / n).read_bytes() for n in ("s.png", "s.npz")] == before
     sample.main([*flags, "--seed", "1", "--overwrite"])
     assert (tmp_path / "s.npz").read_bytes() != before[1]
-    assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.png"]                          # no temporary files left
+    # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.png"]
 
 
 def test_clear_errors(ckpts, tmp_path, monkeypatch):
@@ -204,14 +222,15 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
     sd = torch.load(ckpts.dit)["ema_model"]
     del sd["network.blocks.1.attn.proj.bias"]
     torch.save({"ema_model": sd}, tmp_path / "misfit.pt")
-    with pytest.raises(SystemExit, match=r"(?s)does not fit DiT.*missing keys \(1\): blocks.1.attn.proj.bias"):
+    with pytest.raises(SystemExit,
+                       match=r"(?s)does not fit DiT.*missing keys \(1\): blocks.1.attn.proj.bias"):
         sample.main(["--ckpt", str(tmp_path / "misfit.pt"), *out])
     torch.save({"ema_model": {"network.w": torch.zeros(1)}}, tmp_path / "unknown.pt")
     with pytest.raises(SystemExit, match="neither a released U-Net's .* nor a released DiT's"):
         sample.main(["--ckpt", str(tmp_path / "unknown.pt"), *out])
     mlp = soflow.MLP()
-    torch.save({"arch": "MLP", "arch_kwargs": mlp.init_kwargs, "model": mlp.state_dict(), "ema": mlp.state_dict()},
-               tmp_path / "mlp.pt")
+    torch.save({"arch": "MLP", "arch_kwargs": mlp.init_kwargs, "model": mlp.state_dict(),
+                "ema": mlp.state_dict()}, tmp_path / "mlp.pt")
     with pytest.raises(SystemExit, match="holds a MLP; images come from a DiT or a UNet"):
         sample.main(["--ckpt", str(tmp_path / "mlp.pt"), *out])
     with pytest.raises(SystemExit, match="--class 10 is out of range: the model has classes 0 to 9"):
@@ -233,9 +252,9 @@ def test_bad_numbers_are_refused_by_the_parser(flag, capsys):
 
 def test_sampling_benchmark_runs_sample_py_end_to_end(ckpts, tmp_path):
     out = tmp_path / "sampling.json"
-    sampling.main(["--model", "DiT-T/4", "--batch-size", "2", "--euler-steps", "1", "--warmup", "0", "--repeats", "1",
-                   "--euler-repeats", "1", "--end-to-end", "--e2e-images", "3", "--vae", ckpts.vae,
-                   "--json", str(out)])
+    sampling.main(["--model", "DiT-T/4", "--batch-size", "2", "--euler-steps", "1", "--warmup", "0",
+                   "--repeats", "1", "--euler-repeats", "1", "--end-to-end", "--e2e-images", "3",
+                   "--vae", ckpts.vae, "--json", str(out)])
     e2e = json.loads(out.read_text())["end_to_end"]
     assert e2e["images"] == 3 and set(e2e["seconds"]) == {"noise", "generate", "decode", "convert", "write"}
     assert sum(e2e["seconds"].values()) <= e2e["loop_seconds"] and e2e["generation_to_forward"] > 0

@@ -1,5 +1,7 @@
-"""soflow.py, equation by equation in the paper's order: closed forms, autograd, finite differences and the exact
-solution map of a 2D Gaussian mixture (train_toy.py)."""
+"""soflow.py, equation by equation in the paper's order.
+
+Closed forms, autograd, finite differences and the exact solution map of a 2D Gaussian mixture (train_toy.py).
+"""
 import math
 from dataclasses import replace
 
@@ -60,14 +62,15 @@ def test_parameterization_boundary_and_derivatives(name):
 def test_solution_is_identity_at_s_equals_t(param):
     net, x, t = random_mlp(), torch.randn(5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
     assert net(x, t, t).abs().min() > 0                                     # F is not zero, yet
-    assert torch.equal(soflow.solution(net, x, t, t, config=make_config(param)), x)             # f(x, t, t) = x exactly
+    assert torch.equal(soflow.solution(net, x, t, t, config=make_config(param)), x)  # f(x, t, t) = x exactly
 
 
 @pytest.mark.parametrize("param", ["euler", "triangular"])
 def test_velocity_eq10_is_derivative_of_f_in_s(param):
     net, x = random_mlp(), torch.randn(5, 2, dtype=torch.float64)
     t, h = torch.rand(5, dtype=torch.float64) * 0.8 + 0.1, 1e-5
-    fd = (soflow.solution(net, x, t, t + h, config=make_config(param)) - soflow.solution(net, x, t, t - h, config=make_config(param))) / (2 * h)
+    fd = (soflow.solution(net, x, t, t + h, config=make_config(param))
+          - soflow.solution(net, x, t, t - h, config=make_config(param))) / (2 * h)
     assert torch.allclose(soflow.velocity(net, x, t, config=make_config(param)), fd, atol=1e-7)
 
 
@@ -89,12 +92,13 @@ def test_r_schedule_end_points_and_monotone(kind):
 @pytest.mark.parametrize("r", [1.0, 0.1, 1e-3, 1e-7])
 def test_consistency_times_are_ordered(r):
     torch.manual_seed(0)
-    config = soflow.PRESETS["cifar10"]                                               # mu_s = -4: many s near 0
+    config = soflow.PRESETS["cifar10"]                                       # mu_s = -4: many s near 0
     t, s, l = soflow.consistency_times(20000, r, config)
     assert (s >= 0).all() and (s <= l + 1e-7).all() and (l <= t - 1e-4 + 1e-7).all() and (t >= 1e-4).all()
     if r < 1:                                                                # s = l only where s was clamped
         assert ((s < l) | (s >= t - 1e-4 - 1e-7)).all() and (s < l).any()
-    if r == 1e-7:                                                            # the clamp l <= t - 1e-4 is active
+    # the clamp l <= t - 1e-4 is active
+    if r == 1e-7:
         assert torch.allclose(l, t - 1e-4)
 
 
@@ -156,10 +160,11 @@ def test_scm_loss_by_hand_and_gradient_matches_eq14_with_eq15():
         f_l = soflow.solution(net, x_l, l, s, config=make_config(param)).detach()
         f_t = soflow.solution(net, x_t, t, s, config=make_config(param))
         dq = (f_t.detach() - f_l) / (t - l)[:, None]
-        assert torch.allclose(mse, (dq ** 2).mean(1)) and torch.allclose(w, 1 / ((dq ** 2).mean(1) + eps) ** p)
+        assert torch.allclose(mse, (dq ** 2).mean(1))
+        assert torch.allclose(w, 1 / ((dq ** 2).mean(1) + eps) ** p)
         # Eq. 14 with Eq. 15's weight (weight held constant): its gradient is twice that of the returned loss.
-        w15 = 1 / ((t - l) * soflow.PARAMETERIZATIONS[param].b(t, s).abs()) / (((f_t.detach() - f_l) ** 2).mean(1)
-                                                                          / (t - l) ** 2 + eps) ** p
+        w15 = (1 / ((t - l) * soflow.PARAMETERIZATIONS[param].b(t, s).abs())
+               / (((f_t.detach() - f_l) ** 2).mean(1) / (t - l) ** 2 + eps) ** p)
         eq14 = (w15 * ((f_t - f_l) ** 2).mean(1)).sum()
         g14 = torch.autograd.grad(eq14, list(net.parameters()))
         g = torch.autograd.grad(loss.sum(), list(net.parameters()))
@@ -173,7 +178,8 @@ def test_guided_target_is_eq18_where_decay_is_one():
     config = soflow.PRESETS["imagenet"]
     v, vu = torch.randn(5, 3), torch.randn(5, 3)
     t = torch.tensor([0.0, 0.2, 0.5, 0.7, 0.8])                              # t <= decay_t: g = 1
-    assert torch.allclose(soflow.guided_target(v, vu, t, config), config.w * v + (1 - config.w) * vu, atol=1e-6)
+    assert torch.allclose(soflow.guided_target(v, vu, t, config), config.w * v + (1 - config.w) * vu,
+                          atol=1e-6)
     v_mix = soflow.mix_velocity(soflow.guided_target(v, vu, t, config), v, torch.ones(5))
     assert torch.allclose(v_mix, config.w * v + (1 - config.w) * vu, atol=1e-6)    # m = 1: Eq. 18 exactly
     assert torch.allclose(soflow.guided_target(v, vu, torch.ones(5), config), v)     # t = 1: no guidance
@@ -233,7 +239,10 @@ def recording(monkeypatch, name):
 
 
 def test_cfg_targets_in_algorithm1(monkeypatch, toy):
-    """Kept labels get the guided target with mix m; dropped labels get the null label and the plain velocity."""
+    """Kept labels get the guided target with mix m.
+
+    Dropped labels get the null label and the plain velocity.
+    """
     torch.manual_seed(0)
     net = random_mlp(torch.float32, num_classes=2)
     config = replace(soflow.PRESETS["imagenet"], lam=1.0, m=0.25)
@@ -248,7 +257,8 @@ def test_cfg_targets_in_algorithm1(monkeypatch, toy):
     v_unc = soflow.velocity(net, x_t_ref, d.t_fm, torch.full_like(y, 2), config=config).detach()
     w = soflow.guidance_strength(d.t_fm, config)[:, None]
     keep = d.keep
-    assert torch.allclose(target[~keep], v[~keep]) and torch.all(mix[~keep] == 1) and torch.all(y_used[~keep] == 2)
+    assert torch.allclose(target[~keep], v[~keep])
+    assert torch.all(mix[~keep] == 1) and torch.all(y_used[~keep] == 2)
     assert torch.allclose(target[keep], (w * v + (1 - w) * v_unc)[keep], atol=1e-5)
     assert torch.all(mix[keep] == 0.25) and torch.equal(y_used[keep], y[keep])
 
@@ -256,10 +266,12 @@ def test_cfg_targets_in_algorithm1(monkeypatch, toy):
 def test_algorithm1_rejects_labels_it_cannot_use(toy):
     x0, y = toy.sample(8)
     with pytest.raises(ValueError, match="unconditional network"):
-        soflow.soflow_loss(random_mlp(torch.float32), x0, y, config=soflow.PRESETS["imagenet"], step=0, total_steps=1)
-    with pytest.raises(ValueError, match="needs label dropping"):             # the null label would stay untrained
-        soflow.soflow_loss(random_mlp(torch.float32, num_classes=2), x0, y, config=replace(soflow.PRESETS["imagenet"], drop=0.0),
-                      step=0, total_steps=1)
+        soflow.soflow_loss(random_mlp(torch.float32), x0, y, config=soflow.PRESETS["imagenet"], step=0,
+                           total_steps=1)
+    # the null label would stay untrained
+    with pytest.raises(ValueError, match="needs label dropping"):
+        soflow.soflow_loss(random_mlp(torch.float32, num_classes=2), x0, y,
+                           config=replace(soflow.PRESETS["imagenet"], drop=0.0), step=0, total_steps=1)
 
 
 def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
@@ -272,8 +284,8 @@ def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
     calls = []                                                               # (gradient on?, rows) per call
     net.register_forward_hook(lambda mod, inp, out: calls.append((torch.is_grad_enabled(), inp[0].shape[0])))
     loss, diag = soflow.soflow_loss(net, x0, y, config=config, step=0, total_steps=1, draws=d)
-    # Three network calls: CFG (v_uncond for all 40 rows, v_guided for the 30 consistency rows), one student pass
-    # for both losses, the consistency target pass.
+    # Three network calls: CFG (v_uncond for all 40 rows, v_guided for the 30 consistency rows), one student
+    # pass for both losses, the consistency target pass.
     assert calls == [(False, 70), (True, 40), (False, 30)]
     n = 10
     x_t, v = soflow.interpolate("linear", x0, d.x1, torch.cat([d.t_fm, d.t]))
@@ -290,7 +302,8 @@ def test_algorithm1_is_weighted_sum_of_the_two_losses(toy):
     l_scm = soflow.scm_loss(net, x_t[n:], d.t, d.s, d.l, v_scm, y_in[n:], config=config)[0].mean()
     assert torch.allclose(loss, 0.25 * l_fm + 0.75 * l_scm, rtol=1e-10)
     params = list(net.parameters())                                          # and so are the gradients
-    for g, g_ref in zip(torch.autograd.grad(loss, params), torch.autograd.grad(0.25 * l_fm + 0.75 * l_scm, params)):
+    for g, g_ref in zip(torch.autograd.grad(loss, params),
+                        torch.autograd.grad(0.25 * l_fm + 0.75 * l_scm, params)):
         assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
     assert set(diag) >= {"loss", "fm_mse", "fm_weight", "scm_mse", "scm_weight"}
 
@@ -305,7 +318,8 @@ def test_dropout_masks_shared_between_student_and_target(toy):
                 (torch.is_grad_enabled(), out.shape[0], (out != 0) | (inp[0] == 0))))
     x0, _ = toy.sample(16)
     soflow.soflow_loss(net, x0, config=replace(soflow.PRESETS["toy"], lam=0.5), step=0, total_steps=10)
-    fm, target, student = records[:2], records[2:4], records[4:]            # FM pass, target pass, SCM student
+    # FM pass, target pass, SCM student
+    fm, target, student = records[:2], records[2:4], records[4:]
     assert [r[0] for r in records] == [True, True, False, False, True, True]
     for a, b, c in zip(target, student, fm):
         assert torch.equal(a[2], b[2])                                       # same masks
@@ -317,7 +331,8 @@ def test_conditioning_vector_trains(toy):
     net = soflow.MLP(hidden=32, depth=1, cond_dim=3)
     nn.init.normal_(net.out[1].weight)
     x0 = toy.sample(16)[0]
-    loss, _ = soflow.soflow_loss(net, x0, cond=torch.randn(16, 3), config=soflow.PRESETS["toy"], step=0, total_steps=1)
+    loss, _ = soflow.soflow_loss(net, x0, cond=torch.randn(16, 3), config=soflow.PRESETS["toy"], step=0,
+                                 total_steps=1)
     loss.backward()
     assert net.cond_proj.weight.grad.abs().sum() > 0
 
@@ -342,7 +357,8 @@ class Oracle(nn.Module):
         P = soflow.PARAMETERIZATIONS[self.param]
         if torch.equal(t, s):                                                # v = d_2 b F at s = t (Eq. 10)
             return self.toy.velocity(x, t).to(x.dtype) / P.db_ds(t)[:, None]
-        return (self.toy.solution(x, t, s, steps=100).to(x.dtype) - P.a(t, s)[:, None] * x) / P.b(t, s)[:, None]
+        return ((self.toy.solution(x, t, s, steps=100).to(x.dtype) - P.a(t, s)[:, None] * x)
+                / P.b(t, s)[:, None])
 
 
 @pytest.mark.parametrize("param", ["euler", "triangular"])
@@ -367,18 +383,23 @@ def test_renoise_sampler_follows_its_definition(toy):
         x0_hat = toy.solution(x, t_i, 0.0, steps=100).double()
         x = (1 - t_next) * x0_hat + t_next * torch.randn_like(x)
     assert torch.allclose(got, x, atol=1e-6)
-    assert not torch.allclose(got, soflow.sample(net, x1, times=times, config=make_config()), atol=1e-3)   # differs from chaining
+    # differs from chaining
+    assert not torch.allclose(got, soflow.sample(net, x1, times=times, config=make_config()), atol=1e-3)
 
 
 def test_renoise_sampler_takes_given_noise(toy):
-    """eps[i] replaces the fresh noise of step i: the same noise gives the same samples, without the global RNG."""
+    """eps[i] replaces the fresh noise of step i.
+
+    The same noise gives the same samples, without the global RNG.
+    """
     net, x1, times = Oracle(toy), torch.randn(8, 2, dtype=torch.float64), [1.0, 0.6, 0.3, 0.0]
     eps = torch.randn(2, 8, 2, dtype=torch.float64)
     torch.manual_seed(5)
     expected = soflow.sample(net, x1, times=times, mode="renoise", config=make_config())
     torch.manual_seed(5)
     drawn = [torch.randn_like(x1) for _ in range(2)]
-    assert not torch.allclose(expected, soflow.sample(net, x1, times=times, mode="renoise", config=make_config(), eps=eps))
+    assert not torch.allclose(expected, soflow.sample(net, x1, times=times, mode="renoise",
+                                                      config=make_config(), eps=eps))
     state = torch.get_rng_state()
     got = soflow.sample(net, x1, times=times, mode="renoise", config=make_config(), eps=torch.stack(drawn))
     assert torch.equal(torch.get_rng_state(), state)                         # no draw from the global RNG

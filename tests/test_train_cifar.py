@@ -1,6 +1,8 @@
-"""train_cifar.py: the CIFAR-10 archive (a small one in the real format), loading and downloading, EDM's
-augmentation, and the script end to end on a CIFAR-format folder of a few dozen images: one process, and two under
-torchrun (gloo); exact resume, SIGTERM, grids and the errors a user meets first."""
+"""train_cifar.py: the CIFAR-10 archive, loading and downloading, EDM's augmentation, the script end to end.
+
+The archive is a small one in the real format; the script runs on a CIFAR-format folder of a few dozen images:
+one process, and two under torchrun (gloo); exact resume, SIGTERM, grids and the errors a user meets first.
+"""
 import hashlib
 import io
 import math
@@ -63,11 +65,13 @@ def test_load_from_archive_then_folders(tmp_path, archive):
     (tmp_path / train_cifar.ARCHIVE).write_bytes(path.read_bytes())
     check_loaded(train_cifar.load_cifar10(tmp_path, download=False, md5=md5), archive)  # extracts it
     assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "escape").exists()
-    assert sorted(os.listdir(tmp_path)) == sorted([train_cifar.ARCHIVE, train_cifar.FOLDER])  # no temporary folder
+    # no temporary folder
+    assert sorted(os.listdir(tmp_path)) == sorted([train_cifar.ARCHIVE, train_cifar.FOLDER])
     assert sorted(os.listdir(tmp_path / train_cifar.FOLDER)) == train_cifar.TRAIN_BATCHES + ["test_batch"]
     (tmp_path / train_cifar.ARCHIVE).unlink()
     check_loaded(train_cifar.load_cifar10(tmp_path, download=False), archive)  # root holds the folder
-    check_loaded(train_cifar.load_cifar10(tmp_path / train_cifar.FOLDER, download=False), archive)  # root is it
+    # root is it
+    check_loaded(train_cifar.load_cifar10(tmp_path / train_cifar.FOLDER, download=False), archive)
 
 
 def test_download_via_url(tmp_path, archive):
@@ -277,7 +281,8 @@ def test_cuda():
 # ----- The script end to end -----
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "UNet-T", "--global-batch-size", "8", "--steps", "4", "--log-every", "1", "--sample-every", "100"]
+TINY = ["--model", "UNet-T", "--global-batch-size", "8", "--steps", "4", "--log-every", "1",
+        "--sample-every", "100"]
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +292,8 @@ def data(tmp_path_factory):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in train_cifar.TRAIN_BATCHES + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 8))}
+        batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, 8))}
         (folder / name).write_bytes(pickle.dumps(batch))
     return str(folder.parent)
 
@@ -322,7 +328,8 @@ def test_two_processes_resume_exactly_and_draw_different_noise(data, tmp_path):
     straight = checkpoint(tmp_path / "straight", 4)
     assert_same_run(straight, checkpoint(tmp_path / "resumed", 4))
     # Every process's random state is saved, and they differ: each draws its own noise and times.
-    assert len(straight["rng"]) == 2 and not torch.equal(straight["rng"][0]["torch"], straight["rng"][1]["torch"])
+    assert len(straight["rng"]) == 2
+    assert not torch.equal(straight["rng"][0]["torch"], straight["rng"][1]["torch"])
     # A grid of 32 one-step and 32 two-step samples, 16 to a row.
     import matplotlib.pyplot as plt
     assert plt.imread(tmp_path / "straight" / "samples" / "0000004.png").shape[:2] == (4 * 32, 16 * 32)
@@ -351,11 +358,13 @@ def test_sigterm_saves_a_checkpoint_the_same_command_resumes(data, tmp_path):
 
 
 def test_clear_errors(data, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="FileNotFoundError: CIFAR-10 not found: looked for .*empty/cifar-10-batches-py"):
+    with pytest.raises(SystemExit,
+                       match="FileNotFoundError: CIFAR-10 not found: looked for .*empty/cifar-10-batches-py"):
         train_cifar.main([*TINY, "--data-path", str(tmp_path / "empty"), "--no-download",
                           "--results-dir", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="--micro-batch 3 does not divide the per-process batch 8"):
-        train_cifar.main([*TINY, "--data-path", data, "--micro-batch", "3", "--results-dir", str(tmp_path / "r")])
+        train_cifar.main([*TINY, "--data-path", data, "--micro-batch", "3",
+                          "--results-dir", str(tmp_path / "r")])
     for flag in (["--preset", "imagenet"], ["--model", "UNet-XL"]):
         with pytest.raises(SystemExit):
             train_cifar.main([*TINY, *flag, "--data-path", data, "--results-dir", str(tmp_path / "r")])

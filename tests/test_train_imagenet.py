@@ -1,6 +1,9 @@
-"""train_imagenet.py end to end on a folder of a dozen generated images in three classes and a tiny randomly
-initialised AutoencoderKL saved to a local folder (no download): ADM's crop, `prepare` (its resume, its refusals,
-its report of unreadable files, flips, 2 processes), then training under torchrun with exact resume and decoded grids."""
+"""train_imagenet.py end to end, on generated images and a tiny VAE.
+
+A folder of a dozen generated images in three classes and a tiny randomly initialised AutoencoderKL saved to a
+local folder (no download): ADM's crop, `prepare` (its resume, its refusals, its report of unreadable files,
+flips, 2 processes), then training under torchrun with exact resume and decoded grids.
+"""
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +20,8 @@ from distributed import torchrun
 
 pytest.importorskip("diffusers")
 
-TINY = ["--model", "DiT-T/4", "--global-batch-size", "8", "--steps", "4", "--log-every", "1", "--sample-every", "4"]
+TINY = ["--model", "DiT-T/4", "--global-batch-size", "8", "--steps", "4", "--log-every", "1",
+        "--sample-every", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,8 @@ def folders(tmp_path_factory):
 
 
 def prepare_flags(images, vae, latents, *extra):
-    return ["prepare", "--data-path", str(images), "--latents", str(latents), "--vae", vae, "--image-size", "32",
-            "--shard-size", "4", "--batch-size", "3", "--workers", "0", *extra]
+    return ["prepare", "--data-path", str(images), "--latents", str(latents), "--vae", vae,
+            "--image-size", "32", "--shard-size", "4", "--batch-size", "3", "--workers", "0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,8 @@ def latents(folders, tmp_path_factory):
 
 def test_adm_crop_halves_with_a_box_filter_then_takes_the_centre():
     pixels = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    # The short side 64 = 2 x 32: one halving by 2x2 box means (to 32 x 48), no resize, then the central 32 columns.
+    # The short side 64 = 2 x 32: one halving by 2x2 box means (to 32 x 48), no resize,
+    # then the central 32 columns.
     halved = pixels.reshape(32, 2, 48, 2, 3).astype(np.float64).mean((1, 3))
     crop = train_imagenet.center_crop_arr(Image.fromarray(pixels), 32)
     assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
@@ -87,15 +92,19 @@ def test_prepare_stores_the_vae_posterior_of_each_crop_and_of_its_flip(folders, 
         with torch.no_grad():
             for copy, image in enumerate((x, x.flip(3))):
                 posterior = vae.encode(image).latent_dist
-                torch.testing.assert_close(torch.from_numpy(mean[copy * 13 + i]), posterior.mean[0], atol=1e-5, rtol=0)
-                torch.testing.assert_close(torch.from_numpy(std[copy * 13 + i]), posterior.std[0], atol=1e-5, rtol=0)
+                torch.testing.assert_close(torch.from_numpy(mean[copy * 13 + i]), posterior.mean[0],
+                                           atol=1e-5, rtol=0)
+                torch.testing.assert_close(torch.from_numpy(std[copy * 13 + i]), posterior.std[0],
+                                           atol=1e-5, rtol=0)
 
 
-def test_prepare_resumes_only_unfinished_shards_and_refuses_other_settings(folders, latents, tmp_path, capsys):
+def test_prepare_resumes_only_unfinished_shards_and_refuses_other_settings(folders, latents, tmp_path,
+                                                                           capsys):
     images, vae = folders
     out = tmp_path / "in32"
     shutil.copytree(latents, out)
-    # An interruption: shard 1 (images 4-7) never got its marker; its rows hold garbage, the manifest is incomplete.
+    # An interruption: shard 1 (images 4-7) never got its marker; its rows hold garbage,
+    # the manifest is incomplete.
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     (out / "shards" / "000001.json").unlink()
@@ -110,11 +119,14 @@ def test_prepare_resumes_only_unfinished_shards_and_refuses_other_settings(folde
     capsys.readouterr()
     train_imagenet.main(prepare_flags(images, vae, out, "--flip"))
     assert "4 shards, 1 to do" in capsys.readouterr().out
-    assert (out / "shards" / "000000.json").stat().st_mtime_ns == before       # finished shards are not redone
+    # finished shards are not redone
+    assert (out / "shards" / "000000.json").stat().st_mtime_ns == before
     np.testing.assert_allclose(np.load(out / "mean.npy"), np.load(latents / "mean.npy"), atol=1e-6, rtol=0)
-    assert json.loads((out / "manifest.json").read_text()) == json.loads((latents / "manifest.json").read_text())
+    assert (json.loads((out / "manifest.json").read_text())
+            == json.loads((latents / "manifest.json").read_text()))
     # Other settings into the same folder: refused, each difference named; nothing is touched.
-    with pytest.raises(SystemExit, match=r"other settings:\n  image_size: 32 there, 64 now\n  flip: True there"):
+    with pytest.raises(SystemExit,
+                       match=r"other settings:\n  image_size: 32 there, 64 now\n  flip: True there"):
         train_imagenet.main([*prepare_flags(images, vae, out), "--image-size", "64"])
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
@@ -137,7 +149,8 @@ def test_prepare_errors_say_what_to_do(folders, tmp_path):
 
 
 def test_latent_batches_draw_the_posterior_of_the_image_or_its_flip():
-    # 5 images, the third unreadable, with flipped copies at rows 5 + i; mean = 10 i + 1000 copy identifies a row.
+    # 5 images, the third unreadable, with flipped copies at rows 5 + i;
+    # mean = 10 i + 1000 copy identifies a row.
     N = 5
     manifest = {"settings": {"num_images": N}, "copies": 2}
     index = np.arange(2 * N)
@@ -150,7 +163,8 @@ def test_latent_batches_draw_the_posterior_of_the_image_or_its_flip():
     rows = torch.arange(4).repeat(100)
     x0, y, cond = get_batch(rows)
     assert cond is None and y.tolist() == [7, 8, 9, 6] * 100         # the labels of images 0, 1, 3, 4
-    latent = (x0 / 0.18215).round()                                  # std 0: exactly the mean of the row drawn
+    # std 0: exactly the mean of the row drawn
+    latent = (x0 / 0.18215).round()
     assert (latent == latent[:, :1, :1, :1]).all()
     image, copy = latent[:, 0, 0, 0] % 1000 / 10, latent[:, 0, 0, 0] // 1000
     assert image.tolist() == [0.0, 1.0, 3.0, 4.0] * 100
@@ -167,7 +181,8 @@ def test_latent_batches_draw_the_posterior_of_the_image_or_its_flip():
 def test_two_processes_prepare_the_same_latents(folders, latents, tmp_path):
     images, vae = folders
     torchrun("train_imagenet.py", *prepare_flags(images, vae, tmp_path / "two", "--flip"))
-    np.testing.assert_allclose(np.load(tmp_path / "two" / "mean.npy"), np.load(latents / "mean.npy"), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "mean.npy"), np.load(latents / "mean.npy"),
+                               atol=1e-5, rtol=0)
     assert np.array_equal(np.load(tmp_path / "two" / "labels.npy"), np.load(latents / "labels.npy"))
 
 
@@ -192,8 +207,8 @@ def test_two_processes_train_resume_exactly_decode_grids_and_sample(folders, lat
     assert grid.size == (16 * 32, 4 * 32)
     assert "decoded by" in (tmp_path / "straight" / "log.txt").read_text()
     # sample.py reads the checkpoint: a class-conditional DiT on latents, decoded by the VAE it names.
-    sample.main(["--ckpt", str(tmp_path / "straight" / "checkpoints" / "0000004.pt"), "--vae", vae, "--num-images",
-                 "6", "--class", "2", "0", "--npz", "--out", str(tmp_path / "samples")])
+    sample.main(["--ckpt", str(tmp_path / "straight" / "checkpoints" / "0000004.pt"), "--vae", vae,
+                 "--num-images", "6", "--class", "2", "0", "--npz", "--out", str(tmp_path / "samples")])
     files = np.load(tmp_path / "samples.npz")
     assert files["arr_0"].shape == (6, 32, 32, 3) and files["arr_1"].tolist() == [2, 0] * 3
 

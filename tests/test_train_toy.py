@@ -19,7 +19,10 @@ def toy():
 # ----- The exact velocities and solution map -----
 
 def test_toy_velocity_is_the_conditional_expectation(toy):
-    """E[(alpha' x_0 + beta' x_1 - v(x_t, t)) phi(x_t)] = 0 for test functions phi (Eq. 1), also per class (Eq. 17)."""
+    """E[(alpha' x_0 + beta' x_1 - v(x_t, t)) phi(x_t)] = 0 for test functions phi (Eq. 1).
+
+    Also per class (Eq. 17).
+    """
     g = torch.Generator().manual_seed(0)
     n = 400_000
     x0, y = toy.sample(n, g)
@@ -44,7 +47,8 @@ def test_toy_solution_boundary_pde_and_semigroup(toy):
     x = torch.randn(16, 2, dtype=torch.float64)
     t, s, l = 0.9, 0.1, 0.4
     assert torch.equal(toy.solution(x, t, t).double(), x.float().double())
-    # Eq. 6 for the exact map: d1 f(x, t, s) v(x, t) + d2 f(x, t, s) = 0, by central differences (float64 inside).
+    # Eq. 6 for the exact map: d1 f(x, t, s) v(x, t) + d2 f(x, t, s) = 0,
+    # by central differences (float64 inside).
     h = 1e-4
     f = lambda z, tt: toy.solution(z, tt, s, steps=400).double()   # noqa: E731
     v = toy.velocity(x, torch.full((16,), t)).double()
@@ -87,15 +91,22 @@ def test_map_figures_by_hand():
 
 @pytest.mark.slow
 def test_demo_command(tmp_path):
-    """`python train_toy.py` trains both models, prints every sampler's error and saves a figure; SoFlow's one step
-    lands far closer to the exact map than one Euler step of flow matching trained for as long."""
+    """`python train_toy.py` trains both models, prints every sampler's error and saves a figure.
+
+    SoFlow's one step lands far closer to the exact map than one Euler step of flow matching trained for as
+    long.
+    """
     out = tmp_path / "fig.png"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}        # a tiny MLP: on a busy machine, 2 threads wait on each other
-    run = subprocess.run([sys.executable, "train_toy.py", "--steps", "200", "--out", str(out)], capture_output=True,
-                         text=True, timeout=300, cwd=__file__.rsplit("/tests/", 1)[0], env=env)
+    # a tiny MLP: on a busy machine, 2 threads wait on each other
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "train_toy.py", "--steps", "200", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=__file__.rsplit("/tests/", 1)[0], env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    rows = [line.rsplit(maxsplit=3) for line in run.stdout.splitlines() if line.startswith("  ") and "%" in line]
-    figures = {name.strip(): (float(same[:-1]) / 100, float(median), float(mse)) for name, same, median, mse in rows}
+    rows = [line.rsplit(maxsplit=3) for line in run.stdout.splitlines()
+            if line.startswith("  ") and "%" in line]
+    figures = {name.strip(): (float(same[:-1]) / 100, float(median), float(mse))
+               for name, same, median, mse in rows}
     assert len(figures) == 7 and all(math.isfinite(x) for row in figures.values() for x in row)
     soflow1, euler1 = figures["SoFlow, NFE=1"], figures["flow matching, Euler NFE=1"]
     assert soflow1[2] < euler1[2] / 3 and soflow1[1] < euler1[1] / 2, figures

@@ -65,7 +65,8 @@ def test_global_batches_walk_through_shuffled_epochs():
     assert sorted(rows[:n].tolist()) == list(range(n)) and sorted(rows[n:2 * n].tolist()) == list(range(n))
     assert not torch.equal(rows[:n], rows[n:2 * n])                           # each epoch has its own order
     assert not torch.equal(rows[:n], torch.arange(n))
-    assert torch.equal(training.global_batch_indices(3, size, n, seed=3), rows[12:16])   # a function of the step
+    # a function of the step
+    assert torch.equal(training.global_batch_indices(3, size, n, seed=3), rows[12:16])
     assert not torch.equal(training.global_batch_indices(3, size, n, seed=4), rows[12:16])
 
 
@@ -76,12 +77,14 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
     torch.nn.init.normal_(net.out[1].weight)
     config = replace(CONFIG, lam=0.5, w=2.0, m=0.5, drop=0.25)
     x0, y = torch.randn(8, 2, dtype=torch.float64), torch.randint(0, 3, (8,))
-    halves = [soflow.draw(x0[:4], config, 0.1, labelled=True), soflow.draw(x0[4:], config, 0.1, labelled=True)]
+    halves = [soflow.draw(x0[:4], config, 0.1, labelled=True),
+              soflow.draw(x0[4:], config, 0.1, labelled=True)]
     # The whole batch puts the flow matching rows (2 of each half) first.
     order = torch.tensor([0, 1, 4, 5, 2, 3, 6, 7])
-    whole = soflow.Draws(x1=torch.cat([d.x1 for d in halves])[order], t_fm=torch.cat([d.t_fm for d in halves]),
-                         t=torch.cat([d.t for d in halves]), s=torch.cat([d.s for d in halves]),
-                         l=torch.cat([d.l for d in halves]), keep=torch.cat([d.keep for d in halves])[order])
+    whole = soflow.Draws(x1=torch.cat([d.x1 for d in halves])[order],
+                         t_fm=torch.cat([d.t_fm for d in halves]), t=torch.cat([d.t for d in halves]),
+                         s=torch.cat([d.s for d in halves]), l=torch.cat([d.l for d in halves]),
+                         keep=torch.cat([d.keep for d in halves])[order])
     draws = iter(halves)
     monkeypatch.setattr(soflow, "draw", lambda *args, **kw: next(draws))
     autocast = torch.autocast("cpu", enabled=False)
@@ -89,8 +92,8 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
     diagnostics = training.accumulate_gradients(net, batches, config, 0, 10, autocast)
     accumulated = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    loss, whole_diagnostics = soflow.soflow_loss(net, x0[order], y[order], config=config, step=0, total_steps=10,
-                                                 draws=whole)
+    loss, whole_diagnostics = soflow.soflow_loss(net, x0[order], y[order], config=config, step=0,
+                                                 total_steps=10, draws=whole)
     loss.backward()
     for a, b in zip(accumulated, net.parameters()):
         torch.testing.assert_close(a, b.grad, rtol=1e-10, atol=1e-12)
@@ -122,7 +125,10 @@ def test_a_run_folder_with_another_configuration_is_refused(tmp_path):
 
 
 def test_a_run_folder_written_before_the_config_key_was_renamed_resumes(tmp_path):
-    """Checkpoints of earlier versions record the SoFlowConfig under run_config['cfg']: they resume as they are."""
+    """Checkpoints of earlier versions record the SoFlowConfig under run_config['cfg'].
+
+    They resume as they are.
+    """
     run(tmp_path / "straight")
     run(tmp_path / "old", "--stop-at", "3")
     path = tmp_path / "old" / "checkpoints" / "0000003.pt"
@@ -177,7 +183,8 @@ def test_non_finite_steps_are_skipped_and_many_in_a_row_stop_the_run(tmp_path, c
         return (x0 * float("nan") if len(calls) == 4 else x0), y, cond
     net, _ = run(tmp_path / "one", batches=poisoned_at_step_3)
     out = capsys.readouterr().out
-    assert "step 3: non-finite loss or gradient, update skipped (1 in a row)" in out and out.count("skipped") == 1
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row)" in out
+    assert out.count("skipped") == 1
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert checkpoint(tmp_path / "one", 6)["step"] == 6
 
@@ -214,7 +221,10 @@ def test_sample_grid_is_written(tmp_path):
 
 
 def test_ema_every_k_steps_uses_decay_to_the_k(tmp_path):
-    """--ema-every 2 --ema-decay 0.5: at step 2 the EMA moves once with decay 0.5^2, from the initial weights."""
+    """--ema-every 2 --ema-decay 0.5: at step 2 the EMA moves once with decay 0.5^2.
+
+    The move starts from the initial weights.
+    """
     run(tmp_path, "--ema-every", "2", "--ema-decay", "0.5", steps=2)
     ckpt = checkpoint(tmp_path, 2)
     initial = toy_net().state_dict()
@@ -226,7 +236,8 @@ def test_ema_every_k_steps_uses_decay_to_the_k(tmp_path):
 def test_the_log_records_means_since_the_last_record_and_the_bar_shows_the_weights(tmp_path):
     log = training.RunLog(str(tmp_path), rank=0, start=0, end=4)
     for loss, weight in ((1.0, 2.0), (3.0, 6.0)):
-        log.add({"loss": torch.tensor(loss), "scm_mse": torch.tensor(0.5), "scm_weight": torch.tensor(weight)}, 0.5)
+        log.add({"loss": torch.tensor(loss), "scm_mse": torch.tensor(0.5),
+                 "scm_weight": torch.tensor(weight)}, 0.5)
     log.record(2, world_size=1, images_per_step=8, device=torch.device("cpu"))
     log.add({"loss": torch.tensor(7.0), "scm_mse": torch.tensor(0.5), "scm_weight": torch.tensor(1.0)}, 0.25)
     log.record(3, world_size=1, images_per_step=8, device=torch.device("cpu"))
