@@ -272,7 +272,7 @@ MUTANTS = [
 
 def run(name, file, section, old, new, workdir):
     """'caught' or 'SURVIVED', and the seconds it took."""
-    source = (ROOT / file).read_text()
+    source = (workdir / file).read_text()      # the copy made at the start: later edits do not leak in
     if source.count(old) != 1:
         raise SystemExit(f"mutant {name}: {old!r} occurs {source.count(old)} times in {file}; make it unique")
     (workdir / file).write_text(source.replace(old, new))
