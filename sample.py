@@ -24,6 +24,7 @@ from tqdm import tqdm
 import soflow
 import training
 
+WRITE_AGAIN = "no output file is half-written, and the same command (with --overwrite) writes them"
 # The authors' checkpoints store no SoFlowConfig; these are the configurations they were trained with.
 RELEASED = {"DiT": "imagenet", "UNet": "cifar10"}
 
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="bf16: autocast for the network and the VAE; auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    training.add_dist_timeout(parser)
     args = parser.parse_args(argv)
     for name, low in dict(nfe=1, num_images=1, batch_size=1, grid=1, seed=0).items():
         if getattr(args, name) < low:
@@ -97,7 +99,7 @@ def write_npz(path, arrays):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    rank, world_size, device = training.init_distributed()
+    rank, world_size, device = training.init_distributed(args.dist_timeout)
     try:
         return generate(args, rank, world_size, device, started)
     finally:                                # also on an error: a clean exit for every process
@@ -200,17 +202,24 @@ def generate(args, rank, world_size, device, started):
         t4 = clock()
         for name, dt in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             seconds[name] += dt
-    # Rank 0 writes, atomically; the others wait for it.
+    # Rank 0 writes, atomically; the others wait for it and learn whether it failed.
+    failure = None
     if rank == 0:
         t0 = clock()
         grid = pixels[:args.grid]
-        training.save_grid(paths[0], grid, columns=math.ceil(math.sqrt(len(grid))))
-        if args.npz:
-            write_npz(paths[1], dict(arr_0=pixels, **({"arr_1": labels} if num_classes else {})))
+        columns = math.ceil(math.sqrt(len(grid)))
+        failure = training.try_write(paths[0], lambda: training.save_grid(paths[0], grid, columns),
+                                     WRITE_AGAIN)
+        if args.npz and failure is None:
+            arrays = dict(arr_0=pixels, **({"arr_1": labels} if num_classes else {}))
+            failure = training.try_write(paths[1], lambda: write_npz(paths[1], arrays), WRITE_AGAIN)
         seconds["write"] = clock() - t0
     loop_seconds = clock() - loop_start
+    reports = training.gather_objects((seconds, failure), world_size)
+    if failure := reports[0][1]:
+        raise SystemExit(f"sample.py: {failure}")
     # Generation alone: the sampler on the process that spent longest in it.
-    generate_seconds = max(s["generate"] for s in training.gather_objects(seconds, world_size))
+    generate_seconds = max(report["generate"] for report, _ in reports)
     stats = dict(images=args.num_images, seconds=seconds, loop_seconds=loop_seconds,
                  total_seconds=time.perf_counter() - started,
                  generate_images_per_s=args.num_images / generate_seconds,

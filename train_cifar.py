@@ -186,7 +186,7 @@ def main(argv=None):
     config = soflow.PRESETS[args.preset]
     if args.class_cond:
         config = replace(config, w=args.cfg_w, m=args.cfg_m, drop=args.cfg_drop, decay=args.cfg_decay)
-    rank, world_size, device = training.init_distributed()
+    rank, world_size, device = training.init_distributed(args.dist_timeout)
     try:
         if rank == 0:                                     # one process downloads, the others wait
             images, labels = load_cifar10(args.data_path, download=not args.no_download)

@@ -89,10 +89,12 @@ def open_or_create(out, manifest, labels):
     write_json(path, manifest)                        # last: a manifest means the arrays exist
     return "", manifest
 
+SHARDS_KEPT = "the finished shards are kept, and the same command encodes the others"
+
 @torch.no_grad()
 def prepare(args):
     """Encode the images in shards of --shard-size; rank r of W takes shards r, r + W, ... not marked done."""
-    rank, world_size, device = training.init_distributed()
+    rank, world_size, device = training.init_distributed(args.dist_timeout)
     paths, labels, classes = list_images(args.data_path)
     listing = hashlib.sha256("\n".join(os.path.relpath(p, args.data_path) for p in paths).encode())
     listing = listing.hexdigest()
@@ -126,6 +128,7 @@ def prepare(args):
               f"{sum(not os.path.exists(m) for m in markers)} to do")
     bar = tqdm(total=sum(len(shards[k]) for k in mine), unit="img", disable=rank > 0, desc="prepare")
     unreadable = {}                                       # of the shard being encoded (batches come in order)
+    failure = None
     for indices, pixels, messages in loader:
         first, count = int(indices[0]), len(indices)          # a batch is a contiguous run of one shard
         x = pixels.to(device).float() / 127.5 - 1             # (B, 3, size, size) in [-1, 1]
@@ -137,16 +140,25 @@ def prepare(args):
             arrays[name].reshape(copies, N, -1)[:, first:first + count] = value       # a view: writes through
         unreadable.update({int(i): m for i, m in zip(indices, messages) if m})
         if first + count == shards[first // args.shard_size].stop:    # the shard's last batch
-            for array in arrays.values():                    # flushed, then marked: a marker means on disk
-                array.flush()
-            write_json(markers[first // args.shard_size], unreadable)
+            marker = markers[first // args.shard_size]
+
+            def flush_then_mark():                   # flushed, then marked: a marker means on disk
+                for array in arrays.values():
+                    array.flush()
+                write_json(marker, unreadable)
+            if failure := training.try_write(marker, flush_then_mark, hint=SHARDS_KEPT):
+                break
             unreadable = {}
         bar.update(count)
     bar.close()
-    if world_size > 1:
-        dist.barrier()
+    # Every process waits here for the others; one that failed stops them all.
+    if failure := training.first_failure(failure, world_size):
+        raise SystemExit(failure)
     if rank == 0:
-        finish(args.latents, manifest, paths, markers)
+        def write_the_manifest():
+            finish(args.latents, manifest, paths, markers)
+        if failure := training.try_write(args.latents, write_the_manifest, hint=SHARDS_KEPT):
+            raise SystemExit(failure)
 
 def finish(out, manifest, paths, markers):
     """Rank 0, after every shard: unreadable images get label -1 (training skips them) and are listed."""
@@ -238,6 +250,7 @@ def prepare_args(argv):
     add("--batch-size", type=int, default=64, help="images per VAE call and process")
     add("--workers", type=int, default=8, help="DataLoader processes decoding images")
     add("--shard-size", type=int, default=10_000, help="images per resumable unit of work")
+    training.add_dist_timeout(parser)
     args = parser.parse_args(argv)
     for name, low in dict(batch_size=1, shard_size=1, workers=0).items():
         if getattr(args, name) < low:
@@ -258,7 +271,7 @@ def main(argv=None):
     manifest, arrays = open_latents(args.latents)
     config = soflow.PRESETS[args.preset]
     config = replace(config, w=args.cfg_w) if args.cfg_w is not None else config
-    rank, world_size, device = training.init_distributed()
+    rank, world_size, device = training.init_distributed(args.dist_timeout)
     get_batch, num_examples = latent_batches(manifest, arrays, device)
     torch.manual_seed(args.global_seed)                   # the same initial weights on every process
     net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=len(manifest["classes"]))

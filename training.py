@@ -14,6 +14,7 @@ import random
 import signal
 import time
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from functools import lru_cache
 
 import numpy as np
@@ -44,6 +45,7 @@ class TrainSettings:
     stop_at: int = 0               # save and stop after this step (0: run to `steps`)
     compile: bool = False          # torch.compile the network
     max_bad_steps: int = 10        # stop after this many non-finite steps in a row
+    dist_timeout: float = 5.0      # minutes a process waits for the others before the job ends
 
 def add_training_args(parser, global_batch_size, steps, ema_every=1):
     """The flags both training scripts share (names as in DiT's train.py where one exists)."""
@@ -62,6 +64,12 @@ def add_training_args(parser, global_batch_size, steps, ema_every=1):
     add("--stop-at", type=int, default=0, help="save and stop after this step (0: none)")
     add("--compile", action="store_true", help="torch.compile the network")
     add("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
+    add_dist_timeout(parser)
+
+def add_dist_timeout(parser):
+    """--dist-timeout: a lost peer (a dead node, a hung process) ends the job in minutes, not in 10-30."""
+    parser.add_argument("--dist-timeout", type=float, default=5.0, metavar="MINUTES",
+                        help="minutes a process waits for the others in a collective before the job ends")
 
 def settings_from_args(args):
     """The TrainSettings of parsed flags (those of add_training_args)."""
@@ -69,11 +77,19 @@ def settings_from_args(args):
 
 
 # ----- Processes and global batches -----
-def init_distributed():
-    """(rank, world_size, device): torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain run is 0 of 1."""
+def init_distributed(timeout_minutes=5.0):
+    """(rank, world_size, device): torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain run is 0 of 1.
+
+    timeout_minutes: how long a collective waits for a lost peer before it fails and the job ends."""
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        timeout = timedelta(minutes=timeout_minutes)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun --max-restarts keeps its store across restarts: each attempt's keys get their own prefix,
+        # or a restarted process may read a dead peer's address and fail to connect.
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     # LOCAL_RANK, not the global rank, picks the GPU: on a second node rank 8 drives cuda:0.
@@ -99,6 +115,10 @@ def gather_objects(obj, world_size):
         dist.all_gather_object(objects, obj)
     return objects
 
+def first_failure(failure, world_size):
+    """Every process calls it (a barrier too): the first process's failure message, or None if none failed."""
+    return next((message for message in gather_objects(failure, world_size) if message), None)
+
 @lru_cache(maxsize=2)
 def epoch_order(num_examples, seed, epoch):
     """The shuffled order of the dataset's rows in one epoch (kept for the next steps: it is not cheap)."""
@@ -116,6 +136,12 @@ def global_batch_indices(step, global_batch_size, num_examples, seed):
         indices[at] = epoch_order(num_examples, seed, epoch)[positions[at] % num_examples]
     return indices
 
+def process_rows(step, global_batch_size, num_examples, seed, rank, world_size):
+    """This process's part of global batch `step`: its rank-th of world_size equal slices."""
+    rows = global_batch_indices(step, global_batch_size, num_examples, seed)
+    local_batch = global_batch_size // world_size
+    return rows[rank * local_batch:(rank + 1) * local_batch]
+
 
 # ----- Files written atomically, random states, signals, logs -----
 def atomic_write(path, write):
@@ -126,8 +152,21 @@ def atomic_write(path, write):
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.isfile(tmp):
             os.remove(tmp)
+
+RESUME_HINT = "the checkpoints on disk are kept, and the same command resumes the run"
+
+def try_write(path, write, hint=RESUME_HINT):
+    """write() -> None, or the one-line message of its failure: the file, the error, what is kept, what to do.
+
+    Any error counts: a full disk, a quota, a file system gone away, a folder where the file goes."""
+    try:
+        write()
+    except Exception as e:
+        return (f"could not write {path} ({type(e).__name__}: {e}); {hint} once the cause is fixed "
+                "(disk space, quota, permissions)")
+    return None
 
 def save_checkpoint(path, **state):
     """torch.save(state) atomically."""
@@ -198,7 +237,7 @@ class RunLog:
         self.bar.update(1)
 
     def record(self, step, world_size, images_per_step, device):
-        """Every process calls it (the means are all-reduced); rank 0 writes."""
+        """Every process calls it (the means are all-reduced); rank 0 writes: None, or why it could not."""
         names = sorted(self.sums)
         means = all_reduce_mean(torch.stack([self.sums[n] for n in names]) / self.steps, world_size)
         record = {"step": step, **dict(zip(names, means.tolist())),
@@ -206,12 +245,16 @@ class RunLog:
         if device.type == "cuda":
             record["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         self.sums, self.steps, self.seconds = {}, 0, 0.0
-        if self.active:
-            shown = ("loss", "fm_mse", "fm_weight", "scm_mse", "scm_weight", "grad_norm", "images_per_s",
-                     "max_memory_gb")
-            self.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+        if not self.active:
+            return None
+        shown = ("loss", "fm_mse", "fm_weight", "scm_mse", "scm_weight", "grad_norm", "images_per_s",
+                 "max_memory_gb")
+        self.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+
+        def write():
             print(json.dumps(record), file=self.jsonl, flush=True)
             print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), file=self.text, flush=True)
+        return try_write(self.jsonl.name, write)
 
 
 # ----- Checkpoints and resume -----
@@ -221,12 +264,57 @@ def checkpoint_paths(results_dir):
     names = sorted(n for n in os.listdir(folder) if n.endswith(".pt")) if os.path.isdir(folder) else []
     return [os.path.join(folder, n) for n in names]
 
+CHECKPOINT_KEYS = ("arch", "arch_kwargs", "model", "ema", "optimizer", "step", "config", "run_config", "rng")
+
+def read_checkpoint(path):
+    """(the checkpoint, "") or (None, why it cannot be resumed from): a load error or a missing key."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:              # truncated, empty, not a zip archive, unreadable: all the same here
+        return None, f"{type(e).__name__}: {e}"
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict) else ["all"]
+    return (None, f"no {', '.join(missing)}") if missing else (ckpt, "")
+
+def move_aside(path):
+    """Rename an unreadable checkpoint to PATH.corrupt (or .corrupt2, ...): kept, but no longer listed."""
+    target, n = f"{path}.corrupt", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.corrupt{n}"
+    os.replace(path, target)
+    return target
+
+def newest_readable_checkpoint(results_dir, notes):
+    """Rank 0: (path, checkpoint, problems) of the newest checkpoint that loads with every key.
+
+    The newer unreadable ones are then moved aside (and said in notes). If none can be read, nothing is moved:
+    path and checkpoint are None and problems lists each file with its reason ("" in a new run folder)."""
+    unreadable = []                                  # (path, why), newest first
+    for path in reversed(checkpoint_paths(results_dir)):
+        ckpt, problem = read_checkpoint(path)
+        if ckpt is None:
+            unreadable.append((path, problem))
+            continue
+        for bad, why in unreadable:
+            notes.append(f"{bad} cannot be resumed from ({why}): moved to {move_aside(bad)}; "
+                         f"resuming from {os.path.basename(path)}")
+        return path, ckpt, ""
+    return None, None, "\n".join(f"  {bad}: {why}" for bad, why in unreadable)
+
 def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
-    """Load the newest checkpoint of a run folder into net, ema and optimizer; return its step."""
-    paths = checkpoint_paths(results_dir)
-    if not paths:
-        return 0
-    ckpt = torch.load(paths[-1], map_location="cpu", weights_only=False)
+    """Load the newest readable checkpoint of a run folder into net, ema and optimizer.
+
+    Returns its step (0 if there is none) and notes for the log. Rank 0 chooses; every process loads it."""
+    notes = []
+    path, ckpt, problems = newest_readable_checkpoint(results_dir, notes) if rank == 0 else (None, None, "")
+    path, problems = gather_objects((path, problems), world_size)[0]
+    if problems:
+        raise SystemExit(f"no checkpoint in {results_dir} can be resumed from:\n{problems}\nNothing was "
+                         "changed: move them away for a new run, or pass another --results-dir")
+    if path is None:
+        return 0, notes
+    if ckpt is None:                              # the other processes load what rank 0 chose
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     recorded = dict(ckpt["run_config"])
     if "cfg" in recorded:                          # the key of run folders written before it was renamed
         recorded["config"] = recorded.pop("cfg")
@@ -241,10 +329,9 @@ def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
     if len(ckpt["rng"]) == world_size:
         set_rng_state(ckpt["rng"][rank])            # each process draws what it would have drawn
     else:
-        if rank == 0:
-            print(f"the run had {len(ckpt['rng'])} processes, now {world_size}: new random streams")
+        notes.append(f"the run had {len(ckpt['rng'])} processes, now {world_size}: new random streams")
         torch.manual_seed(ckpt["step"] * world_size + rank)
-    return ckpt["step"]
+    return ckpt["step"], notes
 
 def save_run(settings, step, net, ema, optimizer, config, run_config, rank, world_size):
     """Checkpoint `step` with every process's random state, written atomically by rank 0.
@@ -256,17 +343,22 @@ def save_run(settings, step, net, ema, optimizer, config, run_config, rank, worl
     if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
         raise RuntimeError(f"the processes' weights differ ({checksums.tolist()}): do not trust this run")
     rng_states = gather_objects(rng_state(), world_size)
-    if rank == 0:
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
-            raise SystemExit(f"step {step}: the weights are not finite; the checkpoints on disk are kept")
+    failure = None
+    if rank == 0 and not all(torch.isfinite(p).all() for p in net.parameters()):
+        failure = f"step {step}: the weights are not finite; the checkpoints on disk are kept"
+    elif rank == 0:
         path = os.path.join(settings.results_dir, "checkpoints", f"{step:07d}.pt")
-        save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs, model=net.state_dict(),
-                        ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                        config=asdict(config), run_config=run_config, rng=rng_states)
-        for old in checkpoint_paths(settings.results_dir)[:-settings.keep_ckpts]:
-            os.remove(old)
-    if world_size > 1:
-        dist.barrier()
+
+        def write():
+            save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs,
+                            model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                            step=step, config=asdict(config), run_config=run_config, rng=rng_states)
+            for old in checkpoint_paths(settings.results_dir)[:-settings.keep_ckpts]:
+                os.remove(old)
+        failure = try_write(path, write)
+    # Every process learns of rank 0's failure here and stops: none is left waiting in a collective.
+    if (failure := first_failure(failure, world_size)) is not None:
+        raise SystemExit(failure)
 
 
 # ----- The training loop -----
@@ -281,7 +373,7 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
     decode: x0 -> images in [-1, 1] for the sample grids. grid_labels: (N,) labels, None if unconditional.
     """
     # Setup: processes, batch sizes, the EMA copy (before DDP: no 'module.' prefixes), seeds, resume.
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(settings.dist_timeout)
     if settings.global_batch_size % world_size:
         raise SystemExit(f"--global-batch-size {settings.global_batch_size} does not divide into "
                          f"{world_size} processes: pick a multiple of the number of processes")
@@ -300,7 +392,7 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
     grid_generator = torch.Generator().manual_seed(settings.global_seed)
     grid_noise = torch.randn(grid_shape, generator=grid_generator).to(device)
     torch.manual_seed(settings.global_seed * world_size + rank)  # each process draws its own noise and times
-    start = resume(settings.results_dir, run_config, net, ema, optimizer, rank, world_size)
+    start, notes = resume(settings.results_dir, run_config, net, ema, optimizer, rank, world_size)
     # The gradient pass goes through DDP, which all-reduces the gradients.
     model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
     model = torch.compile(model) if settings.compile else model
@@ -308,17 +400,19 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
     end = min(settings.steps, settings.stop_at or settings.steps)
     os.makedirs(os.path.join(settings.results_dir, "samples"), exist_ok=True)
     log = RunLog(settings.results_dir, rank, start, end)
+    for note in notes:
+        log.say(note)
     millions = sum(p.numel() for p in net.parameters()) / 1e6
     log.say(f"{'resuming at' if start else 'starting'} step {start} of {settings.steps}: {world_size} "
             f"process(es), {type(net).__name__} with {millions:.2f}M parameters")
     bad_steps = 0
-    with StopRequest() as stop_request:
+    # The bar closes first on any exit, so that a stop's message is the last line.
+    with StopRequest() as stop_request, contextlib.closing(log.bar):
         for step in range(start + 1, end + 1):  # step: the number of updates made after it
             # One step: this process's rows of global batch step - 1, micro-batches, then one update.
             started = time.time()
-            rows = global_batch_indices(step - 1, settings.global_batch_size, num_examples,
-                                        settings.global_seed)
-            rows = rows[rank * local_batch:(rank + 1) * local_batch]
+            rows = process_rows(step - 1, settings.global_batch_size, num_examples, settings.global_seed,
+                                rank, world_size)
             optimizer.zero_grad(set_to_none=True)
             batches = [get_batch(part) for part in rows.split(micro_batch)]
             diagnostics = accumulate_gradients(model, batches, config, step - 1, settings.steps, autocast)
@@ -334,20 +428,23 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
             if step % settings.ema_every == 0:
                 ema_update(ema, net, settings.ema_decay ** settings.ema_every)
             log.add({**diagnostics, "grad_norm": grad_norm}, time.time() - started)
+            failure = None                      # rank 0's failed write of a metrics line or a grid
             if step % settings.log_every == 0 or step == end:
-                log.record(step, world_size, settings.global_batch_size, device)
-            # Sample grids, checkpoints, and a stop asked for by a signal on any process.
-            if rank == 0 and (step % settings.sample_every == 0 or step == end):
+                failure = log.record(step, world_size, settings.global_batch_size, device)
+            if rank == 0 and failure is None and (step % settings.sample_every == 0 or step == end):
                 path = os.path.join(settings.results_dir, "samples", f"{step:07d}.png")
-                save_samples(path, ema, grid_noise, grid_labels, config, decode, settings.global_seed)
-            stop = torch.tensor([float(stop_request.signal is not None)], device=device)
-            stop = bool(all_reduce_mean(stop, world_size) > 0)
+                failure = save_samples(path, ema, grid_noise, grid_labels, config, decode,
+                                       settings.global_seed)
+            # A stop asked for by a signal, or a failed write, on any process: every process acts on it.
+            flags = torch.tensor([stop_request.signal is not None, failure is not None], device=device)
+            stop, failed = (all_reduce_mean(flags.float(), world_size) > 0).tolist()
+            if failed:
+                raise SystemExit(first_failure(failure, world_size))
             if step % settings.ckpt_every == 0 or step == end or stop:
                 save_run(settings, step, net, ema, optimizer, config, run_config, rank, world_size)
             if stop:
                 log.say(f"{stop_request.signal}: saved step {step}; the same command resumes the run")
                 break
-    log.bar.close()
     if world_size > 1:
         dist.destroy_process_group()
         gc.collect()  # gloo objects left in reference cycles, freed at exit, can abort the process
@@ -372,11 +469,14 @@ def accumulate_gradients(model, batches, config, step, total_steps, autocast):
 
 @torch.no_grad()
 def save_samples(path, ema, noise, labels, config, decode, seed):
-    """A PNG grid of EMA samples: one step, then two steps (the released sampler), 16 per row."""
+    """A PNG grid of EMA samples: one step, then two steps (the released sampler), 16 per row.
+
+    Returns None, or the message of a failed write."""
     with torch.random.fork_rng(devices=[noise.device] if noise.is_cuda else []):  # training draws unchanged
         torch.manual_seed(seed)
         images = [decode(sample(ema, noise, labels, config=config, steps=k, mode="renoise")) for k in (1, 2)]
-    save_grid(path, to_uint8(torch.cat(images)).permute(0, 2, 3, 1).cpu().numpy(), columns=16)   # NHWC
+    pixels = to_uint8(torch.cat(images)).permute(0, 2, 3, 1).cpu().numpy()                    # NHWC
+    return try_write(path, lambda: save_grid(path, pixels, columns=16))
 
 # ----- The SD VAE of the latent models (diffusers, optional: imported only where used) -----
 VAE_NAME = "stabilityai/sd-vae-ft-mse"

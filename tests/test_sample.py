@@ -210,6 +210,16 @@ def test_an_existing_output_is_not_overwritten(ckpts, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.png"]
 
 
+def test_a_failed_write_stops_with_the_file_and_leaves_nothing_half_written(ckpts, tmp_path):
+    (tmp_path / "s.png").mkdir()                        # in the way of the grid
+    message = (r"sample.py: could not write .*s\.png \(IsADirectoryError.*"
+               r"no output file is half-written, and the same command \(with --overwrite\)")
+    with pytest.raises(SystemExit, match=message):
+        sample.main(["--ckpt", ckpts.unet, "--num-images", "2", "--out", str(tmp_path / "s"), "--npz",
+                     "--overwrite"])
+    assert sorted(os.listdir(tmp_path)) == ["s.png"]
+
+
 def test_clear_errors(ckpts, tmp_path, monkeypatch):
     out = ["--out", str(tmp_path / "x")]
     text = tmp_path / "notes.txt"

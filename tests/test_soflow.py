@@ -47,6 +47,20 @@ def test_schedule_boundaries_and_derivatives(name):
         assert torch.allclose(df(t), grad, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["linear", "triangular"])
+def test_interpolation_and_its_velocity_eq4(name):
+    """x_t = alpha_t x_0 + beta_t x_1, and v_t = d x_t / dt by autograd: the conditional velocity (Eq. 4)."""
+    sch = soflow.SCHEDULES[name]
+    x0, x1 = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    t = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    x_t, v_t = soflow.interpolate(name, x0, x1, t)
+    torch.testing.assert_close(x_t, sch.alpha(t)[:, None] * x0 + sch.beta(t)[:, None] * x1)
+    # Row i of x_t depends on t_i alone: the gradient of <x_t, e_j> summed over rows is d x_t[:, j] / dt.
+    for j in range(3):
+        (d_xt,) = torch.autograd.grad(x_t[:, j].sum(), t, retain_graph=True)
+        torch.testing.assert_close(v_t[:, j], d_xt, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["euler", "triangular"])
 def test_parameterization_boundary_and_derivatives(name):
     P = soflow.PARAMETERIZATIONS[name]

@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -377,3 +378,95 @@ def test_global_batch_must_divide_into_the_processes(data, tmp_path):
                    "--results-dir", str(tmp_path / "r"), check=False)
     assert run.returncode != 0
     assert "--global-batch-size 7 does not divide into 2 processes" in run.stderr + run.stdout
+
+
+# ----- Faults a long run meets: a failed save, a dead worker -----
+
+FULL_DISK = """import errno, sys, torch
+sys.path.insert(0, {root!r})
+save = torch.save
+def full_disk(obj, f, *args, **kwargs):         # a file fails as on a full disk; in-memory pickling works
+    if isinstance(f, str):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return save(obj, f, *args, **kwargs)
+torch.save = full_disk
+import train_cifar
+train_cifar.main()
+"""
+
+
+def full_disk_script(tmp_path):
+    """train_cifar.py on a disk that is full by the time of its first save."""
+    script = tmp_path / "train_cifar_full_disk.py"
+    script.write_text(FULL_DISK.format(root=str(ROOT)))
+    return script
+
+
+def test_a_failed_save_ends_the_script_with_one_line_and_no_traceback(data, tmp_path):
+    run = tmp_path / "run"
+    flags = [*TINY, "--data-path", data, "--results-dir", str(run), "--ckpt-every", "1"]
+    train_cifar.main([*flags, "--stop-at", "1"])
+    kept = (run / "checkpoints" / "0000001.pt").read_bytes()
+    done = subprocess.run([sys.executable, str(full_disk_script(tmp_path)), *flags], cwd=ROOT, timeout=300,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    path = run / "checkpoints" / "0000002.pt"
+    assert last.startswith(f"could not write {path} (OSError: [Errno 28] No space left on device)")
+    assert "the same command resumes the run once the cause is fixed" in last
+    assert (run / "checkpoints" / "0000001.pt").read_bytes() == kept
+    assert sorted(os.listdir(run / "checkpoints")) == ["0000001.pt"]
+
+
+@pytest.mark.slow
+def test_a_failed_save_ends_both_processes_within_seconds(data, tmp_path):
+    script = full_disk_script(tmp_path)
+    started = time.time()
+    done = torchrun(str(script), *TINY, "--data-path", data, "--results-dir", str(tmp_path / "run"),
+                    check=False)
+    assert done.returncode != 0 and time.time() - started < 60     # not the collective timeout of minutes
+    # Rank 0 failed to write; rank 1 learnt it at the save's collective: both stop with the message.
+    assert done.stderr.count("could not write ") >= 2, done.stderr[-3000:]
+
+
+def worker_pids(parent):
+    """The pids of the processes whose parent is `parent` (torchrun's workers), from /proc."""
+    children = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:                                                  # gone, or not a process
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:          # field 4: the parent's pid
+            children.append(int(entry))
+    return children
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_a_straight_one(data, tmp_path):
+    """SIGKILL (the OOM killer) under torchrun --max-restarts=1 --rdzv-backend=c10d.
+
+    The group restarts, resumes from the last checkpoint and ends with the weights and random states of a run
+    that never stopped."""
+    flags = [*TINY, "--steps", "8", "--data-path", data, "--ckpt-every", "2"]
+    torchrun("train_cifar.py", *flags, "--results-dir", str(tmp_path / "straight"))
+    with socket.socket() as s:                                         # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               str(ROOT / "train_cifar.py"), *flags, "--results-dir", str(tmp_path / "killed")]
+    agent = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = tmp_path / "killed" / "checkpoints" / "0000002.pt"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.05)
+    workers = worker_pids(agent.pid)
+    assert first.exists() and len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = agent.communicate(timeout=240)
+    assert agent.returncode == 0, err[-3000:]
+    log = (tmp_path / "killed" / "log.txt").read_text()
+    assert log.count("resuming at step") == 1, log                    # the restarted group resumed once
+    assert_same_run(checkpoint(tmp_path / "straight", 8), checkpoint(tmp_path / "killed", 8))

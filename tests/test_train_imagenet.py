@@ -5,6 +5,7 @@ local folder (no download): ADM's crop, `prepare` (its resume, its refusals, its
 flips, 2 processes), then training under torchrun with exact resume and decoded grids.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -116,6 +117,14 @@ def test_prepare_resumes_only_unfinished_shards_and_refuses_other_settings(folde
     before = (out / "shards" / "000000.json").stat().st_mtime_ns
     with pytest.raises(SystemExit, match="half prepared"):
         train_imagenet.main(["--latents", str(out), "--results-dir", str(tmp_path / "run")])
+    # A marker that cannot be written (a folder where its temporary file goes): a message, the shard not done.
+    blocked = out / "shards" / f"000001.json.tmp{os.getpid()}"
+    blocked.mkdir()
+    with pytest.raises(SystemExit, match=r"could not write .*000001.json \(IsADirectoryError.*the finished "
+                                         "shards are kept, and the same command encodes the others"):
+        train_imagenet.main(prepare_flags(images, vae, out, "--flip"))
+    assert not (out / "shards" / "000001.json").exists()
+    blocked.rmdir()
     capsys.readouterr()
     train_imagenet.main(prepare_flags(images, vae, out, "--flip"))
     assert "4 shards, 1 to do" in capsys.readouterr().out

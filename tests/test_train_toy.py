@@ -81,6 +81,21 @@ def test_training_lowers_the_one_step_error():
     assert after < before / 4, (before, after)
 
 
+def test_toy_training_warms_its_ema_up(monkeypatch):
+    """The decay of its EMA at step k is min(decay, (1 + k) / (10 + k)): short runs forget the initial net."""
+    decays = []
+    update = train_toy.ema_update
+
+    def recorded(ema, net, ema_decay):
+        decays.append(ema_decay)
+        update(ema, net, ema_decay)
+    monkeypatch.setattr(train_toy, "ema_update", recorded)
+    train_toy.train_mlp(train_toy.GaussianMixture.ring(), soflow.PRESETS["toy"], steps=200, batch=8,
+                        ema_decay=0.99)
+    assert decays == [min(0.99, (1 + k) / (10 + k)) for k in range(200)]
+    assert decays[0] == 0.1                                 # the initial network keeps a tenth after step 0
+
+
 def test_map_figures_by_hand():
     means = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
     exact = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 0.0], [10.0, 0.0]])

@@ -2,13 +2,16 @@
 
 The scripts' own tests run it under torchrun with 2 processes."""
 import argparse
+import errno
 import json
 import os
 import signal
 from dataclasses import asdict, replace
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import soflow
 import train_toy
@@ -68,6 +71,13 @@ def test_global_batches_walk_through_shuffled_epochs():
     # a function of the step
     assert torch.equal(training.global_batch_indices(3, size, n, seed=3), rows[12:16])
     assert not torch.equal(training.global_batch_indices(3, size, n, seed=4), rows[12:16])
+
+
+def test_the_processes_split_each_global_batch_into_equal_disjoint_slices():
+    for world_size in (1, 2, 4):
+        parts = [training.process_rows(3, 8, 10, 5, rank, world_size) for rank in range(world_size)]
+        assert all(len(part) == 8 // world_size for part in parts)
+        assert torch.equal(torch.cat(parts), training.global_batch_indices(3, 8, 10, seed=5))
 
 
 def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
@@ -159,19 +169,99 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
-def test_only_the_newest_checkpoints_are_kept_and_a_failed_save_keeps_them(tmp_path, monkeypatch):
+def test_the_newest_checkpoints_are_kept_and_a_failed_save_stops_with_a_message(tmp_path, monkeypatch):
+    """A full disk at a save: the run stops, saying what happened and what to do; the checkpoints stay."""
     run(tmp_path, "--ckpt-every", "1", "--keep-ckpts", "2", "--stop-at", "4")
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000003.pt", "0000004.pt"]
+    folder = tmp_path / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["0000003.pt", "0000004.pt"]
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
 
-    def broken(obj, f):
+    def full_disk(obj, f):
         open(f, "wb").write(b"partial")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError, match="disk full"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as stopped:
         run(tmp_path, "--ckpt-every", "1", "--keep-ckpts", "2")
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000003.pt", "0000004.pt"]
-    assert checkpoint(tmp_path, 4)["step"] == 4
+    message = str(stopped.value)
+    assert "\n" not in message
+    assert f"could not write {folder / '0000005.pt'} (OSError: [Errno 28] No space left on device)" in message
+    assert "the checkpoints on disk are kept, and the same command resumes the run once the cause" in message
+    # Byte for byte the same files, and no temporary one left.
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
+def test_a_failed_grid_stops_the_run_and_a_folder_in_the_way_of_a_checkpoint_too(tmp_path):
+    """Any write of the loop that fails ends it with the file and the error: a grid, a checkpoint."""
+    (tmp_path / "grid" / "samples" / "0000002.png").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"could not write .*samples/0000002.png \(IsADirectoryError"):
+        run(tmp_path / "grid", "--sample-every", "2", "--ckpt-every", "1")
+    assert sorted(os.listdir(tmp_path / "grid" / "checkpoints")) == ["0000001.pt"]    # step 2 never saved
+    (tmp_path / "ckpt" / "checkpoints" / f"0000002.pt.tmp{os.getpid()}").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"could not write .*checkpoints/0000002.pt \(.*Is a directory"):
+        run(tmp_path / "ckpt", "--ckpt-every", "1")
+
+
+def truncate(path):
+    """Cut a file in half: a copy to the shared file system that was cut off."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_an_unreadable_newest_checkpoint_is_moved_aside_and_the_one_before_resumes(tmp_path, capsys):
+    run(tmp_path / "straight")
+    run(tmp_path / "cut", "--ckpt-every", "2", "--stop-at", "4")
+    truncate(tmp_path / "cut" / "checkpoints" / "0000004.pt")
+    run(tmp_path / "cut", "--ckpt-every", "2")
+    assert_same_weights(checkpoint(tmp_path / "straight", 6), checkpoint(tmp_path / "cut", 6))
+    names = sorted(os.listdir(tmp_path / "cut" / "checkpoints"))
+    assert names == ["0000002.pt", "0000004.pt", "0000004.pt.corrupt", "0000006.pt"]
+    said = [line for line in capsys.readouterr().out.splitlines() if "cannot be resumed from" in line]
+    assert len(said) == 1 and "0000004.pt cannot be resumed from (RuntimeError: " in said[0]
+    assert "moved to" in said[0] and "resuming from 0000002.pt" in said[0]
+    assert said[0] in (tmp_path / "cut" / "log.txt").read_text()
+    # A checkpoint without a key it needs (the optimizer) is unreadable too.
+    ckpt = checkpoint(tmp_path / "cut", 6)
+    del ckpt["optimizer"]
+    torch.save(ckpt, tmp_path / "cut" / "checkpoints" / "0000006.pt")
+    run(tmp_path / "cut", "--ckpt-every", "2", "--stop-at", "4")      # past step 4 already: it only resumes
+    assert "0000006.pt cannot be resumed from (no optimizer)" in capsys.readouterr().out
+    assert (tmp_path / "cut" / "checkpoints" / "0000006.pt.corrupt").exists()
+
+
+def test_pruning_keeps_the_readable_checkpoints_and_nothing_readable_is_refused(tmp_path):
+    run(tmp_path, "--ckpt-every", "1", "--keep-ckpts", "2", "--stop-at", "4")
+    truncate(tmp_path / "checkpoints" / "0000004.pt")
+    run(tmp_path, "--ckpt-every", "1", "--keep-ckpts", "2")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000004.pt.corrupt", "0000005.pt", "0000006.pt"]
+    for name in ("0000005.pt", "0000006.pt"):
+        truncate(tmp_path / "checkpoints" / name)
+    with pytest.raises(SystemExit, match=r"no checkpoint in .* can be resumed from:\n  .*0000006.pt: "):
+        run(tmp_path, "--ckpt-every", "1", "--keep-ckpts", "2")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000004.pt.corrupt", "0000005.pt", "0000006.pt"]
+
+
+def test_dist_timeout_reaches_init_process_group_and_each_restart_gets_its_own_keys(monkeypatch):
+    """--dist-timeout (minutes) becomes the process group's timeout: a lost peer ends the job that soon.
+
+    Under torchrun --max-restarts the store outlives a restart: attempt n's keys get the prefix attemptn."""
+    store, calls = dist.HashStore(), []
+    store.set_timeout(timedelta(seconds=5))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(training.dist, "rendezvous", lambda url, timeout: iter([(store, 0, 1)]))
+    monkeypatch.setattr(training.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(training.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(training.dist, "get_world_size", lambda: 1)
+    settings = parse("--results-dir", "unused", "--dist-timeout", "0.5")
+    training.init_distributed(settings.dist_timeout)
+    [(args, kw)] = calls
+    assert args == ("gloo",) and kw["timeout"] == timedelta(seconds=30)
+    assert (kw["rank"], kw["world_size"]) == (0, 1)
+    kw["store"].set("address", "here")
+    assert store.get("attempt2/address") == b"here"
+    assert parse("--results-dir", "unused").dist_timeout == 5.0
 
 
 def test_non_finite_steps_are_skipped_and_many_in_a_row_stop_the_run(tmp_path, capsys):
