@@ -28,7 +28,7 @@ from soflow import (
     soflow_loss,
     solution,
 )
-from training import atomic_write
+from training import atomic_write, ema_decay_at
 
 
 # ----- A 2D toy with an exact answer: a mixture of Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
@@ -128,8 +128,8 @@ def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if average is not None:  # the decay warms up, (1 + k) / (10 + k): short runs forget the initial net
-            ema_update(average, net, min(ema_decay, (1 + k) / (10 + k)))
+        if average is not None:  # the decay warms up: short runs forget the initial net
+            ema_update(average, net, ema_decay_at(k, ema_decay))
     return (net if average is None else average).eval()
 
 def map_error(x1, x0_exact, fn):

@@ -36,8 +36,9 @@ class TrainSettings:
     steps: int                     # training steps K (r(k, K) depends on it)
     micro_batch: int = 0           # rows per process and forward pass; 0: the whole per-process batch
     global_seed: int = 0           # process r of W draws from seed global_seed * W + r
-    ema_decay: float = 0.9999      # per-step EMA decay
-    ema_every: int = 1             # update the EMA every this many steps, with ema_decay ** ema_every
+    ema_decay: float = 0.9999      # per-step EMA decay, once warmed up
+    ema_every: int = 1             # update the EMA every this many steps, with (its decay) ** ema_every
+    ema_warmup: bool = True        # the decay ramps up from 0.1 (ema_decay_at); False: the released constant
     log_every: int = 100           # steps per record in metrics.jsonl and log.txt
     ckpt_every: int = 10_000       # steps per checkpoint
     sample_every: int = 10_000     # steps per EMA sample grid (1 and 2 NFE)
@@ -57,6 +58,8 @@ def add_training_args(parser, global_batch_size, steps, ema_every=1):
     add("--steps", type=int, default=steps, help="training steps K (r(k, K) depends on it)")
     add("--ema-decay", type=float, default=0.9999)
     add("--ema-every", type=int, default=ema_every, help="update the EMA every N steps")
+    add("--no-ema-warmup", dest="ema_warmup", action="store_false",
+        help="the released code's constant EMA decay from step 1 (default: a warm-up, see ema_decay_at)")
     add("--log-every", type=int, default=100)
     add("--ckpt-every", type=int, default=10_000)
     add("--sample-every", type=int, default=10_000, help="EMA sample grid (1 and 2 NFE)")
@@ -74,6 +77,17 @@ def add_dist_timeout(parser):
 def settings_from_args(args):
     """The TrainSettings of parsed flags (those of add_training_args)."""
     return TrainSettings(**{field.name: getattr(args, field.name) for field in fields(TrainSettings)})
+
+
+def ema_decay_at(step, ema_decay, warmup=True):
+    """The EMA's decay for update `step` (0, 1, ...): min(ema_decay, (1 + step) / (10 + step)) with warm-up.
+
+    The network starts as the identity map (F = 0), so without a warm-up a short run's EMA is still mostly its
+    initial weights: 0.9999 keeps 95% of them after 500 steps, and the samples are the input noise."""
+    # Deviation: the released code has no warm-up (a constant 0.9999). The ramp reaches 0.9999 at step 89,990;
+    # the final EMA weighs everything before that by 0.9999^(K - 89,990): 3e-14 after K = 400k steps, 1e-31
+    # after 800k. At the end of a full run the two EMAs are the same to float precision.
+    return min(ema_decay, (1 + step) / (10 + step)) if warmup else ema_decay
 
 
 # ----- Processes and global batches -----
@@ -318,6 +332,7 @@ def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
     recorded = dict(ckpt["run_config"])
     if "cfg" in recorded:                          # the key of run folders written before it was renamed
         recorded["config"] = recorded.pop("cfg")
+    recorded.setdefault("ema_warmup", False)       # run folders from before the warm-up: a constant decay
     changed = [f"  {k}: {recorded.get(k)!r} in the run, {v!r} now"
                for k, v in run_config.items() if recorded.get(k) != v]
     if changed:
@@ -384,7 +399,7 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
     net = net.to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = make_optimizer(net.parameters())
-    run_flags = ("global_batch_size", "global_seed", "steps", "ema_decay", "ema_every")
+    run_flags = ("global_batch_size", "global_seed", "steps", "ema_decay", "ema_every", "ema_warmup")
     run_config = {**run_config, "config": asdict(config), **{k: getattr(settings, k) for k in run_flags}}
     # The grid's noise has the shape of one example, read before the seeding below so that it changes no draw.
     example = get_batch(torch.zeros(1, dtype=torch.long))[0]
@@ -426,7 +441,8 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
                     raise SystemExit(f"{bad_steps} non-finite steps in a row: lower the learning rate, "
                                      "check the data, or resume from an earlier checkpoint")
             if step % settings.ema_every == 0:
-                ema_update(ema, net, settings.ema_decay ** settings.ema_every)
+                decay = ema_decay_at(step - 1, settings.ema_decay, settings.ema_warmup)
+                ema_update(ema, net, decay ** settings.ema_every)
             log.add({**diagnostics, "grad_norm": grad_norm}, time.time() - started)
             failure = None                      # rank 0's failed write of a metrics line or a grid
             if step % settings.log_every == 0 or step == end:

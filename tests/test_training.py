@@ -311,16 +311,30 @@ def test_sample_grid_is_written(tmp_path):
 
 
 def test_ema_every_k_steps_uses_decay_to_the_k(tmp_path):
-    """--ema-every 2 --ema-decay 0.5: at step 2 the EMA moves once with decay 0.5^2.
+    """--ema-every 2 --ema-decay 0.5 --no-ema-warmup: at step 2 the EMA moves once with decay 0.5^2.
 
-    The move starts from the initial weights.
+    The move starts from the initial weights: the released code's constant decay.
     """
-    run(tmp_path, "--ema-every", "2", "--ema-decay", "0.5", steps=2)
+    run(tmp_path, "--ema-every", "2", "--ema-decay", "0.5", "--no-ema-warmup", steps=2)
     ckpt = checkpoint(tmp_path, 2)
     initial = toy_net().state_dict()
     for name, ema in ckpt["ema"].items():
         expected = 0.25 * initial[name] + 0.75 * ckpt["model"][name]
         torch.testing.assert_close(ema, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_ema_warms_up_from_a_tenth_of_the_initial_network(tmp_path):
+    """By default update k decays by min(ema_decay, (1 + k) / (10 + k)): 1/10 at the first, then 2/11."""
+    run(tmp_path, "--ckpt-every", "1", "--ema-decay", "0.99", steps=2)
+    initial, (first, second) = toy_net().state_dict(), (checkpoint(tmp_path, k) for k in (1, 2))
+    for name in initial:
+        ema1 = 0.1 * initial[name] + 0.9 * first["model"][name]
+        torch.testing.assert_close(first["ema"][name], ema1, rtol=1e-6, atol=1e-7)
+        ema2 = 2 / 11 * ema1 + 9 / 11 * second["model"][name]
+        torch.testing.assert_close(second["ema"][name], ema2, rtol=1e-6, atol=1e-7)
+    assert [training.ema_decay_at(k, 0.9999) for k in (0, 89_989, 89_990, 400_000)] == [0.1, 89_990 / 89_999,
+                                                                                         0.9999, 0.9999]
+    assert training.ema_decay_at(0, 0.9999, warmup=False) == 0.9999
 
 
 def test_the_log_records_means_since_the_last_record_and_the_bar_shows_the_weights(tmp_path):
