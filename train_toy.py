@@ -128,7 +128,7 @@ def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if average is not None:  # the decay warms up: short runs forget the initial net
+        if average is not None:  # the EMA warms up: short runs forget the initial net
             ema_update(average, net, ema_decay_at(k, ema_decay))
     return (net if average is None else average).eval()
 

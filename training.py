@@ -37,7 +37,7 @@ class TrainSettings:
     micro_batch: int = 0           # rows per process and forward pass; 0: the whole per-process batch
     global_seed: int = 0           # process r of W draws from seed global_seed * W + r
     ema_decay: float = 0.9999      # per-step EMA decay, once warmed up
-    ema_every: int = 1             # update the EMA every this many steps, with (its decay) ** ema_every
+    ema_every: int = 1             # update the EMA every this many steps, raising its decay to the ema_every
     ema_warmup: bool = True        # the decay ramps up from 0.1 (ema_decay_at); False: the released constant
     log_every: int = 100           # steps per record in metrics.jsonl and log.txt
     ckpt_every: int = 10_000       # steps per checkpoint
@@ -441,8 +441,8 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
                     raise SystemExit(f"{bad_steps} non-finite steps in a row: lower the learning rate, "
                                      "check the data, or resume from an earlier checkpoint")
             if step % settings.ema_every == 0:
-                decay = ema_decay_at(step - 1, settings.ema_decay, settings.ema_warmup)
-                ema_update(ema, net, decay ** settings.ema_every)
+                step_ema_decay = ema_decay_at(step - 1, settings.ema_decay, settings.ema_warmup)
+                ema_update(ema, net, step_ema_decay ** settings.ema_every)
             log.add({**diagnostics, "grad_norm": grad_norm}, time.time() - started)
             failure = None                      # rank 0's failed write of a metrics line or a grid
             if step % settings.log_every == 0 or step == end:
