@@ -155,9 +155,9 @@ def prepare(args):
     if failure := training.first_failure(failure, world_size):
         raise SystemExit(failure)
     if rank == 0:
-        def write_the_manifest():
-            finish(args.latents, manifest, paths, markers)
-        if failure := training.try_write(args.latents, write_the_manifest, hint=SHARDS_KEPT):
+        failure = training.try_write(os.path.join(args.latents, "manifest.json"),
+                                     lambda: finish(args.latents, manifest, paths, markers), hint=SHARDS_KEPT)
+        if failure is not None:
             raise SystemExit(failure)
 
 def finish(out, manifest, paths, markers):
