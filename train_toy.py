@@ -1,10 +1,11 @@
-"""SoFlow on 2D toys with an exact answer: a Gaussian mixture whose true solution map is known.
+"""SoFlow on toys with an exact answer: a 2D Gaussian mixture (its solution map), a policy (its two modes).
 
     python train_toy.py      # under a minute on a CPU: SoFlow's one step against flow matching's Euler steps
 
 It trains a small MLP with Algorithm 1 (soflow.py) and, for comparison, the same network with flow matching
 alone (lam = 1), then prints where noise lands against the exact map f(x_1, 1, 0) and saves a figure of the
-one-step samples and the learned paths. The notebook toy_2d.ipynb and the tests use the mixture below.
+one-step samples and the learned paths. The notebook toy_2d.ipynb and the tests use the mixture below, and the
+policy toy: action chunks conditioned on an observation, with known modes and mode probabilities.
 """
 import argparse
 import copy
@@ -109,11 +110,59 @@ class GaussianMixture:
         return x.float()
 
 
+# ----- A policy toy with an exact answer: pass an obstacle on the left or on the right -----
+# An agent at the observed position o, left of a round obstacle at the origin, heads for the goal g beyond it.
+# Its action chunk is its next 8 positions relative to o, (8, 2). It passes on the left (above, mode 0) with
+# probability p(o) = sigmoid(o_y / tau), else on the right (below, mode 1); given the mode, for k = 1..8,
+#   a_k = u_k (g - o) + side A sin(pi u_k) e_y + sigma eps_k,   u_k = k / 8, side = +1 or -1, eps_k ~ N(0, I).
+# So p(chunk | o) is a mixture of two Gaussians whose weights and means (the two paths) are known for any o.
+class PolicyToy:
+    """Observation-conditioned action chunks from an exact bimodal law: the obstacle passed left or right."""
+    horizon, action_dim, cond_dim = 8, 2, 2
+    box = ((-1.2, -0.8), (-0.4, 0.4))                                       # where o lies: x range, y range
+
+    def __init__(self, goal=(1.0, 0.0), radius=0.25, detour=0.6, tau=0.15, std=0.05):
+        self.goal = torch.tensor(goal, dtype=torch.float64)                   # g
+        self.radius, self.detour, self.tau, self.std = radius, detour, tau, std  # obstacle, A, tau, sigma
+
+    def observe(self, n, generator=None):
+        """n observations o, uniform on the box left of the obstacle, (n, 2) float64."""
+        low, high = torch.tensor(self.box, dtype=torch.float64).T
+        return low + (high - low) * torch.rand(n, 2, generator=generator, dtype=torch.float64)
+
+    def mode_probabilities(self, obs):
+        """(B, 2) float64: P(left | o) = sigmoid(o_y / tau) and P(right | o)."""
+        left = torch.sigmoid(obs[:, 1].double() / self.tau)
+        return torch.stack([left, 1 - left], 1)
+
+    def mode_paths(self, obs):
+        """(B, 2, 8, 2) float64: the mean chunk of each mode, left then right."""
+        u = torch.arange(1, self.horizon + 1, dtype=torch.float64) / self.horizon         # u_k, (8,)
+        straight = u[None, :, None] * (self.goal - obs.double())[:, None]                # (B, 8, 2)
+        bump = self.detour * torch.sin(math.pi * u)[:, None] * torch.tensor([0.0, 1.0])  # A sin(pi u_k) e_y
+        return torch.stack([straight + bump, straight - bump], 1)
+
+    def sample(self, n, generator=None, obs=None):
+        """(chunks, obs), float32: n chunks (n, 8, 2) drawn from p(chunk | o), at obs (n, 2) or random o."""
+        obs = self.observe(n, generator) if obs is None else obs.double()
+        mode = torch.bernoulli(self.mode_probabilities(obs)[:, 1], generator=generator).long()  # 1: right
+        mean = self.mode_paths(obs)[torch.arange(n), mode]                               # (n, 8, 2)
+        chunks = mean + self.std * torch.randn(mean.shape, generator=generator, dtype=torch.float64)
+        return chunks.float(), obs.float()
+
+    def nearest_mode(self, chunks, obs):
+        """(mode, distance), (B,) each: the nearest mean path, and the RMS over k of ||a_k - its mean_k||."""
+        offset = chunks.double()[:, None] - self.mode_paths(obs)                         # (B, 2, 8, 2)
+        distance = offset.pow(2).sum(-1).mean(-1).sqrt()                                 # (B, 2)
+        return distance.argmin(1), distance.min(1).values
+
+
 # ----- Training an MLP on a toy, and how close it lands to the exact map -----
 def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=0, net=None,
               progress=False):
     """Algorithm 1 on toy data with Adam (labels if the config guides); returns the MLP's EMA in eval mode.
 
+    A toy with a cond_dim (PolicyToy) conditions on its observations: pass an MLP built with that cond_dim.
     ema_decay=None returns the weights themselves. On the toys the EMA lands markedly closer to the exact map,
     for flow matching too (benchmarks/toy_study.md)."""
     torch.manual_seed(seed)
@@ -122,9 +171,10 @@ def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=
     average = copy.deepcopy(net) if ema_decay else None
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for k in trange(steps, desc=f"lam={config.lam}", leave=False, disable=not progress):
-        x0, y = toy.sample(batch)
-        y = y if net.num_classes else None
-        loss, _ = soflow_loss(net, x0, y, config=config, step=k, total_steps=steps)
+        x0, c = toy.sample(batch)                                            # c: labels, or observations
+        y = c if net.num_classes else None
+        cond = c if getattr(toy, "cond_dim", 0) else None
+        loss, _ = soflow_loss(net, x0, y, cond, config=config, step=k, total_steps=steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
