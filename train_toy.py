@@ -4,8 +4,7 @@
 
 It trains a small MLP with Algorithm 1 (soflow.py) and, for comparison, the same network with flow matching
 alone (lam = 1), then prints where noise lands against the exact map f(x_1, 1, 0) and saves a figure of the
-one-step samples and the learned paths. The notebook toy_2d.ipynb and the tests use the mixture below, and the
-policy toy: action chunks conditioned on an observation, with known modes and mode probabilities.
+one-step samples and the learned paths. The notebook toy_2d.ipynb and the tests use both toys below.
 """
 import argparse
 import copy

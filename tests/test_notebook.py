@@ -29,12 +29,13 @@ def test_notebook_is_plain_python_and_committed_executed():
         assert not errors, f"code cell {i} stored an error"
     outputs = [o for _, cell in cells for o in cell["outputs"]]
     figures = sum("image/png" in o.get("data", {}) for o in outputs)
-    assert figures >= 8, "figures missing from the stored outputs"
+    assert figures >= 10, "figures missing from the stored outputs"
     stdout = "".join(o["text"] if isinstance(o["text"], str) else "".join(o["text"])
                      for o in outputs if o["output_type"] == "stream")
     assert "FAST=False" in stdout, (
         "the stored outputs must come from the full run, not SOFLOW_NOTEBOOK_FAST=1")
     assert "| SoFlow, 1 step, chain" in stdout, "the section 4 table is missing from the stored outputs"
+    assert "| SoFlow with p = 0.5, 1 step" in stdout, "the section 7 table is missing from the stored outputs"
 
 
 @pytest.mark.slow
@@ -89,3 +90,25 @@ def test_notebook_fast_run_numbers(monkeypatch):
         assert cross[w][w] < 0.6 * cross[w][1.0], (w, cross[w])
     assert cross[1.0][1.0] < 0.5 * cross[1.0][3.0], cross[1.0]
     assert all(math.isfinite(e[3.0]) and e[3.0] < cross[1.0][3.0] for e in r["cfg_m"].values()), r["cfg_m"]
+
+    # Section 7: the policy toy, against its known modes and their probabilities P(left | o) (0.12 to 0.88).
+    policy = r["policy"]["table"]
+    exact, soflow1, soflow2 = (policy[name] for name in ("exact chunks (the toy's sampler)", "SoFlow, 1 step",
+                                                          "SoFlow, 2 steps"))
+    fm = {k: policy[f"flow matching, {k} Euler step{'s' * (k > 1)}"] for k in (1, 2, 4, 8)}
+    # The measures themselves: exact chunks cover both modes up to sampling noise, sigma sqrt(2) from a path.
+    assert exact["coverage_max"] < 0.08 and exact["off"] == 0
+    assert abs(exact["median"] - 0.05 * 2 ** 0.5) < 0.005
+    assert [soflow1["nfe"], soflow2["nfe"]] == [1, 2] and [fm[k]["nfe"] for k in fm] == [1, 2, 4, 8]
+    # One SoFlow call: both modes in proportion at every observation, and chunks near a true path.
+    for row in (soflow1, soflow2):
+        assert row["coverage_mean"] < 0.06 and row["coverage_max"] < 0.1, row
+        assert all(0.03 < share < 0.97 for share in row["share"]), row
+    assert soflow1["median"] < 0.2 and soflow1["median"] < 0.7 * fm[1]["median"], (soflow1, fm[1])
+    assert soflow1["off"] < fm[1]["off"] - 0.2 and soflow2["off"] < soflow1["off"], (soflow1, soflow2, fm[1])
+    # One Euler step lands between the modes and picks the likelier one; 8 steps recover both.
+    assert fm[1]["coverage_mean"] > 2 * soflow1["coverage_mean"] and fm[1]["sharpening"] > 0.05, fm[1]
+    assert fm[8]["coverage_mean"] < 0.06 and fm[8]["median"] < 0.08, fm[8]
+    # The preset's adaptive weight (p = 0.5) over-chooses the likelier side; p = 0 does not.
+    sharp = policy["SoFlow with p = 0.5, 1 step"]
+    assert sharp["sharpening"] > soflow1["sharpening"] + 0.03 and sharp["sharpening"] > 0.02, (sharp, soflow1)

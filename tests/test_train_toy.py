@@ -1,4 +1,5 @@
-"""train_toy.py: the Gaussian mixture's exact velocities and solution map, toy training and the demo."""
+"""train_toy.py: the Gaussian mixture's exact velocities and solution map, the policy toy's exact law, toy
+training and the demo."""
 import math
 import os
 import subprocess
@@ -65,6 +66,68 @@ def test_toy_solution_pushes_noise_onto_the_data():
     assert dist.pow(2).mean() < 2 * 0.1 ** 2 * 1.2                          # E||x0 - mu||^2 = 2 sigma^2
     counts = torch.bincount(torch.cdist(x0.double(), toy.means).argmin(1), minlength=4).float() / 4000
     assert (counts - 0.25).abs().max() < 0.04
+
+
+# ----- The policy toy: its modes, their probabilities, its sampler -----
+
+def f64(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_policy_toy_modes_by_value():
+    toy = train_toy.PolicyToy()                                   # g = (1, 0), A = 0.6, tau = 0.15
+    obs = torch.tensor([[-1.0, 0.0], [-1.0, 0.15 * math.log(3)], [-1.0, 0.2]])
+    probabilities = toy.mode_probabilities(obs)                   # sigmoid(o_y / tau): 1/2, 3/4, ...
+    assert torch.allclose(probabilities[:, 0], f64([0.5, 0.75, 1 / (1 + math.exp(-0.2 / 0.15))]))
+    assert torch.allclose(probabilities.sum(1), f64([1.0, 1.0, 1.0]))
+    # The paths at o = (-1, 0.2), (2, 8, 2): u_k (g - o) = u_k (2, -0.2), then +A sin(pi u_k) in y (left), -A.
+    paths = toy.mode_paths(obs[2:])[0]
+    a = 0.6 * math.sin(math.pi / 4)                               # at u = 1/4
+    assert torch.allclose(paths[:, 1], f64([[0.5, -0.05 + a], [0.5, -0.05 - a]]))
+    assert torch.allclose(paths[:, 3], f64([[1.0, 0.5], [1.0, -0.7]]))         # u = 1/2: the widest
+    assert torch.allclose(paths[:, 7], f64([[2.0, -0.2], [2.0, -0.2]]))        # u = 1: the goal
+    mode, distance = toy.nearest_mode(paths.float() + torch.tensor([0.0, 0.03]), obs[2:].expand(2, 2))
+    assert mode.tolist() == [0, 1] and torch.allclose(distance, f64([0.03, 0.03]))
+
+
+def test_policy_toy_sampler_matches_its_law():
+    """Per observation: each mode's share is P(mode | o), its chunks average its path, with sigma noise."""
+    toy, n = train_toy.PolicyToy(), 40_000
+    g = torch.Generator().manual_seed(0)
+    for o in ([-1.1, -0.3], [-0.9, 0.05], [-1.0, 0.25]):
+        obs = f64([o]).expand(n, 2)
+        chunks, obs_out = toy.sample(n, g, obs)
+        assert chunks.shape == (n, 8, 2) and chunks.dtype == torch.float32
+        assert torch.equal(obs_out, obs.float())
+        mode, _ = toy.nearest_mode(chunks, obs)                   # paths 24 sigma apart: the true mode
+        p_left = float(toy.mode_probabilities(obs[:1])[0, 0])
+        share = float((mode == 0).double().mean())
+        assert abs(share - p_left) < 4 * math.sqrt(p_left * (1 - p_left) / n), (o, share, p_left)
+        for m, path in enumerate(toy.mode_paths(obs[:1])[0]):
+            residual = chunks[mode == m].double() - path          # (n_m, 8, 2)
+            assert residual.mean(0).abs().max() < 4.5 * 0.05 / math.sqrt(len(residual)), (o, m)
+            assert abs(float(residual.std()) / 0.05 - 1) < 0.02, (o, m)
+    obs = toy.observe(10_000, g)                                  # uniform on the box
+    assert obs.dtype == torch.float64
+    assert bool((obs.min(0).values >= f64([-1.2, -0.4])).all())
+    assert bool((obs.max(0).values <= f64([-0.8, 0.4])).all())
+    assert torch.allclose(obs.mean(0), f64([-1.0, 0.0]), atol=0.01)
+
+
+def test_toy_training_conditions_on_the_policy_observations(monkeypatch):
+    """train_mlp passes a PolicyToy's observations as cond (and no labels); the mixture's as before."""
+    seen = []
+    loss_fn = train_toy.soflow_loss
+
+    def recorded(net, x0, y=None, cond=None, **kw):
+        seen.append((x0.shape, y, None if cond is None else cond.shape))
+        return loss_fn(net, x0, y, cond, **kw)
+    monkeypatch.setattr(train_toy, "soflow_loss", recorded)
+    net = soflow.MLP(data_shape=(8, 2), cond_dim=2, hidden=16, depth=1)
+    train_toy.train_mlp(train_toy.PolicyToy(), soflow.PRESETS["toy"], steps=2, batch=8, net=net)
+    train_toy.train_mlp(train_toy.GaussianMixture.ring(), soflow.PRESETS["toy"], steps=1, batch=8,
+                        net=soflow.MLP(hidden=16, depth=1))
+    assert seen == [((8, 8, 2), None, (8, 2))] * 2 + [((8, 2), None, None)]
 
 
 # ----- Training, where samples land, the demo -----
