@@ -32,9 +32,11 @@ RELEASED = {"DiT": "imagenet", "UNet": "cifar10"}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="One- or few-step SoFlow samples: a PNG grid, FID files.")
     parser.add_argument("--ckpt", required=True,
-                        help="ours (RESULTS_DIR/checkpoints/STEP.pt) or a released one")
+                        help="ours (RUN/checkpoints/STEP.pt, or RUN for its newest) or a released one")
     parser.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA")
-    parser.add_argument("--nfe", type=int, default=1, help="network calls per image")
+    parser.add_argument("--nfe", type=int, default=1, help="network calls per image, on an equal grid")
+    parser.add_argument("--times", type=float, nargs="+", default=None, metavar="T",
+                        help="a custom grid t_0 > ... > t_N instead, e.g. 1 0.3 0: N network calls")
     parser.add_argument("--sampler", default="renoise", choices=["renoise", "chain"],
                         help="renoise: jump to t = 0 and re-noise (released); chain: f(x, t_i, t_{i+1})")
     parser.add_argument("--class", dest="classes", type=int, nargs="+", default=None, metavar="C",
@@ -57,7 +59,16 @@ def parse_args(argv=None):
     for name, low in dict(nfe=1, num_images=1, batch_size=1, grid=1, seed=0).items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.times is not None:               # the check of soflow.sample, said before any loading
+        if len(args.times) < 2 or any(b >= a for a, b in zip(args.times, args.times[1:])):
+            parser.error(f"--times must decrease strictly, 2 points or more: {args.times}")
+        args.nfe = len(args.times) - 1
+    try:
+        args.ckpt = training.checkpoint_file(args.ckpt)
+    except FileNotFoundError as e:
+        raise SystemExit(f"sample.py: {e}") from e
     return args
+
 
 
 def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
@@ -150,7 +161,7 @@ def generate(args, rank, world_size, device, started):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     model = torch.compile(net) if args.compile else net
     renoise_steps = args.nfe - 1 if args.sampler == "renoise" else 0
-    run = dict(config=config, steps=args.nfe, mode=args.sampler)
+    run = dict(config=config, steps=args.nfe, times=args.times, mode=args.sampler)
     say(f"{arch}({', '.join(f'{k}={v}' for k, v in kw.items())}) on {'latents' if latent else 'pixels'} "
         f"{shape}; {args.num_images} images, {args.nfe} NFE ({args.sampler}), {world_size} process(es), "
         f"{'bf16' if bf16 else 'fp32'}{', compiled' if args.compile else ''}")

@@ -845,6 +845,8 @@ def load_network(path, use_ema=True, map_location="cpu"):
     net.soflow_config is the SoFlowConfig it was trained with (ours), or None (released files store none)."""
     try:  # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError as e:
+        raise ValueError(f"no such file: {path}") from e
     except Exception as e:
         raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
     ours = isinstance(ckpt, dict) and "arch" in ckpt

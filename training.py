@@ -315,6 +315,19 @@ def newest_readable_checkpoint(results_dir, notes):
         return path, ckpt, ""
     return None, None, "\n".join(f"  {bad}: {why}" for bad, why in unreadable)
 
+def checkpoint_file(path):
+    """A checkpoint given as a file or a run folder (its newest); FileNotFoundError says what is there."""
+    if os.path.isdir(path):
+        if not (found := checkpoint_paths(path)):
+            raise FileNotFoundError(f"{path} holds no checkpoints/*.pt: pass a checkpoint or a run folder")
+        return found[-1]
+    if not os.path.exists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        run = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
+        there = ", ".join(os.path.basename(p) for p in checkpoint_paths(run)) if run else ""
+        raise FileNotFoundError(f"no such file: {path}" + (f"; {folder} holds {there}" if there else ""))
+    return path
+
 def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
     """Load the newest readable checkpoint of a run folder into net, ema and optimizer.
 

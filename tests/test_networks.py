@@ -370,6 +370,8 @@ def test_our_checkpoint_with_wrong_arch_kwargs_is_reported(tmp_path):
 
 
 def test_files_that_are_not_checkpoints_are_reported(tmp_path):
+    with pytest.raises(ValueError, match=r"^no such file: .*nowhere.pt$"):
+        soflow.load_network(tmp_path / "nowhere.pt")
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):

@@ -98,7 +98,7 @@ def run_sample(out, *flags):
         return f["arr_0"], f["arr_1"] if "arr_1" in f.files else None
 
 
-def expected(net, config, n, nfe, seed=0, num_classes=0, decode=lambda x: x):
+def expected(net, config, n, nfe, seed=0, num_classes=0, decode=lambda x: x, times=None):
     """Image i computed alone, from its own generator: numpy's, seeded by (seed, i).
 
     Alone, so sample.py runs with --batch-size 1: the same kernels, the same bits. The generator draws its
@@ -111,7 +111,7 @@ def expected(net, config, n, nfe, seed=0, num_classes=0, decode=lambda x: x):
         rng = np.random.default_rng([seed, i])
         y = torch.tensor([rng.integers(num_classes)]) if num_classes else None
         x1, *eps = [torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) for _ in range(nfe)]
-        x0 = decode(soflow.sample(net, x1, y, config=config, steps=nfe, mode="renoise", eps=eps))
+        x0 = decode(soflow.sample(net, x1, y, config=config, steps=nfe, times=times, mode="renoise", eps=eps))
         images.append(training.to_uint8(x0).permute(0, 2, 3, 1).numpy())
         labels.append(y)
     return np.concatenate(images), torch.cat(labels).numpy() if num_classes else None
@@ -258,6 +258,27 @@ def test_bad_numbers_are_refused_by_the_parser(flag, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--ckpt", "c.pt", *flag])
     assert "must be" in capsys.readouterr().err
+
+
+def test_a_custom_grid_and_a_run_folder_and_a_missing_file(trained, tmp_path, capsys):
+    """--times 1 0.3 0: two calls through t = 0.3; --ckpt RUN: its newest checkpoint; a wrong path: said."""
+    run = Path(trained).parents[1]
+    pixels, _ = run_sample(tmp_path / "grid", "--ckpt", str(run), "--times", "1", "0.3", "0",
+                           "--num-images", "3", "--batch-size", "1")
+    net = soflow.load_network(trained)
+    assert np.array_equal(pixels, expected(net, net.soflow_config, 3, 2, times=[1.0, 0.3, 0.0])[0])
+    assert not np.array_equal(pixels, expected(net, net.soflow_config, 3, 2)[0])      # not the equal grid
+    assert "2 NFE" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"no such file: .*0000009.pt; .*checkpoints holds 0000002.pt$"):
+        sample.main(["--ckpt", str(run / "checkpoints" / "0000009.pt")])
+    with pytest.raises(SystemExit, match=r"no such file: .*nowhere.pt$"):
+        sample.main(["--ckpt", str(tmp_path / "nowhere.pt")])
+    with pytest.raises(SystemExit, match="holds no checkpoints"):
+        sample.main(["--ckpt", str(tmp_path)])
+    for grid in (["1", "0.5", "0.5"], ["0.5"], ["0", "1"]):
+        with pytest.raises(SystemExit):
+            sample.parse_args(["--ckpt", trained, "--times", *grid])
+        assert "--times must decrease strictly, 2 points or more" in capsys.readouterr().err
 
 
 def test_sampling_benchmark_runs_sample_py_end_to_end(ckpts, tmp_path):
