@@ -157,8 +157,7 @@ class PolicyToy:
 
 
 # ----- Training an MLP on a toy, and how close it lands to the exact map -----
-def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=0, net=None,
-              progress=False):
+def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=0, net=None, progress=False):
     """Algorithm 1 on toy data with Adam (labels if the config guides); returns the MLP's EMA in eval mode.
 
     A toy with a cond_dim (PolicyToy) conditions on its observations: pass an MLP built with that cond_dim.
@@ -188,8 +187,7 @@ def map_error(x1, x0_exact, fn):
 def map_figures(x0_hat, x0_exact, means):
     """How close samples land to the exact map's x0_exact = f(x_1, 1, 0): same mode, median, mean squared.
 
-    The share in the same mode (nearest mean), the median distance, the mean squared distance. The first two
-    are robust: the few samples near a basin's border that go to the neighbouring mode dominate the mean."""
+    Same mode: by the nearest mean. The first two are robust: a few samples near a border dominate the mean."""
     def mode(x):
         return torch.cdist(x.double(), means.double()).argmin(1)
     distance = (x0_hat.double() - x0_exact.double()).norm(dim=1)
