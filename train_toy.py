@@ -187,7 +187,7 @@ def map_error(x1, x0_exact, fn):
 def map_figures(x0_hat, x0_exact, means):
     """How close samples land to the exact map's x0_exact = f(x_1, 1, 0): same mode, median, mean squared.
 
-    Same mode: by the nearest mean. The first two are robust: a few samples near a border dominate the mean."""
+    Same mode: by the nearest mean. The first two are robust: a few samples near a border rule the mean."""
     def mode(x):
         return torch.cdist(x.double(), means.double()).argmin(1)
     distance = (x0_hat.double() - x0_exact.double()).norm(dim=1)
