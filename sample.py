@@ -25,14 +25,13 @@ import soflow
 import training
 
 WRITE_AGAIN = "no output file is half-written, and the same command (with --overwrite) writes them"
-# The authors' checkpoints store no SoFlowConfig; these are the configurations they were trained with.
-RELEASED = {"DiT": "imagenet", "UNet": "cifar10"}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="One- or few-step SoFlow samples: a PNG grid, FID files.")
     parser.add_argument("--ckpt", required=True,
-                        help="ours (RUN/checkpoints/STEP.pt, or RUN for its newest) or a released one")
+                        help="ours (RUN/checkpoints/STEP.pt, or RUN for its newest) or a released one; "
+                             "a file or hf://OWNER/REPO/FILE")
     parser.add_argument("--no-ema", action="store_true", help="the raw training weights instead of the EMA")
     parser.add_argument("--nfe", type=int, default=1, help="network calls per image, on an equal grid")
     parser.add_argument("--times", type=float, nargs="+", default=None, metavar="T",
@@ -50,9 +49,10 @@ def parse_args(argv=None):
     parser.add_argument("--npz", action="store_true", help="also write OUT.npz for the ADM evaluator")
     parser.add_argument("--grid", type=int, default=64, help="the first this many images go in the PNG grid")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--vae", default=training.VAE_NAME, help="latent models: hub name or local folder")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="bf16: autocast for the network and the VAE; auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--vae", default=None,
+                        help="latent models: a hub name or local folder, instead of the checkpoint's VAE "
+                             f"(ours record it; the released ones used {training.VAE_NAME})")
+    training.add_precision_arg(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     training.add_dist_timeout(parser)
     args = parser.parse_args(argv)
@@ -64,7 +64,7 @@ def parse_args(argv=None):
             parser.error(f"--times must decrease strictly, 2 points or more: {args.times}")
         args.nfe = len(args.times) - 1
     try:
-        args.ckpt = training.checkpoint_file(args.ckpt)
+        args.ckpt = args.ckpt if args.ckpt.startswith("hf://") else training.checkpoint_file(args.ckpt)
     except FileNotFoundError as e:
         raise SystemExit(f"sample.py: {e}") from e
     return args
@@ -133,23 +133,27 @@ def generate(args, rank, world_size, device, started):
     if existing and not args.overwrite:
         raise SystemExit(f"sample.py: {' and '.join(existing)} already there: pass --overwrite, "
                          "or another --out")
-    # Network and config: ours store their SoFlowConfig, the released ones were trained with a known preset.
+    # Network and config: ours store their SoFlowConfig, a released one's is its config.yaml (or its preset).
     try:
-        net = soflow.load_network(args.ckpt, use_ema=not args.no_ema).to(device)
-    except ValueError as e:
+        net, config, note, recorded = training.open_network(args.ckpt, not args.no_ema, rank, world_size)
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"sample.py: {e}") from e
+    net = net.to(device)
+    if note:
+        say(note)
     arch, kw = type(net).__name__, net.init_kwargs
-    if arch not in RELEASED:
+    if arch not in training.RELEASED_PRESETS:
         raise SystemExit(f"sample.py: {args.ckpt} holds a {arch}; images come from a DiT or a UNet")
-    config = net.soflow_config
-    if config is None:
-        config = soflow.PRESETS[RELEASED[arch]]
-        say(f"{args.ckpt} stores no config: assuming the released PRESETS['{RELEASED[arch]}'] "
-            f"({config.schedule} schedule, {config.param} parameterization)")
     # Data kind: a DiT on 4 channels works on SD-VAE latents, everything else on pixels.
     shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
     latent = arch == "DiT" and shape[0] == 4
-    vae = training.load_vae(args.vae, device, rank, world_size) if latent else None
+    vae = vae_scale = None
+    if latent:                               # the VAE its latents came from, unless --vae says otherwise
+        stored = recorded.get("vae") or dict(name=training.VAE_NAME, scale=training.VAE_SCALE)
+        if args.vae and args.vae != stored["name"]:
+            say(f"decoding with --vae {args.vae}, not the checkpoint's {stored['name']}")
+        vae = training.load_vae(args.vae or stored["name"], device, rank, world_size)
+        vae_scale = stored["scale"]
     # Classes: checked against the model's.
     num_classes = net.num_classes
     if args.classes and not num_classes:
@@ -157,14 +161,13 @@ def generate(args, rank, world_size, device, started):
     if bad := [c for c in args.classes or [] if not 0 <= c < num_classes]:
         raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to "
                          f"{num_classes - 1}")
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    precision, autocast = training.set_precision(args.precision, device)
     model = torch.compile(net) if args.compile else net
     renoise_steps = args.nfe - 1 if args.sampler == "renoise" else 0
     run = dict(config=config, steps=args.nfe, times=args.times, mode=args.sampler)
     say(f"{arch}({', '.join(f'{k}={v}' for k, v in kw.items())}) on {'latents' if latent else 'pixels'} "
         f"{shape}; {args.num_images} images, {args.nfe} NFE ({args.sampler}), {world_size} process(es), "
-        f"{'bf16' if bf16 else 'fp32'}{', compiled' if args.compile else ''}")
+        f"{precision}{', compiled' if args.compile else ''}")
     # Image indices: EDM's split into a multiple of world_size batches; rank r takes batches r, r + W, ...
     num_batches = math.ceil(args.num_images / (args.batch_size * world_size)) * world_size
     batches = torch.arange(args.num_images).tensor_split(num_batches)[rank::world_size]
@@ -197,7 +200,7 @@ def generate(args, rank, world_size, device, started):
         with autocast:
             x0 = soflow.sample(model, x1, y, eps=eps, **run) if len(indices) else x1
             t2 = clock()
-            x0 = training.decode_latents(vae, x0) if latent and len(indices) else x0
+            x0 = training.decode_latents(vae, x0, vae_scale) if latent and len(indices) else x0
         t3 = clock()
         # uint8 = clamp(x * 127.5 + 128, 0, 255), NHWC: as the ADM evaluator reads them.
         batch = training.to_uint8(x0.float()).permute(0, 2, 3, 1).cpu().numpy()

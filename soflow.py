@@ -3,7 +3,7 @@
 The method in one file, in the paper's order: noising schedules (Sec. 3), parameterizations (Sec. 4.2), time
 sampling (App. A), the flow matching loss (Eq. 11-12), the solution consistency loss (Eq. 13-15), guidance
 (Sec. 4.3, Eq. 17-19), the hyperparameters, Algorithm 1 and sampling; then the networks (MLP, DiT, U-Net) and
-loading checkpoints, ours and the released ones. It imports only torch and einops: copy it into a project.
+loading checkpoints, ours and the released ones, local or hf://. It imports only torch and einops: copy it.
 
     import soflow
     net, config = soflow.MLP(), soflow.PRESETS["toy"]
@@ -180,13 +180,13 @@ def guidance_decay(t, config):
     "exp": the released code's smooth curve, with which its checkpoints were trained (the default);
     "linear": a straight line over (decay_t, 1]. Both scale w - 1: the strength falls to 1, not 0."""
     # Deviation: App. A says the strength decays linearly "to 0"; as the released code, it ends at 1.
+    if config.decay == "none" or config.decay_t == 1:               # decay_t 1: no decay (released CIFAR-10)
+        return torch.ones_like(t)
     d = (1 - t) / (1 - config.decay_t)
     if config.decay == "linear":
         return d.clamp(0, 1)
-    if config.decay == "exp":
-        d = d.clamp(0, 1 - 1e-6)
-        return 1 - torch.exp(-0.025 * d / (1 - d))
-    return torch.ones_like(t)                                        # "none"
+    d = d.clamp(0, 1 - 1e-6)                                         # "exp"
+    return 1 - torch.exp(-0.025 * d / (1 - d))
 
 def guidance_strength(t, config):
     """The CFG strength in force at time t: 1 + g(t) (w - 1)."""
@@ -248,7 +248,7 @@ class SoFlowConfig:
     w: float = 3.0                 # CFG strength (Eq. 18); 1 turns guidance off
     m: float = 0.25                # velocity mix ratio (Eq. 19)
     drop: float = 0.1              # probability of replacing a label by the null label
-    decay_t: float = 0.8           # guidance decays over t in (decay_t, 1]
+    decay_t: float = 0.8           # guidance decays over t in (decay_t, 1]; 1: no decay
     decay: str = "exp"             # "exp" (released code), "linear" or "none": see guidance_decay
 
     def __post_init__(self):
@@ -257,7 +257,7 @@ class SoFlowConfig:
             if getattr(self, name) not in valid:
                 raise ValueError(f"SoFlowConfig: unknown {name} {getattr(self, name)!r}; "
                                  f"choose one of {', '.join(map(repr, valid))}")
-        for name, (low, high) in dict(lam=(0, 1), m=(0, 1), drop=(0, 1), decay_t=(0, 0.999),
+        for name, (low, high) in dict(lam=(0, 1), m=(0, 1), drop=(0, 1), decay_t=(0, 1),
                                       p=(0, math.inf), eps=(0, math.inf)).items():
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"SoFlowConfig: {name} = {getattr(self, name)} is outside [{low}, {high}]")
@@ -269,11 +269,11 @@ PRESETS = {
     # Released CIFAR-10 (unconditional, no CFG): consistency loss only, r starting at 1.
     "cifar10": SoFlowConfig(lam=0.0, p=0.75, eps=1e-3, fm_mu=-0.9, fm_sd=1.6, t_mu=-0.9,
                             t_sd=1.6, s_mu=-4.0, s_sd=1.6, r_init=1.0, r_end=0.0003125,
-                            w=1.0, m=1.0, drop=0.0),
+                            w=1.0, m=1.0, drop=0.0, decay_t=1.0),
     # The paper's CIFAR-10 values; it gives no eps, so the released one is kept.
     "cifar10-paper": SoFlowConfig(lam=0.25, p=0.5, eps=1e-3, fm_mu=-0.4, fm_sd=1.7, t_mu=-0.6,
                                   t_sd=1.5, s_mu=-4.0, s_sd=1.5, r_init=1 / 50, r_end=1 / 2500,
-                                  w=1.0, m=1.0, drop=0.0),
+                                  w=1.0, m=1.0, drop=0.0, decay_t=1.0),
     # 2D toys (train_toy.py, the notebook, tests): short runs; s_mu -2 puts more pairs near the data.
     "toy": SoFlowConfig(lam=0.5, p=0.5, eps=1e-3, fm_mu=0.0, fm_sd=1.0, t_mu=0.0, t_sd=1.0,
                         s_mu=-2.0, s_sd=1.0, r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
@@ -839,10 +839,26 @@ def check_state_dict(net, sd, source):
                          + "\n".join(lines) + "\nBuild the network with the arguments the checkpoint "
                          "was trained with, or load another file")
 
+def hub_file(path):
+    """hf://OWNER/REPO/FILE -> its copy in huggingface_hub's cache, downloaded once (an optional package)."""
+    owner, repo, file = (str(path)[len("hf://"):].split("/", 2) + ["", "", ""])[:3]
+    if not (owner and repo and file):
+        raise ValueError(f"{path}: a hub path reads hf://OWNER/REPO/FILE, such as the authors' "
+                         "hf://zlab-princeton/SoFlow/XL-2-cond/ckpts/1200000.pt")
+    try:
+        from huggingface_hub import hf_hub_download  # comes with diffusers
+        return hf_hub_download(f"{owner}/{repo}", file)
+    except Exception as e:                                           # no package, no network, no such file
+        raise ValueError(f"cannot fetch {path} ({type(e).__name__}: {e}). Install huggingface_hub, or "
+                         "download the file and pass its local path") from e
+
 def load_network(path, use_ema=True, map_location="cpu"):
     """A network in eval mode from our checkpoint or a released SoFlow DiT or U-Net; use_ema: EMA weights.
 
-    net.soflow_config is the SoFlowConfig it was trained with (ours), or None (released files store none)."""
+    path: a file or hf://OWNER/REPO/FILE. net.soflow_config: its SoFlowConfig (ours), or None (released files:
+    theirs is the config.yaml beside ckpts/, read by training.released_config)."""
+    if str(path).startswith("hf://"):
+        path = hub_file(path)
     try:  # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError as e:
@@ -882,12 +898,3 @@ def load_network(path, use_ema=True, map_location="cpu"):
     net.load_state_dict(sd, assign=True)    # assign keeps pos_embed's requires_grad=False
     net.soflow_config = SoFlowConfig(**ckpt["config"]) if ours and "config" in ckpt else None
     return net.eval()
-
-@torch.no_grad()
-def ema_update(ema, net, ema_decay):
-    """theta_ema <- ema_decay theta_ema + (1 - ema_decay) theta; buffers are copied."""
-    for e, p in zip(ema.parameters(), net.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - ema_decay)
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b)
-

@@ -101,9 +101,11 @@ def prepare(args):
     if len(set(training.gather_objects(listing, world_size))) > 1:
         raise SystemExit("the processes see different files under --data-path: it must be one shared folder")
     vae = training.load_vae(args.vae, device, rank, world_size)
+    precision, autocast = training.set_precision(args.precision, device)
     size = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)    # the SD VAE: 256 -> 32
     N, copies = len(paths), 2 if args.flip else 1
     settings = dict(data_path=os.path.abspath(args.data_path), num_images=N, listing_sha256=listing,
+                    precision=precision,
                     **{k: getattr(args, k) for k in ("image_size", "vae", "flip", "dtype", "shard_size")})
     manifest = dict(complete=False, settings=settings, count=N, copies=copies, unreadable=0, dtype=args.dtype,
                     shape=[vae.config.latent_channels, size, size], scale=training.VAE_SCALE,
@@ -133,7 +135,7 @@ def prepare(args):
         first, count = int(indices[0]), len(indices)          # a batch is a contiguous run of one shard
         x = pixels.to(device).float() / 127.5 - 1             # (B, 3, size, size) in [-1, 1]
         x = torch.cat([x, x.flip(3)]) if args.flip else x      # the flipped copies go to rows N + i
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast:
             posterior = vae.encode(x).latent_dist
         for name, value in (("mean", posterior.mean), ("std", posterior.std)):    # (copies * B, 4, h, w)
             value = value.float().cpu().numpy().astype(args.dtype).reshape(copies, count, -1)
@@ -204,13 +206,14 @@ def latent_batches(manifest, arrays, device):
         return x0, torch.from_numpy(arrays["labels"][index % N]).to(device), None
     return get_batch, len(readable)
 
-def grid_decoder(vae_name, device, results_dir):
+def grid_decoder(vae_name, scale, device, results_dir):
     """Latents -> images for the sample grids (said in the log): the VAE's decoder, or the latents."""
     decode, note = (lambda z: z), "sample grids: the latents' first channel (--vae none)"
     if vae_name != "none":
         try:
             vae = training.load_vae(vae_name, device)
-            decode, note = (lambda z: training.decode_latents(vae, z)), f"sample grids decoded by {vae_name}"
+            decode = partial(training.decode_latents, vae, scale=scale)
+            note = f"sample grids decoded by {vae_name}"
         except (OSError, SystemExit) as e:                # no diffusers, no network: the run goes on
             note = f"sample grids: the latents' first channel ({vae_name} did not load: {e})"
     os.makedirs(results_dir, exist_ok=True)
@@ -250,6 +253,7 @@ def prepare_args(argv):
     add("--batch-size", type=int, default=64, help="images per VAE call and process")
     add("--workers", type=int, default=8, help="DataLoader processes decoding images")
     add("--shard-size", type=int, default=10_000, help="images per resumable unit of work")
+    training.add_precision_arg(parser)
     training.add_dist_timeout(parser)
     args = parser.parse_args(argv)
     for name, low in dict(batch_size=1, shard_size=1, workers=0).items():
@@ -276,7 +280,9 @@ def main(argv=None):
     torch.manual_seed(args.global_seed)                   # the same initial weights on every process
     net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=len(manifest["classes"]))
     vae_name = args.vae or manifest["settings"]["vae"]
-    decode = grid_decoder(vae_name, device, args.results_dir) if rank == 0 else None   # rank 0 draws grids
+    decode = grid_decoder(vae_name, manifest["scale"], device, args.results_dir) if rank == 0 else None
+    # Every checkpoint names the VAE of its latents: sample.py decodes with it.
+    extras = dict(vae=dict(name=manifest["settings"]["vae"], scale=manifest["scale"]))
     # The released optimizer; the paper's Adam is the same update at weight decay 0.
     make_optimizer = partial(torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run_config = dict(model=args.model, preset=args.preset, lr=args.lr, cfg_w=args.cfg_w,
@@ -284,7 +290,7 @@ def main(argv=None):
     grid_labels = torch.arange(32, device=device) % len(manifest["classes"])
     settings = training.settings_from_args(args)
     training.train(settings, net, config, make_optimizer, num_examples, get_batch, run_config, decode,
-                   grid_labels)
+                   grid_labels, extras)
 
 if __name__ == "__main__":
     main()

@@ -21,14 +21,13 @@ from soflow import (
     MLP,
     PRESETS,
     SCHEDULES,
-    ema_update,
     per_sample,
     sample,
     sample_euler,
     soflow_loss,
     solution,
 )
-from training import atomic_write, ema_decay_at
+from training import atomic_write, ema_decay_at, ema_update
 
 
 # ----- A 2D toy with an exact answer: a mixture of Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----

@@ -10,12 +10,15 @@ import copy
 import gc
 import json
 import os
+import posixpath
 import random
 import signal
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +27,8 @@ import torch.nn as nn
 from einops import rearrange
 from tqdm import tqdm
 
-from soflow import ema_update, sample, soflow_loss
+import soflow
+from soflow import sample, soflow_loss
 
 
 # ----- Settings of a run (the method's hyperparameters are soflow.SoFlowConfig) -----
@@ -47,6 +51,10 @@ class TrainSettings:
     compile: bool = False          # torch.compile the network
     max_bad_steps: int = 10        # stop after this many non-finite steps in a row
     dist_timeout: float = 5.0      # minutes a process waits for the others before the job ends
+    precision: str = ""            # "bf16", "tf32", "fp32" (set_precision); "": bf16 on a GPU, fp32 on a CPU
+    init_from: str = ""            # a new run starts from this checkpoint's weights (file, run folder, hf://)
+    init_from_raw: bool = False    # ... its raw training weights instead of its EMA
+    wandb_project: str = ""        # also log to this wandb project (rank 0)
 
 def add_training_args(parser, global_batch_size, steps, ema_every=1):
     """The flags both training scripts share (names as in DiT's train.py where one exists)."""
@@ -67,12 +75,26 @@ def add_training_args(parser, global_batch_size, steps, ema_every=1):
     add("--stop-at", type=int, default=0, help="save and stop after this step (0: none)")
     add("--compile", action="store_true", help="torch.compile the network")
     add("--max-bad-steps", type=int, default=10, help="stop after this many non-finite steps in a row")
+    add_precision_arg(parser)
+    add("--init-from", default="", metavar="CKPT",
+        help="fine-tune: a new run starts from this checkpoint's EMA weights (ours or released; a file, a "
+             "run folder or hf://OWNER/REPO/FILE) with a fresh optimizer at step 0")
+    add("--init-from-raw", action="store_true", help="--init-from: its raw training weights instead")
+    add("--wandb-project", default="", metavar="NAME", help="also log to wandb (pip install wandb)")
     add_dist_timeout(parser)
 
 def add_dist_timeout(parser):
     """--dist-timeout: a lost peer (a dead node, a hung process) ends the job in minutes, not in 10-30."""
     parser.add_argument("--dist-timeout", type=float, default=5.0, metavar="MINUTES",
                         help="minutes a process waits for the others in a collective before the job ends")
+
+PRECISIONS = ("bf16", "tf32", "fp32")
+
+def add_precision_arg(parser):
+    """--precision, with one meaning in every script (set_precision)."""
+    parser.add_argument("--precision", default="", choices=PRECISIONS,
+                        help="bf16: autocast (the default on a GPU); tf32: fp32 with TF32 matmuls; fp32: "
+                             "TF32 off, the released training's numerics (the default on a CPU)")
 
 def settings_from_args(args):
     """The TrainSettings of parsed flags (those of add_training_args)."""
@@ -88,6 +110,31 @@ def ema_decay_at(step, ema_decay, warmup=True):
     # the final EMA weighs everything before that by 0.9999^(K - 89,990): 3e-14 after K = 400k steps, 1e-31
     # after 800k. At the end of a full run the two EMAs are the same to float precision.
     return min(ema_decay, (1 + step) / (10 + step)) if warmup else ema_decay
+
+
+def set_precision(precision, device):
+    """(precision, autocast) for --precision on this device; TF32 is switched to match (process-wide).
+
+    bf16: matmuls and convolutions autocast to bfloat16 (8-bit mantissa), the rest fp32. tf32: fp32 tensors,
+    matmuls and convolutions on TF32 tensor cores (10-bit mantissa). fp32: full fp32, TF32 off. "": bf16 on a
+    GPU, fp32 on a CPU, which has no TF32."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "tf32" and device.type != "cuda":
+        raise SystemExit("--precision tf32 needs an NVIDIA GPU (TF32 is a mode of its matmuls): on a CPU "
+                         "pass --precision fp32 or bf16")
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    return precision, torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+@torch.no_grad()
+def ema_update(ema, net, ema_decay):
+    """theta_ema <- ema_decay theta_ema + (1 - ema_decay) theta; buffers are copied."""
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - ema_decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
 
 
 # ----- Processes and global batches -----
@@ -110,8 +157,6 @@ def init_distributed(timeout_minutes=5.0):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True       # as the released code, which trains in fp32
-        torch.backends.cudnn.allow_tf32 = True
     return rank, world_size, device
 
 def all_reduce_mean(values, world_size):
@@ -229,10 +274,37 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+def start_wandb(project, results_dir, run_config, rank, world_size):
+    """With --wandb-project, rank 0's wandb run for this run folder, else None; a resumed run continues it.
+
+    Its id is kept in RUN/wandb_id.txt. A failure to start stops every process with its message."""
+    if not project:
+        return None
+    try:
+        import wandb  # optional: only with --wandb-project
+    except ImportError as e:
+        raise SystemExit(f"--wandb-project needs wandb ({e}): pip install wandb, or drop the flag") from e
+    tracker, failure = None, None
+    if rank == 0:
+        id_file = os.path.join(results_dir, "wandb_id.txt")
+        try:
+            if not os.path.exists(id_file):
+                atomic_write(id_file, lambda tmp: Path(tmp).write_text(uuid.uuid4().hex[:8] + "\n"))
+            run_id = Path(id_file).read_text().strip()
+            tracker = wandb.init(project=project, id=run_id, resume="allow", dir=results_dir,
+                                 config=run_config, name=os.path.basename(os.path.abspath(results_dir)))
+        except Exception as e:                                       # not logged in, no network, a full disk
+            failure = (f"wandb could not start ({type(e).__name__}: {e}); `wandb login`, or "
+                       "WANDB_MODE=offline to log locally and `wandb sync` later, or drop --wandb-project")
+    if (failure := first_failure(failure, world_size)) is not None:
+        raise SystemExit(failure)
+    return tracker
+
 class RunLog:
-    """A tqdm bar, log.txt and metrics.jsonl (rank 0 writes): means over the steps since the last record."""
-    def __init__(self, results_dir, rank, start, end):
+    """A tqdm bar, log.txt, metrics.jsonl and wandb if asked (rank 0 writes): means since the last record."""
+    def __init__(self, results_dir, rank, start, end, tracker=None):
         self.active, self.sums, self.steps, self.seconds = rank == 0, {}, 0, 0.0
+        self.tracker = tracker
         self.bar = tqdm(total=end, initial=start, disable=not self.active, dynamic_ncols=True)
         if self.active:
             self.text = open(os.path.join(results_dir, "log.txt"), "a")
@@ -268,7 +340,15 @@ class RunLog:
         def write():
             print(json.dumps(record), file=self.jsonl, flush=True)
             print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), file=self.text, flush=True)
+        if self.tracker is not None:
+            self.tracker.log(record, step=step)
         return try_write(self.jsonl.name, write)
+
+    def image(self, name, path, step):
+        """A PNG (a sample grid) to wandb, if tracked."""
+        if self.tracker is not None:
+            import wandb
+            self.tracker.log({name: wandb.Image(path)}, step=step)
 
 
 # ----- Checkpoints and resume -----
@@ -328,6 +408,149 @@ def checkpoint_file(path):
         raise FileNotFoundError(f"no such file: {path}" + (f"; {folder} holds {there}" if there else ""))
     return path
 
+# ----- Released checkpoints: the hub, their config.yaml, fine-tuning -----
+# The released code's config.yaml keys -> SoFlowConfig fields. Named choices first (the first name of a value
+# is the one written back), then numbers, then the logit-normal times, listed [flow matching, s, t].
+RELEASED_CHOICES = {
+    "noising_type": ("schedule", {"Linear": "linear", "Trig": "triangular", "Triangular": "triangular"}),
+    "coefficient_type": ("param", {"Euler": "euler", "Trig": "triangular", "Triangular": "triangular"}),
+    "l_schedule": ("r_schedule", {"Exponent": "exp", "Cosine": "cosine", "Linear": "linear",
+                                  "Const": "constant"}),
+}
+RELEASED_NUMBERS = {"velocity_loss_ratio": "lam", "p": "p", "eps": "eps", "cfg_scale": "w", "mix_ratio": "m",
+                    "cfg_drop_rate": "drop", "cfg_decay_time": "decay_t", "l_init_ratio": "r_init",
+                    "l_end_ratio": "r_end"}
+RELEASED_TIMES = {"time_mean": ("fm_mu", "s_mu", "t_mu"), "time_std": ("fm_sd", "s_sd", "t_sd")}
+# The keys of the network, data, optimizer and bookkeeping: known, not part of the method.
+RELEASED_RUN_KEYS = ("working_dir", "model_type", "dataset_type", "data_size", "dataset_path", "total_steps",
+                     "ema_decay_rate", "learning_rate", "betas", "weight_decay", "batch_size", "num_workers",
+                     "prefetch_factor", "eval_steps", "eval_batch_size", "eval_NFE", "eval_demo_steps",
+                     "eval_demo_shape", "ckpt_saving_steps", "logging_steps", "seed")
+# What our checkpoints store beside the weights and configs (train's extras).
+RECORDED_KEYS = ("vae", "precision")
+# The presets the released checkpoints were trained with: assumed for a file without its config.yaml.
+RELEASED_PRESETS = {"DiT": "imagenet", "UNet": "cifar10"}
+
+def config_from_released(values, source="config.yaml"):
+    """The SoFlowConfig of a released config.yaml (its values, a dict); an unknown or missing key is an error.
+
+    The released code decays guidance with its smooth curve ("exp"); cfg_decay_time 1 means no decay."""
+    method_keys = [*RELEASED_CHOICES, *RELEASED_NUMBERS, *RELEASED_TIMES]
+    if unknown := [k for k in values if k not in method_keys and k not in RELEASED_RUN_KEYS]:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r}: a released config.yaml has the keys "
+                         f"{', '.join(method_keys + list(RELEASED_RUN_KEYS))}")
+    if missing := [k for k in method_keys if k not in values]:
+        raise ValueError(f"{source}: no key {missing[0]!r}, which the method needs (is it SoFlow's?)")
+    fields = {}
+    for key, (name, choices) in RELEASED_CHOICES.items():
+        if values[key] not in choices:
+            raise ValueError(f"{source}: {key} {values[key]!r} is none of {', '.join(choices)}")
+        fields[name] = choices[values[key]]
+    for key, name in RELEASED_NUMBERS.items():
+        fields[name] = float(values[key])
+    for key, names in RELEASED_TIMES.items():
+        if not (isinstance(values[key], list) and len(values[key]) == 3):
+            raise ValueError(f"{source}: {key} {values[key]!r} should list 3 numbers: flow matching, s, t")
+        fields.update(zip(names, map(float, values[key])))
+    return soflow.SoFlowConfig(**fields, decay="exp")
+
+def released_from_config(config):
+    """The method's keys of a released config.yaml for a SoFlowConfig: config_from_released the other way."""
+    if config.decay == "linear" and config.decay_t < 1 and config.w != 1:
+        raise ValueError("the released code has no linear guidance decay: use decay 'exp' or 'none'")
+    values = {key: next(k for k, v in choices.items() if v == getattr(config, name))
+              for key, (name, choices) in RELEASED_CHOICES.items()}
+    values.update({key: getattr(config, name) for key, name in RELEASED_NUMBERS.items()})
+    if config.decay == "none":
+        values["cfg_decay_time"] = 1.0
+    values.update({key: [getattr(config, name) for name in names] for key, names in RELEASED_TIMES.items()})
+    return values
+
+def released_config_path(path):
+    """X/config.yaml for a released checkpoint X/ckpts/STEP.pt (a file or hf://), or None elsewhere."""
+    folder = posixpath.dirname(str(path)) if str(path).startswith("hf://") else os.path.dirname(str(path))
+    if os.path.basename(folder) != "ckpts":
+        return None
+    return posixpath.join(posixpath.dirname(folder), "config.yaml")
+
+def released_config(path):
+    """(SoFlowConfig or None, where from): a released checkpoint's training configuration, its config.yaml."""
+    yaml_path = released_config_path(path)
+    if yaml_path is None:
+        return None, f"{path} is not in a ckpts/ folder (no config.yaml beside it)"
+    local = yaml_path
+    if yaml_path.startswith("hf://"):
+        from huggingface_hub.errors import EntryNotFoundError
+        try:
+            local = soflow.hub_file(yaml_path)
+        except ValueError as e:
+            if isinstance(e.__cause__, EntryNotFoundError):          # not on the hub (offline: not cached)
+                return None, f"{yaml_path} was not found"
+            raise
+    elif not os.path.isfile(yaml_path):
+        return None, f"there is no {yaml_path}"
+    try:
+        import yaml  # PyYAML comes with huggingface_hub
+    except ImportError as e:
+        raise ValueError(f"reading {yaml_path} needs PyYAML: pip install pyyaml") from e
+    with open(local) as f:
+        values = yaml.safe_load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{yaml_path} is not a config.yaml of keys and values")
+    return config_from_released(values, yaml_path), yaml_path
+
+def open_network(path, use_ema=True, rank=0, world_size=1):
+    """(net, config, note, recorded): a checkpoint's network, the SoFlowConfig it was trained with, and more.
+
+    path: ours or released; a file, a run folder (its newest) or hf://OWNER/REPO/FILE (rank 0 downloads first,
+    the others then read the cache). Ours store their config; a released one reads the config.yaml beside its
+    ckpts/ folder, else its preset is assumed; note says which. recorded: what ours also store, such as the
+    VAE of latents ({} for a released one)."""
+    path = path if str(path).startswith("hf://") else checkpoint_file(path)
+    if rank > 0:
+        dist.barrier()
+    try:
+        net = soflow.load_network(path, use_ema=use_ema)
+        config, note, recorded = net.soflow_config, "", {}
+        if config is not None:              # ours: mmap reads the few small entries, not the weights again
+            ckpt = torch.load(soflow.hub_file(path) if str(path).startswith("hf://") else path,
+                              map_location="cpu", mmap=True, weights_only=False)
+            recorded = {key: ckpt[key] for key in RECORDED_KEYS if key in ckpt}
+        if config is None:
+            config, where = released_config(path)
+            note = f"{path}: the configuration of {where}"
+        if config is None:
+            preset = RELEASED_PRESETS.get(type(net).__name__, "imagenet")
+            config = soflow.PRESETS[preset]
+            note = (f"{path} stores no config and {where}: assuming the released PRESETS['{preset}'] "
+                    f"({config.schedule} schedule, {config.param} parameterization)")
+    finally:                       # on an error too: no process is left waiting at the barrier
+        if rank == 0 and world_size > 1:
+            dist.barrier()
+    return net, config, note, recorded
+
+DATA_SHAPE_KEYS = ("in_channels", "input_size", "img_resolution")
+
+def initialise_from(settings, net, ema, rank, world_size):
+    """--init-from: load a checkpoint's EMA (or raw) weights into net and ema; returns the log's note.
+
+    Refused, with the reason, when the network class, its size or the data's shape differ."""
+    try:
+        source, _, note, _ = open_network(settings.init_from, not settings.init_from_raw, rank, world_size)
+        if type(source) is not type(net):
+            raise ValueError(f"it holds a {type(source).__name__}; this run trains a {type(net).__name__}")
+        theirs, ours = source.init_kwargs, net.init_kwargs
+        for key in [k for k in DATA_SHAPE_KEYS if k in theirs and k in ours and theirs[k] != ours[k]][:1]:
+            raise ValueError(f"its {key} is {theirs[key]}, this run's {ours[key]}: the data's shape differs")
+        soflow.check_state_dict(net, source.state_dict(), settings.init_from)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--init-from {settings.init_from}: {e}") from e
+    net.load_state_dict(source.state_dict())
+    ema.load_state_dict(source.state_dict())
+    kind = "raw" if settings.init_from_raw else "EMA"
+    return (f"a new run from the {kind} weights of {settings.init_from}, with a fresh optimizer at step 0"
+            + (f" ({note})" if note else ""))
+
 def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
     """Load the newest readable checkpoint of a run folder into net, ema and optimizer.
 
@@ -361,8 +584,8 @@ def resume(results_dir, run_config, net, ema, optimizer, rank, world_size):
         torch.manual_seed(ckpt["step"] * world_size + rank)
     return ckpt["step"], notes
 
-def save_run(settings, step, net, ema, optimizer, config, run_config, rank, world_size):
-    """Checkpoint `step` with every process's random state, written atomically by rank 0.
+def save_run(settings, step, net, ema, optimizer, config, run_config, rank, world_size, extras=None):
+    """Checkpoint `step` with every process's random state (and extras), written atomically by rank 0.
 
     Rank 0 then deletes all but the newest settings.keep_ckpts. Every process must hold the same weights (DDP
     keeps them so)."""
@@ -380,7 +603,8 @@ def save_run(settings, step, net, ema, optimizer, config, run_config, rank, worl
         def write():
             save_checkpoint(path, arch=type(net).__name__, arch_kwargs=net.init_kwargs,
                             model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                            step=step, config=asdict(config), run_config=run_config, rng=rng_states)
+                            step=step, config=asdict(config), run_config=run_config, rng=rng_states,
+                            **(extras or {}))
             for old in checkpoint_paths(settings.results_dir)[:-settings.keep_ckpts]:
                 os.remove(old)
         failure = try_write(path, write)
@@ -391,7 +615,7 @@ def save_run(settings, step, net, ema, optimizer, config, run_config, rank, worl
 
 # ----- The training loop -----
 def train(settings, net, config, make_optimizer, num_examples, get_batch, run_config, decode=lambda x: x,
-          grid_labels=None):
+          grid_labels=None, extras=None):
     """Algorithm 1 in a loop, on one process or many; resumes the run folder if it holds checkpoints.
 
     settings: the TrainSettings. config: the SoFlowConfig. net: the bare network, built with the same seed on
@@ -399,6 +623,7 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
     get_batch(rows) -> (x0, y, cond) on the device, for dataset rows `rows` (augmented if the data is).
     run_config: the script's settings that define the run (a resumed run must match them).
     decode: x0 -> images in [-1, 1] for the sample grids. grid_labels: (N,) labels, None if unconditional.
+    extras: what every checkpoint also stores (the VAE of latents, say).
     """
     # Setup: processes, batch sizes, the EMA copy (before DDP: no 'module.' prefixes), seeds, resume.
     rank, world_size, device = init_distributed(settings.dist_timeout)
@@ -421,18 +646,24 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
     grid_noise = torch.randn(grid_shape, generator=grid_generator).to(device)
     torch.manual_seed(settings.global_seed * world_size + rank)  # each process draws its own noise and times
     start, notes = resume(settings.results_dir, run_config, net, ema, optimizer, rank, world_size)
+    if settings.init_from and start == 0:           # fine-tuning: a new run from another's weights
+        notes.append(initialise_from(settings, net, ema, rank, world_size))
+    elif settings.init_from:
+        notes.append(f"{settings.results_dir} has checkpoints: resuming them (--init-from is for a new run)")
     # The gradient pass goes through DDP, which all-reduces the gradients.
     model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
     model = torch.compile(model) if settings.compile else model
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    precision, autocast = set_precision(settings.precision, device)
+    extras = {**(extras or {}), "precision": precision}
     end = min(settings.steps, settings.stop_at or settings.steps)
     os.makedirs(os.path.join(settings.results_dir, "samples"), exist_ok=True)
-    log = RunLog(settings.results_dir, rank, start, end)
+    tracker = start_wandb(settings.wandb_project, settings.results_dir, run_config, rank, world_size)
+    log = RunLog(settings.results_dir, rank, start, end, tracker)
     for note in notes:
         log.say(note)
     millions = sum(p.numel() for p in net.parameters()) / 1e6
     log.say(f"{'resuming at' if start else 'starting'} step {start} of {settings.steps}: {world_size} "
-            f"process(es), {type(net).__name__} with {millions:.2f}M parameters")
+            f"process(es), {type(net).__name__} with {millions:.2f}M parameters, {precision}")
     bad_steps = 0
     # The bar closes first on any exit, so that a stop's message is the last line.
     with StopRequest() as stop_request, contextlib.closing(log.bar):
@@ -464,16 +695,20 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
                 path = os.path.join(settings.results_dir, "samples", f"{step:07d}.png")
                 failure = save_samples(path, ema, grid_noise, grid_labels, config, decode,
                                        settings.global_seed)
+                if failure is None:
+                    log.image("samples", path, step)
             # A stop asked for by a signal, or a failed write, on any process: every process acts on it.
             flags = torch.tensor([stop_request.signal is not None, failure is not None], device=device)
             stop, failed = (all_reduce_mean(flags.float(), world_size) > 0).tolist()
             if failed:
                 raise SystemExit(first_failure(failure, world_size))
             if step % settings.ckpt_every == 0 or step == end or stop:
-                save_run(settings, step, net, ema, optimizer, config, run_config, rank, world_size)
+                save_run(settings, step, net, ema, optimizer, config, run_config, rank, world_size, extras)
             if stop:
                 log.say(f"{stop_request.signal}: saved step {step}; the same command resumes the run")
                 break
+    if tracker is not None:
+        tracker.finish()
     if world_size > 1:
         dist.destroy_process_group()
         gc.collect()  # gloo objects left in reference cycles, freed at exit, can abort the process
@@ -525,6 +760,6 @@ def load_vae(name_or_path=VAE_NAME, device="cpu", rank=0, world_size=1):
     return vae.to(device).eval().requires_grad_(False)
 
 @torch.no_grad()
-def decode_latents(vae, z):
-    """(B, 4, H/8, W/8) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
-    return vae.decode(z / VAE_SCALE).sample.clamp(-1, 1)
+def decode_latents(vae, z, scale=VAE_SCALE):
+    """(B, 4, H/8, W/8) latents scaled by `scale` -> (B, 3, H, W) images in [-1, 1]."""
+    return vae.decode(z / scale).sample.clamp(-1, 1)

@@ -20,7 +20,8 @@ def add_setup_args(parser):
                         help="DiT size (32x32x4 latents)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    parser.add_argument("--precision", default="fp32", choices=training.PRECISIONS,
+                        help="bf16: autocast; tf32: TF32 matmuls (GPU); fp32: TF32 off (set_precision)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -29,8 +30,8 @@ def add_setup_args(parser):
 
 def setup(args):
     """(device, net, model, x, y, autocast): a class-conditional DiT (model: compiled if asked, else net), a
-    batch of (B, 4, 32, 32) latents with labels, and the autocast context of --dtype. Random weights: the cost
-    ignores them."""
+    batch of (B, 4, 32, 32) latents with labels, and the autocast context of --precision. Random weights: the
+    cost ignores them."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no GPU: run on a GPU machine or pass --device cpu")
@@ -41,12 +42,12 @@ def setup(args):
     model = torch.compile(net) if args.compile else net
     x = torch.randn(args.batch_size, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    _, autocast = training.set_precision(args.precision, device)
     return device, net, model, x, y, autocast
 
 
 def describe(args, device):
-    return (f"{args.model}, batch {args.batch_size} of 4x32x32 latents, {device.type} {args.dtype}"
+    return (f"{args.model}, batch {args.batch_size} of 4x32x32 latents, {device.type} {args.precision}"
             f"{' compiled' if args.compile else ''}, {torch.get_num_threads()} threads")
 
 

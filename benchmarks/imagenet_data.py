@@ -1,7 +1,8 @@
 """The data side of train_imagenet.py: reading latents against the training step, and `prepare`'s images/s.
 
     python -m benchmarks.imagenet_data    # CPU default: DiT-S/4, batch 16, tiny VAE; ~1 min on 2 cores
-    python -m benchmarks.imagenet_data --model DiT-B/4 --batch-size 256 --device cuda --dtype bf16 --full-vae
+    python -m benchmarks.imagenet_data --model DiT-B/4 --batch-size 256 --device cuda --precision bf16 \
+        --full-vae
 
 Latent reading: train_imagenet.latent_batches' get_batch (the rows of global_batch_indices, a gather from the
 memory-mapped mean and std, the posterior draw (mean + std * eps) * 0.18215, the copy to the device) on a

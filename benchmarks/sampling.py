@@ -3,7 +3,7 @@ SoFlow's one-step sampler x_0 = f(x_1, 1, 0) (soflow.sample, 1 NFE) and flow mat
 (soflow.sample_euler).
 
     python -m benchmarks.sampling               # CPU default: DiT-S/4, batch 16, ~1 min on 2 cores
-    python -m benchmarks.sampling --model DiT-XL/2 --batch-size 256 --device cuda --dtype bf16 --compile \
+    python -m benchmarks.sampling --model DiT-XL/2 --batch-size 256 --device cuda --precision bf16 --compile \
         --json s.json
     python -m benchmarks.sampling --end-to-end  # also sample.py on the same network: a few minutes on a CPU
 
@@ -13,10 +13,10 @@ torch.cuda.synchronize() calls on a GPU. Printed: images/s from the median time,
 and the fastest run), and the ratio to the bare forward, whose images/s is the ceiling of a 1-NFE sampler.
 
 --end-to-end then runs sample.py in this process on a checkpoint of the same network (--e2e-images images, the
-same batch size, --dtype and --compile, 1 NFE, a PNG grid and an .npz) and splits its time: per-image noise,
-generation, VAE decoding, conversion to uint8 (and gathering), writing. The VAE is by default the SD VAE's
-architecture with random weights, built offline: its cost is that of stabilityai/sd-vae-ft-mse; --vae takes a
-hub name or a local folder.
+same batch size, --precision and --compile, 1 NFE, a PNG grid and an .npz) and splits its time: per-image
+noise, generation, VAE decoding, conversion to uint8 (and gathering), writing. The VAE is by default the SD
+VAE's architecture with random weights, built offline: its cost is that of stabilityai/sd-vae-ft-mse; --vae
+takes a hub name or a local folder.
 """
 import argparse
 import os
@@ -81,8 +81,9 @@ def end_to_end(args, net, forward_images_per_s):
             vae = os.path.join(tmp, "vae")
             sd_vae_random().save_pretrained(vae)
         stats = sample.main(["--ckpt", ckpt, "--vae", vae, "--num-images", str(num_images), "--batch-size",
-                             str(args.batch_size), "--dtype", args.dtype, "--seed", str(args.seed), "--npz",
-                             "--out", os.path.join(tmp, "samples")] + (["--compile"] if args.compile else []))
+                             str(args.batch_size), "--precision", args.precision, "--seed", str(args.seed),
+                             "--npz", "--out", os.path.join(tmp, "samples")]
+                            + (["--compile"] if args.compile else []))
     stats["generation_to_forward"] = stats["generate_images_per_s"] / forward_images_per_s
     parts = {"noise": "per-image noise (CPU generators)", "generate": "generation (soflow.sample)",
              "decode": f"VAE decoding ({args.vae})", "convert": "to uint8 NHWC, gather",

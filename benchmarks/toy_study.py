@@ -24,6 +24,7 @@ import torch
 
 import soflow
 import train_toy
+import training
 
 # Tiny networks: one thread is as fast, and the study must not crowd a shared machine.
 torch.set_num_threads(1)
@@ -128,7 +129,7 @@ def train(toy, config, steps, seed, hidden, depth, lr, batch=512):
         loss.backward()
         opt.step()
         for d, ema in emas.items():
-            soflow.ema_update(ema, net, d)
+            training.ema_update(ema, net, d)
     return {"raw": net.eval(), **{str(d): debias(ema, start, d ** steps).eval() for d, ema in emas.items()}}
 
 

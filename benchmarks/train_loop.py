@@ -2,7 +2,7 @@ r"""The training script's own step against the bare Algorithm 1 step, on the sam
 size: what the loop around the loss costs (data, augmentation, grad norm, EMA, logs, checks).
 
     python -m benchmarks.train_loop      # CPU default: UNet-T, batch 16, 1 thread, ~1 min on 2 cores
-    python -m benchmarks.train_loop --model UNet-CIFAR10 --batch-size 128 --device cuda --dtype bf16 \
+    python -m benchmarks.train_loop --model UNet-CIFAR10 --batch-size 128 --device cuda --precision bf16 \
         --json loop.json
 
 Bare step: zero_grad, soflow.soflow_loss (PRESETS["cifar10"]), backward and a RAdam step (the script's:
@@ -106,7 +106,7 @@ def script_argv(args, data_dir, results_dir, steps):
     return ["--data-path", data_dir, "--no-download", "--model", args.model, "--results-dir", results_dir,
             "--global-batch-size", str(args.batch_size), "--stop-at", str(steps),
             "--log-every", str(args.log_every), "--sample-every", str(10 ** 9), "--ckpt-every", str(10 ** 9),
-            "--keep-ckpts", "1", "--global-seed", str(args.seed)]
+            "--keep-ckpts", "1", "--global-seed", str(args.seed), "--precision", args.precision]
 
 
 def loop_timer(results_dir, first, last, batch_size, inside):
@@ -180,7 +180,7 @@ def parts(args, images, net, ema, device):
         "EDM augment (p 0.12)": (lambda: train_cifar.augment(x, p=0.12), 1.0),
         "grad norm (clip_grad_norm_ inf) + isfinite": (grad_norm, 1.0),
         f"EMA update, 1 step in {args.ema_every}": (
-            lambda: soflow.ema_update(ema, net, EMA_DECAY ** args.ema_every), 1 / args.ema_every),
+            lambda: training.ema_update(ema, net, EMA_DECAY ** args.ema_every), 1 / args.ema_every),
     }
 
 
@@ -197,9 +197,9 @@ def main(argv=None):
     parser.add_argument("--device", default=None,
                         help="default (and the only choice): the device train_cifar.py picks, cuda if torch "
                              "sees one, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
-                        help="the bare step's autocast; default: the script's (training.train: bf16 on CUDA, "
-                             "fp32 on a CPU); another value is not like for like")
+    parser.add_argument("--precision", default="", choices=training.PRECISIONS,
+                        help="of the bare step and the script (training.set_precision; default bf16 on CUDA, "
+                             "fp32 on a CPU)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--window", type=int, default=16,
@@ -216,16 +216,13 @@ def main(argv=None):
     args.ema_every = train_cifar.parse_args(["--results-dir", "-"]).ema_every      # the released recipe's 16
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The script's device and precision: training.init_distributed picks the device (and TF32 on
-    # CUDA, for both).
+    # The script's device: training.init_distributed picks it.
     _, _, device = training.init_distributed()
     asked = torch.device(args.device or device)
     if asked.type != device.type or asked.index not in (None, device.index):
         raise SystemExit(f"--device {args.device}: train_cifar.py would run on {device}; the two steps must "
                          "share a device (leave --device out)")
-    script_dtype = "bf16" if device.type == "cuda" else "fp32"    # training.train: autocast bf16 on CUDA only
-    args.dtype = args.dtype or script_dtype
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    args.precision, autocast = training.set_precision(args.precision, device)     # the script's too
 
     with tempfile.TemporaryDirectory(prefix="train_loop_") as tmp:
         # Data: a CIFAR-format folder (enough images for a run's rows in one epoch), loaded here once for the
@@ -241,12 +238,9 @@ def main(argv=None):
         ema = copy.deepcopy(net).eval().requires_grad_(False)           # for the EMA part
         n_params = sum(p.numel() for p in net.parameters())
         print(f"{args.model} ({n_params / 1e6:.2f}M parameters), batch {args.batch_size} of 3x32x32, "
-              f"{device} {args.dtype} (the script: {script_dtype}), {torch.get_num_threads()} threads; "
+              f"{device} {args.precision}, {torch.get_num_threads()} threads; "
               f"{args.rounds} rounds of {args.window} steps; the script logs every {args.log_every}, "
               f"EMA every {args.ema_every}")
-        if args.dtype != script_dtype:
-            print(f"note: the script trains in {script_dtype} on {device.type}; --dtype {args.dtype} is not "
-                  "like for like")
         table = parts(args, images, net, ema, device)
         step = iter(range(10 ** 9))                              # the bare step's k, for r(k, K)
         bare_step(net, opt, x0, cond, next(step), autocast, device)   # a cold first call of each
@@ -305,7 +299,7 @@ def main(argv=None):
               f"{row['ms_median'] / bare['ms_median'] * 100:>9.1f}%")
     print(f"  {'the rest (script - bare - the parts above)':<42}{rest_ms:>9.2f}{'':>15}"
           f"{rest_ms / bare['ms_median'] * 100:>9.1f}%")
-    results = dict(config=vars(args), device=str(device), script_dtype=script_dtype, n_params=n_params,
+    results = dict(config=vars(args), device=str(device), n_params=n_params,
                    threads=torch.get_num_threads(), torch=torch.__version__, bare=bare, script=script,
                    script_own_timer=own, ratio=ratio, overhead_pct=overhead_pct, round_ratios=round_ratios,
                    parts=part_rows, rest_ms=rest_ms)

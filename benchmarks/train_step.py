@@ -2,7 +2,7 @@ r"""Cost of one training step on the same DiT and the same batch: flow matching,
 and with CFG, and MeanFlow (Geng et al. 2025, arXiv 2505.13447) with its JVP, without and with CFG.
 
     python -m benchmarks.train_step                 # CPU default: DiT-S/4, batch 16, 1-2 min on 2 cores
-    python -m benchmarks.train_step --model DiT-B/2 --batch-size 64 --device cuda --dtype bf16 --compile \
+    python -m benchmarks.train_step --model DiT-B/2 --batch-size 64 --device cuda --precision bf16 --compile \
         --json gpu.json
 
 Time: each method runs --warmup steps, then --repeats rounds each run one step of every method, in an order

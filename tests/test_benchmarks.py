@@ -194,7 +194,7 @@ def test_train_loop_benchmark_end_to_end(tmp_path):
                                                                         data["bare"]["ms_all"])])
     parts_ms = sum(p["ms_median"] for p in data["parts"].values())
     assert data["rest_ms"] == pytest.approx(script - bare - parts_ms)
-    assert data["config"]["ema_every"] == 16 and data["script_dtype"] == "fp32"
+    assert data["config"]["ema_every"] == 16 and data["config"]["precision"] == "fp32"
 
 
 def test_train_loop_clock_wraps_global_batch_indices_and_restores_it():

@@ -209,6 +209,14 @@ def test_guidance_decay(kind):
         assert torch.allclose(g[900], torch.tensor(0.5), atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["exp", "linear"])
+def test_decay_time_1_means_no_decay_as_the_released_cifar10_file(kind):
+    # cfg_decay_time: 1.0 in the released cifar.yaml: g = 1 everywhere, t = 1 included (no 0 / 0).
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.equal(soflow.guidance_decay(t, make_config(decay=kind, decay_t=1.0)), torch.ones_like(t))
+    assert soflow.PRESETS["cifar10"].decay_t == 1.0
+
+
 # ----- Hyperparameters -----
 
 def test_config_is_validated_with_the_valid_choices():
@@ -216,7 +224,7 @@ def test_config_is_validated_with_the_valid_choices():
         with pytest.raises(ValueError, match=f"unknown {field} '{value}'; choose one of"):
             make_config(**{field: value})
     for field, value in [("lam", 1.5), ("lam", -0.1), ("m", 2.0), ("drop", -1.0), ("p", -0.5), ("eps", -1e-3),
-                         ("decay_t", 1.0)]:
+                         ("decay_t", 1.5)]:
         with pytest.raises(ValueError, match=f"{field} = {value} is outside"):
             make_config(**{field: value})
     assert make_config(lam=0.0, p=0.0, eps=0.0).lam == 0.0                        # the edges are allowed
@@ -426,12 +434,3 @@ def test_sampling_rejects_bad_grids():
         soflow.sample(net, torch.randn(2, 2), times=[0.0, 1.0], config=make_config())
     with pytest.raises(ValueError, match="unknown sampling mode"):
         soflow.sample(net, torch.randn(2, 2), mode="ddim", config=make_config())
-
-
-# ----- EMA -----
-
-def test_ema_update():
-    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
-    old = a.weight.detach().clone()
-    soflow.ema_update(a, b, 0.9)
-    assert torch.allclose(a.weight, 0.9 * old + 0.1 * b.weight)

@@ -215,11 +215,15 @@ def test_two_processes_train_resume_exactly_decode_grids_and_sample(folders, lat
     grid = Image.open(tmp_path / "straight" / "samples" / "0000004.png")
     assert grid.size == (16 * 32, 4 * 32)
     assert "decoded by" in (tmp_path / "straight" / "log.txt").read_text()
-    # sample.py reads the checkpoint: a class-conditional DiT on latents, decoded by the VAE it names.
-    sample.main(["--ckpt", str(tmp_path / "straight" / "checkpoints" / "0000004.pt"), "--vae", vae,
-                 "--num-images", "6", "--class", "2", "0", "--npz", "--out", str(tmp_path / "samples")])
-    files = np.load(tmp_path / "samples.npz")
+    # sample.py reads the checkpoint: a class-conditional DiT on latents, decoded by the VAE it names (no
+    # --vae: the default, sd-vae-ft-mse, cannot load offline) and the same images with that --vae.
+    assert straight["vae"] == {"name": vae, "scale": 0.18215} and straight["precision"] == "fp32"
+    for out, extra in (("samples", []), ("again", ["--vae", vae])):
+        sample.main(["--ckpt", str(tmp_path / "straight" / "checkpoints" / "0000004.pt"), *extra,
+                     "--num-images", "6", "--class", "2", "0", "--npz", "--out", str(tmp_path / out)])
+    files, again = np.load(tmp_path / "samples.npz"), np.load(tmp_path / "again.npz")
     assert files["arr_0"].shape == (6, 32, 32, 3) and files["arr_1"].tolist() == [2, 0] * 3
+    assert np.array_equal(files["arr_0"], again["arr_0"])
 
 
 def test_one_process_without_a_vae_draws_latent_grids_and_refuses_another_configuration(latents, tmp_path):
@@ -229,5 +233,7 @@ def test_one_process_without_a_vae_draws_latent_grids_and_refuses_another_config
     assert Image.open(run / "samples" / "0000002.png").size == (16 * 16, 4 * 16)
     assert "the latents' first channel" in (run / "log.txt").read_text()
     assert checkpoint(run, 2)["run_config"]["copies"] == 2
+    prepared_with = json.loads((latents / "manifest.json").read_text())["settings"]["vae"]
+    assert checkpoint(run, 2)["vae"] == {"name": prepared_with, "scale": 0.18215}   # not the grids' --vae none
     with pytest.raises(SystemExit, match="another configuration"):
         train_imagenet.main([*flags, "--model", "DiT-T/2"])

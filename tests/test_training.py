@@ -43,12 +43,12 @@ def toy_net():
     return soflow.MLP(hidden=16, depth=1, dropout=0.2)
 
 
-def run(results_dir, *flags, steps=6, batches=get_batch, config=CONFIG):
+def run(results_dir, *flags, steps=6, batches=get_batch, config=CONFIG, lr=1e-2, net=None):
     settings = parse("--results-dir", str(results_dir), "--sample-every", "1000", *flags, steps=steps)
 
     def optimizer(params):
-        return torch.optim.Adam(params, lr=1e-2)
-    return training.train(settings, toy_net(), config, optimizer, len(DATA), batches, {"model": "toy"},
+        return torch.optim.Adam(params, lr=lr)
+    return training.train(settings, net or toy_net(), config, optimizer, len(DATA), batches, {"model": "toy"},
                           decode=as_images)
 
 
@@ -351,3 +351,102 @@ def test_the_log_records_means_since_the_last_record_and_the_bar_shows_the_weigh
     assert second == {"step": 3, "loss": 7.0, "scm_mse": 0.5, "scm_weight": 1.0, "images_per_s": 32.0}
     assert "step=3 loss=7" in (tmp_path / "log.txt").read_text()
     assert "scm_weight=1" in log.bar.postfix and "loss=7" in log.bar.postfix
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    old = a.weight.detach().clone()
+    training.ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * old + 0.1 * b.weight)
+
+
+# ----- Fine-tuning, precision, wandb -----
+
+def test_init_from_starts_a_new_run_from_the_ema_or_raw_weights_with_a_fresh_optimizer(tmp_path, capsys):
+    run(tmp_path / "a", "--ema-decay", "0.5")
+    source = checkpoint(tmp_path / "a", 6)
+    for flags, key in [((), "ema"), (("--init-from-raw",), "model")]:
+        # lr 0: the one step moves nothing, so the checkpoint holds the weights the run started from.
+        folder = tmp_path / f"b-{key}"
+        run(folder, "--init-from", str(tmp_path / "a"), *flags, steps=1, lr=0.0)
+        ckpt = checkpoint(folder, 1)
+        for name, value in source[key].items():
+            assert torch.equal(ckpt["model"][name], value) and torch.equal(ckpt["ema"][name], value)
+        assert ckpt["optimizer"]["state"][0]["step"] == 1                   # fresh: A's Adam took 6 steps
+        assert f"a new run from the {key.upper() if key == 'ema' else 'raw'} weights of" in (
+            folder / "log.txt").read_text()
+    assert any(not torch.equal(source["ema"][k], source["model"][k]) for k in source["ema"])   # two cases
+    # A folder with checkpoints resumes them; --init-from is said to be for new runs.
+    run(tmp_path / "b-ema", "--init-from", str(tmp_path / "a"), steps=1, lr=0.0)
+    assert "resuming them (--init-from is for a new run)" in (tmp_path / "b-ema" / "log.txt").read_text()
+    # Another size is refused before anything is written.
+    torch.manual_seed(0)
+    with pytest.raises(SystemExit, match="--init-from .*does not fit MLP"):
+        run(tmp_path / "c", "--init-from", str(tmp_path / "a"), net=soflow.MLP(hidden=8, depth=1))
+    assert not (tmp_path / "c" / "checkpoints").exists()
+    with pytest.raises(SystemExit, match="no such file"):
+        run(tmp_path / "d", "--init-from", str(tmp_path / "nowhere.pt"))
+
+
+def test_precision_choices_on_the_cpu(tmp_path):
+    cpu = torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision, autocast = training.set_precision("", cpu)                  # the CPU default
+    assert precision == "fp32" and not torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cudnn.allow_tf32
+    a = torch.randn(4, 4)
+    with autocast:
+        assert (a @ a).dtype == torch.float32
+    with training.set_precision("bf16", cpu)[1]:
+        assert (a @ a).dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match="tf32 needs an NVIDIA GPU.*fp32 or bf16"):
+        training.set_precision("tf32", cpu)
+    # A run records its precision in every checkpoint and its log; bf16 autocast changes the numbers.
+    run(tmp_path / "fp32", steps=2)
+    run(tmp_path / "bf16", "--precision", "bf16", steps=2)
+    fp32, bf16 = checkpoint(tmp_path / "fp32", 2), checkpoint(tmp_path / "bf16", 2)
+    assert fp32["precision"] == "fp32" and bf16["precision"] == "bf16"
+    assert "parameters, bf16" in (tmp_path / "bf16" / "log.txt").read_text()
+    assert any(not torch.equal(fp32["model"][k], bf16["model"][k]) for k in fp32["model"])
+
+
+def wandb_records(run_folder):
+    """The history records of a wandb run folder's .wandb file (LevelDB log blocks of protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2
+    data = next(run_folder.glob("run-*.wandb")).read_bytes()
+    records, chunks, position = [], [], 7                       # after the header: ":W&B", magic, version
+    while position + 7 <= len(data):
+        block_left = 32768 - position % 32768
+        if block_left < 7:                                      # a block's tail too short for a header
+            position += block_left
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        chunks.append(data[position + 7:position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):                                      # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "history":
+                records.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item})
+    return records
+
+
+def test_wandb_logs_the_metrics_and_grids_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    flags = ("--wandb-project", "soflow-test", "--log-every", "2", "--sample-every", "4")
+    run(tmp_path, *flags, "--stop-at", "4")
+    run(tmp_path, *flags)
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    folders = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(folders) == 2                                    # two sessions of the same wandb run
+    logged = [r for folder in folders for r in wandb_records(folder)]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: r[k] for k in metrics[0]} for r in logged if "loss" in r] == metrics
+    # The grids, in the rows of their steps, with their PNGs among the run's files.
+    assert [(r["_step"], r["samples._type"]) for r in logged if "samples._type" in r] == [(4, "image-file"),
+                                                                                        (6, "image-file")]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))) == 2
