@@ -3,6 +3,7 @@ against soflow's own functions, MeanFlow's JVP against finite differences, the c
 network actually sees, the samplers against soflow.sample. No timing is asserted."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -234,3 +235,48 @@ def test_imagenet_data_benchmark_reads_a_prepare_style_folder_and_times_prepare(
                                   "--workers", "0", "--threads", "1", "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["data_over_step"] == results["data_over_step"] > 0
     assert results["prepare_images_per_s"] > 0 and results["encoder_images_per_s"] > 0
+
+
+# ----- benchmarks/gpu_check.sh -----
+
+def test_gpu_check_dry_run_parses_every_command_and_catches_a_bad_flag(monkeypatch, capsys):
+    from benchmarks import gpu_check
+    assert gpu_check.main(["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    parts = gpu_check.commands(gpu_check.Path("w"), gpu_check.Path("j"))
+    assert printed.count("ok   ") == sum(len(runs) for runs in parts.values()) == 11
+    commands = gpu_check.commands
+
+    def broken(work, json_dir):
+        parts = commands(work, json_dir)
+        label, argv, seconds = parts["cifar"][0]
+        parts["cifar"][0] = (label, argv + ["--no-such-flag"], seconds)
+        return parts
+    monkeypatch.setattr(gpu_check, "commands", broken)
+    assert gpu_check.main(["--dry-run", "--only", "cifar"]) == 1
+    assert "FAIL cifar bf16" in capsys.readouterr().out
+
+
+def test_gpu_check_summary_reads_each_parts_output(tmp_path):
+    """The figures that the first GPU run will print, from files laid out as the parts write them."""
+    from benchmarks import gpu_check
+    json_dir = tmp_path / "json"
+    json_dir.mkdir()
+    methods = [dict(method=m, ms_median=ms, ratio=ms / 100, peak_mib=1000.0) for m, ms in
+               [("flow matching", 100.0), ("SoFlow CFG (w 3, m 0.25)", 160.0)]]
+    (json_dir / "train_step.json").write_text(json.dumps(dict(methods=methods, soflow_vs_meanflow={})))
+    for p, ips in zip(gpu_check.PRECISIONS, (320.0, 200.0, 100.0)):
+        (tmp_path / f"imagenet-{p}").mkdir()
+        (tmp_path / f"imagenet-{p}" / "metrics.jsonl").write_text(
+            json.dumps(dict(step=150, images_per_s=1.0)) + "\n"
+            + json.dumps(dict(step=200, images_per_s=ips, max_memory_gb=3.5)) + "\n")
+    (json_dir / "fid.json").write_text(json.dumps(dict(extractor_images_per_s=900.0)))
+    status = {f"imagenet {p}": "ok" for p in gpu_check.PRECISIONS} | {"cifar bf16": "failed, see log"}
+    results = gpu_check.summary(tmp_path, json_dir, status)
+    assert results["train_step"]["SoFlow CFG (w 3, m 0.25)"]["images_per_s"] == 400.0  # 64 per 0.16 s
+    assert results["imagenet"]["fp32"] == dict(images_per_s=100.0, peak_gib=3.5)           # the last record
+    assert results["imagenet_loop_overhead"] == pytest.approx(400 / 320 - 1)
+    printed = gpu_check.table(results)
+    assert re.search(r"imagenet loop +overhead over the bare step +25.0%", printed)
+    assert "failed: cifar bf16 (failed, see log)" in printed
+    assert "900.0 img/s" in printed
