@@ -4,17 +4,23 @@
     torchrun --nproc_per_node=8 sample.py --ckpt XL-2-cond/ckpts/1200000.pt --num-images 50000 --npz \
         --out samples/xl2-1nfe                                                               # FID-50K files
 
+    torchrun --nproc_per_node=8 sample.py --ckpt hf://zlab-princeton/SoFlow/XL-2-cond/ckpts/1200000.pt \
+        --num-images 50000 --fid VIRTUAL_imagenet256_labeled.npz                             # FID-50K
+
 Image i's class (when drawn at random), its noise x_1 and its re-noising noises (--nfe > 1, --sampler
 renoise) come from a generator seeded by (--seed, i), as in EDM's generate.py: the same seed gives the same
 images on any number of processes (and with any batch size, up to float rounding). Rank 0 gathers the images
 and writes OUT.png and, with --npz, OUT.npz in the ADM evaluator's format: arr_0 uint8 NHWC, arr_1 the
-labels of a class-conditional model.
+labels of a class-conditional model. With --fid REF each batch goes straight into fid.py's Inception on its
+own process (nothing is gathered but the grid): OUT.json holds the FID against REF.
 """
 import argparse
 import gc
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +53,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None,
                         help="writes OUT.png (and OUT.npz); default samples/STEM-nfeN-seedS")
     parser.add_argument("--npz", action="store_true", help="also write OUT.npz for the ADM evaluator")
+    parser.add_argument("--fid", default=None, metavar="REF",
+                        help="FID against REF (mu and sigma in an .npz such as ADM's reference batch, or an "
+                             "image set: fid.py's SOURCE), written to OUT.json")
+    parser.add_argument("--inception-weights", default=None, metavar="PATH",
+                        help="--fid: the Inception's weight file (default: downloaded once, see fid.py)")
     parser.add_argument("--grid", type=int, default=64, help="the first this many images go in the PNG grid")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--vae", default=None,
@@ -71,25 +82,6 @@ def parse_args(argv=None):
 
 
 
-def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
-    """(y, x1, eps) of the images `indices`: y (B,) labels or None, x1 (B, *shape), eps steps x (B, *shape).
-
-    Each image draws from its own generator, in this order: its class (if random), x_1, the re-noising noises.
-    numpy's, seeded by the pair (seed, i): a torch CPU generator keeps only the low 32 bits of its seed, so no
-    injective (seed, i) -> seed map exists for it."""
-    B = len(indices)
-    y = torch.empty(B, dtype=torch.long) if num_classes else None
-    x1, eps = torch.empty(B, *shape), [torch.empty(B, *shape) for _ in range(renoise_steps)]
-    for b, i in enumerate(indices.tolist()):
-        rng = np.random.default_rng([seed, i])
-        if num_classes:
-            y[b] = classes[i % len(classes)] if classes else int(rng.integers(num_classes))
-        x1[b] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
-        for e in eps:
-            e[b] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
-    return y, x1, eps
-
-
 def gather_to_rank0(obj, rank, world_size):
     """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere: only rank 0 holds all the images."""
     if world_size == 1:
@@ -105,6 +97,22 @@ def write_npz(path, arrays):
         with open(tmp, "wb") as f:       # a file object: np.savez would append ".npz" to a temporary name
             np.savez(f, **arrays)
     training.atomic_write(path, write)
+
+
+def write_json(path, obj):
+    """json.dump(obj) to path, atomically."""
+    training.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def fid_report(args, value, precision, seconds):
+    """OUT.json of --fid: the number and what it was computed from."""
+    import fid
+    reference = args.fid if os.path.isfile(args.fid) else None
+    return dict(fid=value, num_images=args.num_images, checkpoint=args.ckpt, ema=not args.no_ema,
+                nfe=args.nfe, times=args.times, sampler=args.sampler, seed=args.seed, precision=precision,
+                reference=args.fid, reference_sha256=fid.file_sha256(reference) if reference else None,
+                inception_weights=args.inception_weights or fid.WEIGHTS_URL, seconds=seconds,
+                images_per_s=args.num_images / seconds)
 
 
 def main(argv=None):
@@ -128,7 +136,7 @@ def generate(args, rank, world_size, device, started):
     stem = os.path.splitext(os.path.basename(args.ckpt))[0]
     out = args.out or os.path.join("samples", f"{stem}-nfe{args.nfe}-seed{args.seed}")
     out = out[:-4] if out.endswith((".png", ".npz")) else out
-    paths = [out + ".png"] + ([out + ".npz"] if args.npz else [])
+    paths = [out + ".png"] + ([out + ".npz"] if args.npz else []) + ([out + ".json"] if args.fid else [])
     existing = training.gather_objects([p for p in paths if os.path.exists(p)], world_size)[0]
     if existing and not args.overwrite:
         raise SystemExit(f"sample.py: {' and '.join(existing)} already there: pass --overwrite, "
@@ -162,6 +170,16 @@ def generate(args, rank, world_size, device, started):
         raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to "
                          f"{num_classes - 1}")
     precision, autocast = training.set_precision(args.precision, device)
+    # FID: the Inception and the reference statistics on every process; each adds its own images' features.
+    inception = reference = stats = None
+    if args.fid:
+        import fid
+        try:
+            inception = fid.load_inception(args.inception_weights, device)
+            reference = fid.reference_stats(args.fid, inception, batch_size=args.batch_size)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"sample.py: --fid: {e}") from e
+        stats = fid.FeatureStats(inception.feature_dim, device)
     model = torch.compile(net) if args.compile else net
     renoise_steps = args.nfe - 1 if args.sampler == "renoise" else 0
     run = dict(config=config, steps=args.nfe, times=args.times, mode=args.sampler)
@@ -173,7 +191,8 @@ def generate(args, rank, world_size, device, started):
     batches = torch.arange(args.num_images).tensor_split(num_batches)[rank::world_size]
 
     def draws(indices):     # drawn on the CPU, then moved: the same noise on any device
-        y, x1, eps = per_image_draws(args.seed, indices, shape, num_classes, args.classes, renoise_steps)
+        y, x1, eps = training.per_image_draws(args.seed, indices, shape, num_classes, args.classes,
+                                              renoise_steps)
         return None if y is None else y.to(device), x1.to(device), [e.to(device) for e in eps]
 
     # Untimed, a batch of each size (EDM's split gives at most two): compiling and first calls stay out of
@@ -188,7 +207,8 @@ def generate(args, rank, world_size, device, started):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    seconds = dict(noise=0.0, generate=0.0, decode=0.0, convert=0.0, write=0.0)
+    seconds = dict(noise=0.0, generate=0.0, decode=0.0, convert=0.0, fid=0.0, write=0.0)
+    kept = args.num_images if args.npz else min(args.grid, args.num_images)    # the images rank 0 gathers
     pixels = labels = None
     if world_size > 1:                      # the clocks start together: no process waits in the first gather
         dist.barrier()
@@ -202,20 +222,32 @@ def generate(args, rank, world_size, device, started):
             t2 = clock()
             x0 = training.decode_latents(vae, x0, vae_scale) if latent and len(indices) else x0
         t3 = clock()
-        # uint8 = clamp(x * 127.5 + 128, 0, 255), NHWC: as the ADM evaluator reads them.
-        batch = training.to_uint8(x0.float()).permute(0, 2, 3, 1).cpu().numpy()
-        part = (indices.numpy(), batch, None if y is None else y.cpu().numpy())
+        # uint8 = clamp(x * 127.5 + 128, 0, 255), NCHW: what the Inception takes.
+        uint8 = training.to_uint8(x0.float())
+        t4 = clock()
+        if stats is not None and len(indices):
+            stats.add(fid.features(inception, uint8))
+        t5 = clock()
+        keep = indices < kept
+        batch = uint8[keep.to(uint8.device)].permute(0, 2, 3, 1).cpu().numpy()        # NHWC, as ADM reads
+        part = (indices[keep].numpy(), batch, None if y is None else y[keep.to(y.device)].cpu().numpy())
         parts = gather_to_rank0(part, rank, world_size)
         for idx, part, part_labels in [p for p in parts or [] if len(p[0])]:    # fewer images than processes
             if pixels is None:
-                pixels = np.empty((args.num_images, *part.shape[1:]), np.uint8)
-                labels = np.empty(args.num_images, np.int64) if num_classes else None
+                pixels = np.empty((kept, *part.shape[1:]), np.uint8)
+                labels = np.empty(kept, np.int64) if num_classes else None
             pixels[idx] = part
             if part_labels is not None:
                 labels[idx] = part_labels
-        t4 = clock()
-        for name, dt in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        t6 = clock()
+        for name, dt in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3 + t6 - t5, t5 - t4)):
             seconds[name] += dt
+    fid_value = None
+    if stats is not None:                    # every process adds its sums; rank 0 computes the distance
+        t0 = clock()
+        stats.all_reduce()
+        fid_value = fid.frechet_distance(*stats.mu_sigma(), *reference) if rank == 0 else None
+        seconds["fid"] += clock() - t0
     # Rank 0 writes, atomically; the others wait for it and learn whether it failed.
     failure = None
     if rank == 0:
@@ -227,6 +259,10 @@ def generate(args, rank, world_size, device, started):
         if args.npz and failure is None:
             arrays = dict(arr_0=pixels, **({"arr_1": labels} if num_classes else {}))
             failure = training.try_write(paths[1], lambda: write_npz(paths[1], arrays), WRITE_AGAIN)
+        if args.fid and failure is None:
+            report = fid_report(args, fid_value, precision, clock() - loop_start)
+            failure = training.try_write(paths[-1], lambda: write_json(paths[-1], report), WRITE_AGAIN)
+            say(f"FID {fid_value:.4f} against {args.fid} ({args.num_images} images, {args.nfe} NFE)")
         seconds["write"] = clock() - t0
     loop_seconds = clock() - loop_start
     reports = training.gather_objects((seconds, failure), world_size)
@@ -234,7 +270,7 @@ def generate(args, rank, world_size, device, started):
         raise SystemExit(f"sample.py: {failure}")
     # Generation alone: the sampler on the process that spent longest in it.
     generate_seconds = max(report["generate"] for report, _ in reports)
-    stats = dict(images=args.num_images, seconds=seconds, loop_seconds=loop_seconds,
+    stats = dict(images=args.num_images, fid=fid_value, seconds=seconds, loop_seconds=loop_seconds,
                  total_seconds=time.perf_counter() - started,
                  generate_images_per_s=args.num_images / generate_seconds,
                  end_to_end_images_per_s=args.num_images / loop_seconds)

@@ -206,20 +206,27 @@ def latent_batches(manifest, arrays, device):
         return x0, torch.from_numpy(arrays["labels"][index % N]).to(device), None
     return get_batch, len(readable)
 
-def grid_decoder(vae_name, scale, device, results_dir):
-    """Latents -> images for the sample grids (said in the log): the VAE's decoder, or the latents."""
+def grid_decoder(vae_name, scale, device, results_dir, rank=0, world_size=1, strict=False):
+    """Latents -> images for the sample grids (said in rank 0's log): the VAE's decoder, or the latents.
+
+    strict (FID during training, every process): the VAE must load."""
     decode, note = (lambda z: z), "sample grids: the latents' first channel (--vae none)"
+    if vae_name == "none" and strict:
+        raise SystemExit("--fid-every decodes the samples with the VAE: drop --vae none")
     if vae_name != "none":
         try:
-            vae = training.load_vae(vae_name, device)
+            vae = training.load_vae(vae_name, device, rank, world_size)
             decode = partial(training.decode_latents, vae, scale=scale)
             note = f"sample grids decoded by {vae_name}"
         except (OSError, SystemExit) as e:                # no diffusers, no network: the run goes on
+            if strict:
+                raise SystemExit(f"--fid-every needs the VAE {vae_name}, which did not load: {e}") from e
             note = f"sample grids: the latents' first channel ({vae_name} did not load: {e})"
-    os.makedirs(results_dir, exist_ok=True)
-    with open(os.path.join(results_dir, "log.txt"), "a") as log:
-        print(note, file=log)
-    print(note)
+    if rank == 0:
+        os.makedirs(results_dir, exist_ok=True)
+        with open(os.path.join(results_dir, "log.txt"), "a") as log:
+            print(note, file=log)
+        print(note)
     return decode
 
 def parse_args(argv=None):
@@ -280,7 +287,10 @@ def main(argv=None):
     torch.manual_seed(args.global_seed)                   # the same initial weights on every process
     net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=len(manifest["classes"]))
     vae_name = args.vae or manifest["settings"]["vae"]
-    decode = grid_decoder(vae_name, manifest["scale"], device, args.results_dir) if rank == 0 else None
+    if args.fid_every:                                     # every process decodes its FID samples
+        decode = grid_decoder(vae_name, manifest["scale"], device, args.results_dir, rank, world_size, True)
+    else:                                                  # rank 0 draws the grids
+        decode = grid_decoder(vae_name, manifest["scale"], device, args.results_dir) if rank == 0 else None
     # Every checkpoint names the VAE of its latents: sample.py decodes with it.
     extras = dict(vae=dict(name=manifest["settings"]["vae"], scale=manifest["scale"]))
     # The released optimizer; the paper's Adam is the same update at weight decay 0.

@@ -15,7 +15,7 @@ import random
 import signal
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +55,11 @@ class TrainSettings:
     init_from: str = ""            # a new run starts from this checkpoint's weights (file, run folder, hf://)
     init_from_raw: bool = False    # ... its raw training weights instead of its EMA
     wandb_project: str = ""        # also log to this wandb project (rank 0)
+    fid_every: int = 0             # steps per FID of the EMA (fid.py; 0: none)
+    fid_ref: str = ""              # ... against these reference statistics (or images: fid.py's SOURCE)
+    fid_images: int = 10_000       # ... of this many samples, spread over the processes
+    fid_nfe: tuple = (1,)          # ... at these numbers of steps
+    inception_weights: str = ""    # the Inception's weight file ("": downloaded once, see fid.load_inception)
 
 def add_training_args(parser, global_batch_size, steps, ema_every=1):
     """The flags both training scripts share (names as in DiT's train.py where one exists)."""
@@ -81,6 +86,11 @@ def add_training_args(parser, global_batch_size, steps, ema_every=1):
              "run folder or hf://OWNER/REPO/FILE) with a fresh optimizer at step 0")
     add("--init-from-raw", action="store_true", help="--init-from: its raw training weights instead")
     add("--wandb-project", default="", metavar="NAME", help="also log to wandb (pip install wandb)")
+    add("--fid-every", type=int, default=0, metavar="N", help="FID of the EMA every N steps (0: none)")
+    add("--fid-ref", default="", metavar="REF", help="--fid-every: reference statistics (from fid.py ref)")
+    add("--fid-images", type=int, default=10_000, metavar="K", help="--fid-every: samples per FID")
+    add("--fid-nfe", type=int, nargs="+", default=[1], metavar="NFE", help="--fid-every: e.g. 1 2")
+    add("--inception-weights", default="", metavar="PATH", help="--fid-every: the weight file (see fid.py)")
     add_dist_timeout(parser)
 
 def add_dist_timeout(parser):
@@ -98,7 +108,13 @@ def add_precision_arg(parser):
 
 def settings_from_args(args):
     """The TrainSettings of parsed flags (those of add_training_args)."""
-    return TrainSettings(**{field.name: getattr(args, field.name) for field in fields(TrainSettings)})
+    settings = TrainSettings(**{field.name: getattr(args, field.name) for field in fields(TrainSettings)})
+    if settings.fid_every and not settings.fid_ref:
+        raise SystemExit("--fid-every needs --fid-ref: statistics from `python fid.py ref SOURCE OUT.npz` or "
+                         "ADM's reference batch")
+    if settings.fid_every and (settings.fid_images < 2 or min(settings.fid_nfe) < 1):
+        raise SystemExit("--fid-images must be at least 2 and --fid-nfe at least 1")
+    return replace(settings, fid_nfe=tuple(settings.fid_nfe))
 
 
 def ema_decay_at(step, ema_decay, warmup=True):
@@ -304,7 +320,7 @@ class RunLog:
     """A tqdm bar, log.txt, metrics.jsonl and wandb if asked (rank 0 writes): means since the last record."""
     def __init__(self, results_dir, rank, start, end, tracker=None):
         self.active, self.sums, self.steps, self.seconds = rank == 0, {}, 0, 0.0
-        self.tracker = tracker
+        self.tracker, self.postfix, self.latest = tracker, {}, {}     # the bar: the last record, the FIDs
         self.bar = tqdm(total=end, initial=start, disable=not self.active, dynamic_ncols=True)
         if self.active:
             self.text = open(os.path.join(results_dir, "log.txt"), "a")
@@ -335,14 +351,26 @@ class RunLog:
             return None
         shown = ("loss", "fm_mse", "fm_weight", "scm_mse", "scm_weight", "grad_norm", "images_per_s",
                  "max_memory_gb")
-        self.bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
+        self.postfix = {k: f"{record[k]:.3g}" for k in shown if k in record}
+        self.bar.set_postfix({**self.postfix, **self.latest})
+        return self.write(record)
 
+    def write(self, record):
+        """One record (a dict with its step) to metrics.jsonl, log.txt and wandb: None, or why it failed."""
         def write():
             print(json.dumps(record), file=self.jsonl, flush=True)
             print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), file=self.text, flush=True)
         if self.tracker is not None:
-            self.tracker.log(record, step=step)
+            self.tracker.log(record, step=record["step"])
         return try_write(self.jsonl.name, write)
+
+    def record_fid(self, step, values):
+        """Rank 0 writes FIDs (and shows them on the bar): None, or why it could not."""
+        if not self.active:
+            return None
+        self.latest = {k: f"{v:.4g}" for k, v in values.items() if k.endswith("nfe")}
+        self.bar.set_postfix({**self.postfix, **self.latest})
+        return self.write({"step": step, **values})
 
     def image(self, name, path, step):
         """A PNG (a sample grid) to wandb, if tracked."""
@@ -658,6 +686,7 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
     end = min(settings.steps, settings.stop_at or settings.steps)
     os.makedirs(os.path.join(settings.results_dir, "samples"), exist_ok=True)
     tracker = start_wandb(settings.wandb_project, settings.results_dir, run_config, rank, world_size)
+    inception, reference = start_fid(settings, device) if settings.fid_every else (None, None)
     log = RunLog(settings.results_dir, rank, start, end, tracker)
     for note in notes:
         log.say(note)
@@ -697,6 +726,11 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
                                        settings.global_seed)
                 if failure is None:
                     log.image("samples", path, step)
+            if settings.fid_every and step % settings.fid_every == 0:          # every process samples
+                num_classes = 0 if grid_labels is None else net.num_classes
+                values = fid_of_ema(ema, settings, config, decode, inception, reference, grid_shape[1:],
+                                    num_classes, micro_batch, autocast)
+                failure = failure or log.record_fid(step, values)
             # A stop asked for by a signal, or a failed write, on any process: every process acts on it.
             flags = torch.tensor([stop_request.signal is not None, failure is not None], device=device)
             stop, failed = (all_reduce_mean(flags.float(), world_size) > 0).tolist()
@@ -741,6 +775,60 @@ def save_samples(path, ema, noise, labels, config, decode, seed):
         images = [decode(sample(ema, noise, labels, config=config, steps=k, mode="renoise")) for k in (1, 2)]
     pixels = to_uint8(torch.cat(images)).permute(0, 2, 3, 1).cpu().numpy()                    # NHWC
     return try_write(path, lambda: save_grid(path, pixels, columns=16))
+
+# ----- Sampling many images: per-image draws, FID during training -----
+def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
+    """(y, x1, eps) of the images `indices`: y (B,) labels or None, x1 (B, *shape), eps steps x (B, *shape).
+
+    Each image draws from its own generator, in this order: its class (if random), x_1, the re-noising noises.
+    numpy's, seeded by the pair (seed, i): a torch CPU generator keeps only the low 32 bits of its seed, so no
+    injective (seed, i) -> seed map exists for it."""
+    B = len(indices)
+    y = torch.empty(B, dtype=torch.long) if num_classes else None
+    x1, eps = torch.empty(B, *shape), [torch.empty(B, *shape) for _ in range(renoise_steps)]
+    for b, i in enumerate(indices.tolist()):
+        rng = np.random.default_rng([seed, i])
+        if num_classes:
+            y[b] = classes[i % len(classes)] if classes else int(rng.integers(num_classes))
+        x1[b] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+        for e in eps:
+            e[b] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+    return y, x1, eps
+
+def start_fid(settings, device):
+    """(Inception, reference (mu, sigma)) for --fid-every, on every process (fid.py); a clear stop if not."""
+    import fid
+    try:
+        inception = fid.load_inception(settings.inception_weights or None, device)
+        return inception, fid.reference_stats(settings.fid_ref, inception)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--fid-every: {e}") from e
+
+@torch.no_grad()
+def fid_of_ema(ema, settings, config, decode, inception, reference, shape, num_classes, batch_size, autocast):
+    """{fid_Knfe: FID of settings.fid_images EMA samples at K steps, fid_images, fid_seconds}.
+
+    Image i draws from its own generator (per_image_draws, seed global_seed): the same images at every
+    evaluation, on any number of processes, and the training's random streams untouched. Every process
+    samples batches rank, rank + W, ... and adds their features; the sums are all-reduced."""
+    import fid
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device, started = next(ema.parameters()).device, time.time()
+    batches = torch.arange(settings.fid_images).split(batch_size)[rank::world_size]
+    values = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):    # none drawn: a guard
+        for nfe in settings.fid_nfe:
+            stats = fid.FeatureStats(inception.feature_dim, device)
+            for indices in batches:
+                y, x1, eps = per_image_draws(settings.global_seed, indices, shape, num_classes, None, nfe - 1)
+                y = None if y is None else y.to(device)
+                with autocast:
+                    x0 = sample(ema, x1.to(device), y, eps=[e.to(device) for e in eps], config=config,
+                                steps=nfe, mode="renoise")
+                    images = decode(x0)
+                stats.add(fid.features(inception, to_uint8(images.float())))
+            values[f"fid_{nfe}nfe"] = fid.frechet_distance(*stats.all_reduce().mu_sigma(), *reference)
+    return {**values, "fid_images": settings.fid_images, "fid_seconds": time.time() - started}
 
 # ----- The SD VAE of the latent models (diffusers, optional: imported only where used) -----
 VAE_NAME = "stabilityai/sd-vae-ft-mse"

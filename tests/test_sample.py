@@ -184,15 +184,15 @@ def test_same_seed_same_images_with_1_or_2_processes_and_any_batch_size(ckpts, t
 
 
 def test_per_image_draws_do_not_depend_on_the_batch_or_the_number_of_steps():
-    whole = sample.per_image_draws(5, torch.arange(6), (2, 3), 10, None, 2)
-    part = sample.per_image_draws(5, torch.tensor([3, 4]), (2, 3), 10, None, 2)
+    whole = training.per_image_draws(5, torch.arange(6), (2, 3), 10, None, 2)
+    part = training.per_image_draws(5, torch.tensor([3, 4]), (2, 3), 10, None, 2)
     for a, b in zip([whole[0], whole[1], *whole[2]], [part[0], part[1], *part[2]]):
         assert torch.equal(a[3:5], b)
-    one_step = sample.per_image_draws(5, torch.arange(6), (2, 3), 10, None, 0)
+    one_step = training.per_image_draws(5, torch.arange(6), (2, 3), 10, None, 0)
     # x_1 drawn before the eps
     assert torch.equal(one_step[1], whole[1]) and torch.equal(one_step[0], whole[0])
     assert not torch.equal(whole[2][0], whole[2][1]) and not torch.equal(whole[1], whole[2][0])
-    y, _, _ = sample.per_image_draws(5, torch.arange(3, 6), (2, 3), 10, [1, 8], 0)
+    y, _, _ = training.per_image_draws(5, torch.arange(3, 6), (2, 3), 10, [1, 8], 0)
     # chosen classes cycle with the image index
     assert y.tolist() == [8, 1, 8]
 
@@ -287,5 +287,42 @@ def test_sampling_benchmark_runs_sample_py_end_to_end(ckpts, tmp_path):
                    "--repeats", "1", "--euler-repeats", "1", "--end-to-end", "--e2e-images", "3",
                    "--vae", ckpts.vae, "--json", str(out)])
     e2e = json.loads(out.read_text())["end_to_end"]
-    assert e2e["images"] == 3 and set(e2e["seconds"]) == {"noise", "generate", "decode", "convert", "write"}
+    parts = {"noise", "generate", "decode", "convert", "fid", "write"}
+    assert e2e["images"] == 3 and set(e2e["seconds"]) == parts
     assert sum(e2e["seconds"].values()) <= e2e["loop_seconds"] and e2e["generation_to_forward"] > 0
+
+
+class TinyExtractor(nn.Module):
+    """Stands in for fid.py's Inception (the plumbing is under test): uint8 images -> 4 features."""
+    feature_dim = 4
+
+    def forward(self, images):
+        x = images.float() / 255
+        return torch.cat([x.mean((2, 3)), x.flatten(1).std(1, keepdim=True)], 1)
+
+
+def test_fid_goes_batch_by_batch_into_the_extractor_and_out_json(trained, tmp_path, monkeypatch):
+    import fid
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": TinyExtractor())
+    reference = tmp_path / "ref.npz"                                  # an image set as the reference
+    np.savez(reference, arr_0=np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))
+    pixels, _ = run_sample(tmp_path / "s", "--ckpt", trained, "--num-images", "7", "--batch-size", "3",
+                           "--fid", str(reference), "--grid", "4")
+    report = json.loads((tmp_path / "s.json").read_text())
+    # The same number from the written images: their features against the reference's (whole sets at once:
+    # float32 reductions round differently from batches of 3, by 1e-7).
+    def stats(nhwc):
+        return fid.FeatureStats(4).add(TinyExtractor()(torch.from_numpy(nhwc).permute(0, 3, 1, 2))).mu_sigma()
+    expected = fid.frechet_distance(*stats(pixels), *stats(np.load(reference)["arr_0"]))
+    assert report["fid"] == pytest.approx(expected, rel=1e-6)
+    assert report["num_images"] == 7 and report["nfe"] == 1 and report["checkpoint"] == trained
+    assert report["reference_sha256"] == fid.file_sha256(reference) and report["images_per_s"] > 0
+    # Without --npz only the grid's images are gathered; the FID is the same.
+    sample.main(["--ckpt", trained, "--num-images", "7", "--batch-size", "3", "--fid", str(reference),
+                 "--grid", "4", "--out", str(tmp_path / "t")])
+    assert json.loads((tmp_path / "t.json").read_text())["fid"] == report["fid"]
+    assert not (tmp_path / "t.npz").exists()
+    with pytest.raises(SystemExit, match="--fid: .*(arr_0|mu)"):
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, other=np.zeros(3))
+        sample.main(["--ckpt", trained, "--num-images", "2", "--fid", str(bad), "--out", str(tmp_path / "u")])

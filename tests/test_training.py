@@ -9,6 +9,7 @@ import signal
 from dataclasses import asdict, replace
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -450,3 +451,51 @@ def test_wandb_logs_the_metrics_and_grids_and_a_resumed_run_continues_it(tmp_pat
     assert [(r["_step"], r["samples._type"]) for r in logged if "samples._type" in r] == [(4, "image-file"),
                                                                                         (6, "image-file")]
     assert len(list((tmp_path / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))) == 2
+
+
+# ----- FID during training -----
+
+class TinyExtractor(torch.nn.Module):
+    """Stands in for fid.py's Inception (the plumbing is under test): uint8 images -> 3 features."""
+    feature_dim = 3
+
+    def forward(self, images):
+        x = images.float().flatten(1) / 255
+        return torch.stack([x.mean(1), x.amin(1), x.amax(1) ** 2], 1)
+
+
+def test_fid_during_training_is_recorded_resume_safe_and_changes_no_weight(tmp_path, monkeypatch):
+    import fid
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": TinyExtractor())
+    stats = fid.FeatureStats(3).add(TinyExtractor()(training.to_uint8(as_images(DATA))))
+    mu, sigma = stats.mu_sigma()
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    flags = ("--fid-every", "3", "--fid-ref", str(tmp_path / "ref.npz"), "--fid-images", "20",
+             "--fid-nfe", "1", "2")
+    run(tmp_path / "plain")
+    run(tmp_path / "fid", *flags)
+    assert_same_weights(checkpoint(tmp_path / "plain", 6), checkpoint(tmp_path / "fid", 6))
+    records = [json.loads(line) for line in (tmp_path / "fid" / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in records if "fid_1nfe" in r]
+    assert [r["step"] for r in fids] == [3, 6] and all(r["fid_images"] == 20 for r in fids)
+    assert "fid_1nfe=" in (tmp_path / "fid" / "log.txt").read_text()
+    # The number: 20 images of step 6's EMA, image i from its own generator, in batches of 8 (the run's: the
+    # same kernels), against the reference.
+    ema = toy_net().eval()
+    ema.load_state_dict(checkpoint(tmp_path / "fid", 6)["ema"])
+    for nfe in (1, 2):
+        direct = fid.FeatureStats(3)
+        for indices in torch.arange(20).split(8):
+            _, x1, eps = training.per_image_draws(0, indices, (2,), 0, None, nfe - 1)
+            x0 = soflow.sample(ema, x1, eps=eps, config=CONFIG, steps=nfe, mode="renoise")
+            direct.add(TinyExtractor()(training.to_uint8(as_images(x0))))
+        expected = fid.frechet_distance(*direct.mu_sigma(), mu, sigma)
+        assert fids[1][f"fid_{nfe}nfe"] == pytest.approx(expected, rel=1e-12)
+    assert fids[1]["fid_1nfe"] != fids[1]["fid_2nfe"] and fids[0]["fid_1nfe"] != fids[1]["fid_1nfe"]
+    # Stopped after the first FID and resumed: the same records.
+    run(tmp_path / "resumed", *flags, "--stop-at", "3")
+    run(tmp_path / "resumed", *flags)
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fid_2nfe"] for r in resumed if "fid_2nfe" in r] == [r["fid_2nfe"] for r in fids]
+    with pytest.raises(SystemExit, match="--fid-every needs --fid-ref"):
+        parse("--results-dir", str(tmp_path), "--fid-every", "3")
