@@ -58,8 +58,9 @@ def commands(work, json_dir):
         "sampling": [("bf16", ["-m", "benchmarks.sampling", "--model", "DiT-XL/2", "--batch-size", "125",
                                "--device", "cuda", "--precision", "bf16", "--repeats", "5", "--euler-steps",
                                "4", "--end-to-end", "--e2e-images", "500", "--json", out("sampling")], 180)],
-        "fid": [("fp32", ["-m", "benchmarks.fid", "--device", "cuda", "--batch-size", "250",
-                          "--json", out("fid")], 120)],
+        "fid": [("fp32", ["-m", "benchmarks.fid", "--device", "cuda", "--batch-size", "250", "--generator",
+                          "UNet-CIFAR10", "--end-to-end", "--e2e-images", "1000", "--json", out("fid")],
+                 150)],
     }
 
 
@@ -157,7 +158,8 @@ def summary(work, json_dir, status):
             results["sampling"].update(end_to_end_images_per_s=e2e["end_to_end_images_per_s"],
                                        generate_images_per_s=e2e["generate_images_per_s"])
     if data := read_json(json_dir / "fid.json"):
-        results["fid"] = data
+        results["fid"] = dict(extractor_images_per_s=data["extractor_images_per_s"],
+                              share_of_sample_py=data.get("end_to_end", {}).get("extractor_share"))
     return results
 
 
@@ -184,7 +186,10 @@ def table(results):
         if "end_to_end_images_per_s" in r:
             lines.append(f"{'':<20}{'sample.py with SD-VAE':<28}{r['end_to_end_images_per_s']:>9.1f} img/s")
     if r := results.get("fid"):
-        lines.append(f"{'fid extractor':<20}{'batch 250':<28}{r['extractor_images_per_s']:>9.1f} img/s")
+        for size, ips in r["extractor_images_per_s"].items():
+            lines.append(f"{'fid extractor':<20}{f'batch 250 of {size}x{size}':<28}{ips:>9.1f} img/s")
+        if r["share_of_sample_py"] is not None:
+            lines.append(f"{'':<20}{'share of sample.py --fid':<28}{r['share_of_sample_py']:>9.1%}")
     failed = [k for k, v in results["status"].items() if v != "ok"]
     lines.append("failed: " + (", ".join(f"{k} ({results['status'][k]})" for k in failed) or "none"))
     return "\n".join(lines)

@@ -270,7 +270,8 @@ def test_gpu_check_summary_reads_each_parts_output(tmp_path):
         (tmp_path / f"imagenet-{p}" / "metrics.jsonl").write_text(
             json.dumps(dict(step=150, images_per_s=1.0)) + "\n"
             + json.dumps(dict(step=200, images_per_s=ips, max_memory_gb=3.5)) + "\n")
-    (json_dir / "fid.json").write_text(json.dumps(dict(extractor_images_per_s=900.0)))
+    (json_dir / "fid.json").write_text(json.dumps(dict(extractor_images_per_s={"32": 900.0},
+                                                       end_to_end=dict(extractor_share=0.25))))
     status = {f"imagenet {p}": "ok" for p in gpu_check.PRECISIONS} | {"cifar bf16": "failed, see log"}
     results = gpu_check.summary(tmp_path, json_dir, status)
     assert results["train_step"]["SoFlow CFG (w 3, m 0.25)"]["images_per_s"] == 400.0  # 64 per 0.16 s
@@ -279,4 +280,5 @@ def test_gpu_check_summary_reads_each_parts_output(tmp_path):
     printed = gpu_check.table(results)
     assert re.search(r"imagenet loop +overhead over the bare step +25.0%", printed)
     assert "failed: cifar bf16 (failed, see log)" in printed
-    assert "900.0 img/s" in printed
+    assert re.search(r"batch 250 of 32x32 +900.0 img/s", printed)
+    assert re.search(r"share of sample.py --fid +25.0%", printed)
