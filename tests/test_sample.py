@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -147,6 +148,25 @@ def test_released_dit_decodes_latents_and_labels_the_npz(ckpts, tmp_path, capsys
     import matplotlib.pyplot as plt
     assert plt.imread(tmp_path / "dit.png").shape[:2] == (64, 64)                     # --grid 4: 2 x 2
     assert capsys.readouterr().out.count("assuming the released PRESETS['imagenet']") == 1
+
+
+def test_a_latent_checkpoint_decodes_with_the_vae_and_scale_it_records(ckpts, tmp_path, capsys):
+    # Ours: the VAE's folder and a scale of 0.5 recorded in the checkpoint; no --vae given.
+    net = soflow.load_network(ckpts.dit)
+    weights = net.state_dict()
+    torch.save(dict(arch="DiT", arch_kwargs=net.init_kwargs, model=weights, ema=weights,
+                    config=asdict(soflow.PRESETS["imagenet"]), vae=dict(name=ckpts.vae, scale=0.5)),
+               tmp_path / "ours.pt")
+    pixels, _ = run_sample(tmp_path / "ours", "--ckpt", str(tmp_path / "ours.pt"), "--num-images", "3",
+                           "--batch-size", "1")
+    vae = training.load_vae(ckpts.vae)
+    want, _ = expected(net, soflow.PRESETS["imagenet"], 3, 1, num_classes=10,
+                       decode=lambda z: vae.decode(z / 0.5).sample.clamp(-1, 1))
+    assert np.array_equal(pixels, want)
+    # --vae names another: it decodes, and says so.
+    run_sample(tmp_path / "other", "--ckpt", str(tmp_path / "ours.pt"), "--num-images", "1", "--vae",
+               str(Path(ckpts.vae).resolve()) + "/")
+    assert "decoding with --vae" in capsys.readouterr().out
 
 
 def test_released_unet_and_chosen_classes(ckpts, tmp_path, capsys):
