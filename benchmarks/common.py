@@ -28,16 +28,22 @@ def add_setup_args(parser):
     parser.add_argument("--seed", type=int, default=0)
 
 
-def setup(args):
-    """(device, net, model, x, y, autocast): a class-conditional DiT (model: compiled if asked, else net), a
-    batch of (B, 4, 32, 32) latents with labels, and the autocast context of --precision. Random weights: the
-    cost ignores them."""
+def open_device(args):
+    """--device (checked), --threads and --seed: the device a benchmark runs on."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no GPU: run on a GPU machine or pass --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    return device
+
+
+def setup(args):
+    """(device, net, model, x, y, autocast): a class-conditional DiT (model: compiled if asked, else net), a
+    batch of (B, 4, 32, 32) latents with labels, and the autocast context of --precision. Random weights: the
+    cost ignores them."""
+    device = open_device(args)
     net = SIZES[args.model](input_size=32, in_channels=4, num_classes=1000).to(device)
     model = torch.compile(net) if args.compile else net
     x = torch.randn(args.batch_size, 4, 32, 32, device=device)

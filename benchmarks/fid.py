@@ -25,7 +25,7 @@ import torch
 import fid
 import soflow
 import training
-from benchmarks.common import sync, timed, write_json
+from benchmarks.common import open_device, sync, timed, write_json
 
 CONFIG = soflow.PRESETS["cifar10"]     # the U-Net's sampler reads its schedule and parameterization
 
@@ -91,12 +91,7 @@ def main(argv=None):
     parser.add_argument("--e2e-images", type=int, default=0, help="--end-to-end: images (0: two batches)")
     args = parser.parse_args(argv)
     # Setup: both networks with random weights, a batch of pixels per input size, a batch of noise.
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda, but torch sees no GPU: run on a GPU machine or pass --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    device = open_device(args)
     inception = fid.InceptionV3().to(device).eval().requires_grad_(False)
     generator = soflow.UNet_models[args.generator]().to(device).eval().requires_grad_(False)
     pixels = {size: torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8, device=device)
