@@ -5,6 +5,7 @@ one process, and two under torchrun (gloo); exact resume, SIGTERM, grids and the
 """
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -470,3 +471,25 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_a_straight_one(data, t
     log = (tmp_path / "killed" / "log.txt").read_text()
     assert log.count("resuming at step") == 1, log                    # the restarted group resumed once
     assert_same_run(checkpoint(tmp_path / "straight", 8), checkpoint(tmp_path / "killed", 8))
+
+
+@pytest.mark.slow
+def test_fid_during_training_is_the_same_on_one_and_two_processes(data, tmp_path):
+    """The real Inception (random weights of its layout, saved to a file), 2 EMA samples at step 2."""
+    import fid
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pth"
+    torch.save(fid.InceptionV3().state_dict(), weights)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "images.npz", arr_0=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    reference = str(tmp_path / "ref.npz")
+    fid.main(["ref", str(tmp_path / "images.npz"), reference, "--inception-weights", str(weights)])
+    flags = [*TINY, "--data-path", data, "--steps", "2", "--fid-every", "2", "--fid-ref", reference,
+             "--fid-images", "2", "--inception-weights", str(weights)]
+    train_cifar.main([*flags, "--results-dir", str(tmp_path / "one")])
+    torchrun("train_cifar.py", *flags, "--results-dir", str(tmp_path / "two"))
+    fids = []
+    for run in ("one", "two"):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        fids.append([r["fid_1nfe"] for r in records if "fid_1nfe" in r])
+    assert len(fids[0]) == 1 and fids[0] == pytest.approx(fids[1], rel=1e-5) and fids[0][0] > 0
