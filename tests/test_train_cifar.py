@@ -474,6 +474,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_a_straight_one(data, t
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*is not the 2015-12-05 weights file")        # random weights, on purpose
 def test_fid_during_training_is_the_same_on_one_and_two_processes(data, tmp_path):
     """The real Inception (random weights of its layout, saved to a file), 2 EMA samples at step 2."""
     import fid

@@ -237,3 +237,6 @@ def test_one_process_without_a_vae_draws_latent_grids_and_refuses_another_config
     assert checkpoint(run, 2)["vae"] == {"name": prepared_with, "scale": 0.18215}  # not the grids' --vae none
     with pytest.raises(SystemExit, match="another configuration"):
         train_imagenet.main([*flags, "--model", "DiT-T/2"])
+    # FID needs images: the VAE decodes the samples on every process, so --vae none is refused.
+    with pytest.raises(SystemExit, match="--fid-every decodes the samples with the VAE: drop --vae none"):
+        train_imagenet.main([*flags, "--fid-every", "2", "--fid-ref", "ref.npz"])
