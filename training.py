@@ -1,7 +1,8 @@
 """The machinery train_cifar.py, train_imagenet.py and sample.py share: processes, global batches, precision,
-the training loop of Algorithm 1 with micro-batches and EMA, logs (and wandb), sample grids, FID during training,
-atomic checkpoints with every process's random state, exact resume, SIGTERM and SIGINT, the non-finite guard;
-the released checkpoints (hf:// paths, their config.yaml, fine-tuning from them); and the SD VAE of latents.
+the training loop of Algorithm 1 with micro-batches and EMA, logs (and wandb), sample grids, FID during
+training, atomic checkpoints with every process's random state, exact resume, SIGTERM and SIGINT, the
+non-finite guard; the released checkpoints (hf:// paths, their config.yaml, fine-tuning from them); and the SD
+VAE of latents.
 
 One code path: `python script.py` is a world of one process; under torchrun every process drives one GPU
 (NCCL), or one CPU worker (gloo). The method itself is soflow.py; this file holds no equation of it.
