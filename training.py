@@ -133,7 +133,7 @@ def ema_decay_at(step, ema_decay, warmup=True):
 def set_precision(precision, device):
     """(precision, autocast) for --precision on this device; TF32 is switched to match (process-wide).
 
-    bf16: matmuls and convolutions autocast to bfloat16 (8-bit mantissa), the rest fp32. tf32: fp32 tensors,
+    bf16: matmuls and convolutions autocast to bfloat16 (7-bit mantissa), the rest fp32. tf32: fp32 tensors,
     matmuls and convolutions on TF32 tensor cores (10-bit mantissa). fp32: full fp32, TF32 off. "": bf16 on a
     GPU, fp32 on a CPU, which has no TF32."""
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
