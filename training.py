@@ -105,8 +105,8 @@ PRECISIONS = ("bf16", "tf32", "fp32")
 def add_precision_arg(parser):
     """--precision, with one meaning in every script (set_precision)."""
     parser.add_argument("--precision", default="", choices=PRECISIONS,
-                        help="bf16: autocast (the default on a GPU); tf32: fp32 with TF32 matmuls; fp32: "
-                             "TF32 off, the released training's numerics (the default on a CPU)")
+                        help="bf16: autocast (the default on a GPU); tf32: fp32 with TF32 matmuls, the "
+                             "released code's numerics; fp32: TF32 off (the default on a CPU)")
 
 def settings_from_args(args):
     """The TrainSettings of parsed flags (those of add_training_args)."""
