@@ -17,18 +17,8 @@ from benchmarks import train_loop as tl
 from benchmarks import train_step as ts
 
 # Loading forward-AD decompositions makes torch call its deprecated torch.jit.script.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: tiny networks run many small ops, and when other processes share the cores, two OpenMP
-    threads wait on each other at every op (this file took 40 s with 2 threads on a busy 2-core machine,
-    4 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]          # conftest.py
 
 
 def tiny_dit(dtype=torch.float32, seed=0):

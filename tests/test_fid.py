@@ -26,14 +26,7 @@ import fid
 import train_cifar
 from distributed import ROOT, torchrun
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: the tests share 2 cores with other work; the Inception sees a few images at a time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")          # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +87,14 @@ def fidelity_extractor():
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
         pytest.skip("torch-fidelity is not installed: pip install --no-deps torch-fidelity==0.4.0")
-    before = set(sys.modules)
     package = types.ModuleType("torch_fidelity")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["torch_fidelity"] = package
     try:
         module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
         yield module.FeatureExtractorInceptionV3
-    finally:
-        for name in set(sys.modules) - before:
+    finally:                # only torch_fidelity: a torch module imported twice registers its ops twice
+        for name in [n for n in sys.modules if n == "torch_fidelity" or n.startswith("torch_fidelity.")]:
             del sys.modules[name]
 
 

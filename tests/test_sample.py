@@ -26,14 +26,7 @@ from distributed import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: tiny networks on a shared 2-core machine run many times faster than with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")          # conftest.py
 
 
 def randomize(net):
