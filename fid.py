@@ -1,6 +1,6 @@
 """FID as the ADM evaluator computes it (guided-diffusion evaluations/evaluator.py), in PyTorch.
 
-    python fid.py ref data/cifar10 refs/cifar10-train.npz             # mu, sigma of CIFAR-10's 50,000 images
+    python fid.py ref data/cifar10 stats/cifar10_train.npz            # mu, sigma of CIFAR-10's 50,000 images
     python fid.py samples/xl2-1nfe.npz VIRTUAL_imagenet256_labeled.npz  # prints the FID of the two
     torchrun --nproc_per_node=8 fid.py ref ...                          # each process its block of the images
 

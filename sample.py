@@ -16,11 +16,9 @@ own process (nothing is gathered but the grid): OUT.json holds the FID against R
 """
 import argparse
 import gc
-import json
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,11 +95,6 @@ def write_npz(path, arrays):
         with open(tmp, "wb") as f:       # a file object: np.savez would append ".npz" to a temporary name
             np.savez(f, **arrays)
     training.atomic_write(path, write)
-
-
-def write_json(path, obj):
-    """json.dump(obj) to path, atomically."""
-    training.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
 
 
 def fid_report(args, value, precision, seconds):
@@ -261,7 +254,8 @@ def generate(args, rank, world_size, device, started):
             failure = training.try_write(paths[1], lambda: write_npz(paths[1], arrays), WRITE_AGAIN)
         if args.fid and failure is None:
             report = fid_report(args, fid_value, precision, clock() - loop_start)
-            failure = training.try_write(paths[-1], lambda: write_json(paths[-1], report), WRITE_AGAIN)
+            failure = training.try_write(paths[-1], lambda: training.write_json(paths[-1], report),
+                                         WRITE_AGAIN)
             say(f"FID {fid_value:.4f} against {args.fid} ({args.num_images} images, {args.nfe} NFE)")
         seconds["write"] = clock() - t0
     loop_seconds = clock() - loop_start

@@ -65,10 +65,6 @@ class ImageFiles(torch.utils.data.Dataset):
         except Exception as e:            # reported at the end and left out of training, never silently
             return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
-def write_json(path, obj):
-    """obj as JSON at path, atomically."""
-    training.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
-
 def open_or_create(out, manifest, labels):
     """Rank 0: (an error message or '', the manifest on disk); a new folder gets empty arrays first."""
     path = os.path.join(out, "manifest.json")
@@ -86,7 +82,7 @@ def open_or_create(out, manifest, labels):
         np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", manifest["dtype"],
                                   (manifest["count"] * manifest["copies"], *manifest["shape"])).flush()
     np.save(os.path.join(out, "labels.npy"), np.asarray(labels, np.int64))
-    write_json(path, manifest)                        # last: a manifest means the arrays exist
+    training.write_json(path, manifest)                        # last: a manifest means the arrays exist
     return "", manifest
 
 SHARDS_KEPT = "the finished shards are kept, and the same command encodes the others"
@@ -105,11 +101,10 @@ def prepare(args):
     size = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)    # the SD VAE: 256 -> 32
     N, copies = len(paths), 2 if args.flip else 1
     settings = dict(data_path=os.path.abspath(args.data_path), num_images=N, listing_sha256=listing,
-                    precision=precision,
                     **{k: getattr(args, k) for k in ("image_size", "vae", "flip", "dtype", "shard_size")})
-    manifest = dict(complete=False, settings=settings, count=N, copies=copies, unreadable=0, dtype=args.dtype,
-                    shape=[vae.config.latent_channels, size, size], scale=training.VAE_SCALE,
-                    crop="ADM center crop",
+    manifest = dict(complete=False, settings=settings, precision=precision, count=N, copies=copies,
+                    unreadable=0, dtype=args.dtype, shape=[vae.config.latent_channels, size, size],
+                    scale=training.VAE_SCALE, crop="ADM center crop",
                     classes=classes, arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy"))
     error, manifest = open_or_create(args.latents, manifest, labels) if rank == 0 else ("", None)
     error, manifest = training.gather_objects((error, manifest), world_size)[0]
@@ -147,7 +142,7 @@ def prepare(args):
             def flush_then_mark():                   # flushed, then marked: a marker means on disk
                 for array in arrays.values():
                     array.flush()
-                write_json(marker, unreadable)
+                training.write_json(marker, unreadable)
             if failure := training.try_write(marker, flush_then_mark, hint=SHARDS_KEPT):
                 break
             unreadable = {}
@@ -172,7 +167,7 @@ def finish(out, manifest, paths, markers):
     report = [f"{paths[i]}\t{message}" for i, message in sorted(unreadable.items())]
     Path(out, "unreadable.txt").write_text("\n".join(report))
     manifest.update(complete=True, count=len(paths) - len(unreadable), unreadable=len(unreadable))
-    write_json(os.path.join(out, "manifest.json"), manifest)
+    training.write_json(os.path.join(out, "manifest.json"), manifest)
     print(f"wrote {out}: {manifest['count']} images in {len(manifest['classes'])} classes" + (
         f"; {len(unreadable)} unreadable, left out (listed in unreadable.txt):\n" + "\n".join(report[:20])
         if unreadable else ""))
@@ -206,20 +201,22 @@ def latent_batches(manifest, arrays, device):
         return x0, torch.from_numpy(arrays["labels"][index % N]).to(device), None
     return get_batch, len(readable)
 
-def grid_decoder(vae_name, scale, device, results_dir, rank=0, world_size=1, strict=False):
-    """Latents -> images for the sample grids (said in rank 0's log): the VAE's decoder, or the latents.
+def grid_decoder(vae_name, scale, device, results_dir, rank, world_size, for_fid):
+    """Latents -> images (said in rank 0's log): the VAE's decoder, or the latents' first channel.
 
-    strict (FID during training, every process): the VAE must load."""
-    decode, note = (lambda z: z), "sample grids: the latents' first channel (--vae none)"
-    if vae_name == "none" and strict:
+    Rank 0 draws the sample grids; for_fid (--fid-every): every process decodes, and the VAE must load."""
+    if rank > 0 and not for_fid:
+        return None
+    if vae_name == "none" and for_fid:
         raise SystemExit("--fid-every decodes the samples with the VAE: drop --vae none")
+    decode, note = (lambda z: z), "sample grids: the latents' first channel (--vae none)"
     if vae_name != "none":
         try:
-            vae = training.load_vae(vae_name, device, rank, world_size)
+            vae = training.load_vae(vae_name, device, rank, world_size if for_fid else 1)
             decode = partial(training.decode_latents, vae, scale=scale)
             note = f"sample grids decoded by {vae_name}"
         except (OSError, SystemExit) as e:                # no diffusers, no network: the run goes on
-            if strict:
+            if for_fid:
                 raise SystemExit(f"--fid-every needs the VAE {vae_name}, which did not load: {e}") from e
             note = f"sample grids: the latents' first channel ({vae_name} did not load: {e})"
     if rank == 0:
@@ -286,11 +283,8 @@ def main(argv=None):
     get_batch, num_examples = latent_batches(manifest, arrays, device)
     torch.manual_seed(args.global_seed)                   # the same initial weights on every process
     net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=len(manifest["classes"]))
-    vae_name = args.vae or manifest["settings"]["vae"]
-    if args.fid_every:                                     # every process decodes its FID samples
-        decode = grid_decoder(vae_name, manifest["scale"], device, args.results_dir, rank, world_size, True)
-    else:                                                  # rank 0 draws the grids
-        decode = grid_decoder(vae_name, manifest["scale"], device, args.results_dir) if rank == 0 else None
+    decode = grid_decoder(args.vae or manifest["settings"]["vae"], manifest["scale"], device,
+                          args.results_dir, rank, world_size, for_fid=bool(args.fid_every))
     # Every checkpoint names the VAE of its latents: sample.py decodes with it.
     extras = dict(vae=dict(name=manifest["settings"]["vae"], scale=manifest["scale"]))
     # The released optimizer; the paper's Adam is the same update at weight decay 0.

@@ -245,6 +245,10 @@ def try_write(path, write, hint=RESUME_HINT):
                 "(disk space, quota, permissions)")
     return None
 
+def write_json(path, obj):
+    """obj as JSON at path, atomically (a manifest, a report)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+
 def save_checkpoint(path, **state):
     """torch.save(state) atomically."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))

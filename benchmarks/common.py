@@ -1,6 +1,5 @@
 """What both benchmarks share: the DiT sizes, the command-line flags of the setup, the setup itself (one
 network and one batch on one device), GPU synchronisation and an atomic JSON write."""
-import json
 import time
 from functools import partial
 
@@ -71,9 +70,4 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def write_json(path, results):
-    """Write atomically: an interrupted run never leaves a truncated file."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-    training.atomic_write(path, write)
+write_json = training.write_json       # atomically: an interrupted run never leaves a truncated file

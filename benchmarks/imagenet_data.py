@@ -48,7 +48,7 @@ def write_latents(folder, count, seed):
             array[a:a + len(chunk)] = np.abs(chunk) * 0.1 if name == "std" else chunk
         array.flush()
     np.save(os.path.join(folder, "labels.npy"), rng.integers(0, 1000, count))
-    train_imagenet.write_json(os.path.join(folder, "manifest.json"), dict(
+    training.write_json(os.path.join(folder, "manifest.json"), dict(
         complete=True, settings=dict(num_images=count, vae=training.VAE_NAME, listing_sha256="random"),
         scale=training.VAE_SCALE, copies=2, shape=[4, 32, 32],
         classes=list(range(1000)), arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy")))

@@ -233,7 +233,9 @@ def test_one_process_without_a_vae_draws_latent_grids_and_refuses_another_config
     assert Image.open(run / "samples" / "0000002.png").size == (16 * 16, 4 * 16)
     assert "the latents' first channel" in (run / "log.txt").read_text()
     assert checkpoint(run, 2)["run_config"]["copies"] == 2
-    prepared_with = json.loads((latents / "manifest.json").read_text())["settings"]["vae"]
+    manifest = json.loads((latents / "manifest.json").read_text())
+    prepared_with = manifest["settings"]["vae"]
+    assert manifest["precision"] == "fp32"                                    # prepare's, on the CPU
     assert checkpoint(run, 2)["vae"] == {"name": prepared_with, "scale": 0.18215}  # not the grids' --vae none
     with pytest.raises(SystemExit, match="another configuration"):
         train_imagenet.main([*flags, "--model", "DiT-T/2"])
