@@ -619,12 +619,8 @@ def main(argv=None):
         if ref:
             mu, sigma = stats_of(args.source)
             if rank == 0:
-                from training import atomic_write
-
-                def write(tmp):
-                    with open(tmp, "wb") as f:      # a file object: np.savez would append ".npz" to tmp
-                        np.savez(f, mu=mu, sigma=sigma)
-                atomic_write(args.out, write)
+                from training import write_npz
+                write_npz(args.out, dict(mu=mu, sigma=sigma))
                 say(f"wrote {args.out}: mu {mu.shape}, sigma {sigma.shape}")
         else:
             value = frechet_distance(*stats_of(args.sources[0]), *stats_of(args.sources[1]))

@@ -79,24 +79,6 @@ def parse_args(argv=None):
     return args
 
 
-
-def gather_to_rank0(obj, rank, world_size):
-    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere: only rank 0 holds all the images."""
-    if world_size == 1:
-        return [obj]
-    objects = [None] * world_size if rank == 0 else None
-    dist.gather_object(obj, objects, dst=0)
-    return objects
-
-
-def write_npz(path, arrays):
-    """np.savez(path, **arrays), atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:       # a file object: np.savez would append ".npz" to a temporary name
-            np.savez(f, **arrays)
-    training.atomic_write(path, write)
-
-
 def fid_report(args, value, precision, seconds):
     """OUT.json of --fid: the number and what it was computed from."""
     import fid
@@ -150,11 +132,7 @@ def generate(args, rank, world_size, device, started):
     latent = arch == "DiT" and shape[0] == 4
     vae = vae_scale = None
     if latent:                               # the VAE its latents came from, unless --vae says otherwise
-        stored = recorded.get("vae") or dict(name=training.VAE_NAME, scale=training.VAE_SCALE)
-        if args.vae and args.vae != stored["name"]:
-            say(f"decoding with --vae {args.vae}, not the checkpoint's {stored['name']}")
-        vae = training.load_vae(args.vae or stored["name"], device, rank, world_size)
-        vae_scale = stored["scale"]
+        vae, vae_scale = training.checkpoint_vae(recorded, args.vae, device, rank, world_size, say)
     # Classes: checked against the model's.
     num_classes = net.num_classes
     if args.classes and not num_classes:
@@ -224,7 +202,7 @@ def generate(args, rank, world_size, device, started):
         keep = indices < kept
         batch = uint8[keep.to(uint8.device)].permute(0, 2, 3, 1).cpu().numpy()        # NHWC, as ADM reads
         part = (indices[keep].numpy(), batch, None if y is None else y[keep.to(y.device)].cpu().numpy())
-        parts = gather_to_rank0(part, rank, world_size)
+        parts = training.gather_to_rank0(part, rank, world_size)
         for idx, part, part_labels in [p for p in parts or [] if len(p[0])]:    # fewer images than processes
             if pixels is None:
                 pixels = np.empty((kept, *part.shape[1:]), np.uint8)
@@ -251,7 +229,7 @@ def generate(args, rank, world_size, device, started):
                                      WRITE_AGAIN)
         if args.npz and failure is None:
             arrays = dict(arr_0=pixels, **({"arr_1": labels} if num_classes else {}))
-            failure = training.try_write(paths[1], lambda: write_npz(paths[1], arrays), WRITE_AGAIN)
+            failure = training.try_write(paths[1], lambda: training.write_npz(paths[1], arrays), WRITE_AGAIN)
         if args.fid and failure is None:
             report = fid_report(args, fid_value, precision, clock() - loop_start)
             failure = training.try_write(paths[-1], lambda: training.write_json(paths[-1], report),

@@ -192,6 +192,14 @@ def gather_objects(obj, world_size):
         dist.all_gather_object(objects, obj)
     return objects
 
+def gather_to_rank0(obj, rank, world_size):
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere: only rank 0 holds them all (images)."""
+    if world_size == 1:
+        return [obj]
+    objects = [None] * world_size if rank == 0 else None
+    dist.gather_object(obj, objects, dst=0)
+    return objects
+
 def first_failure(failure, world_size):
     """Every process calls it (a barrier too): the first process's failure message, or None if none failed."""
     return next((message for message in gather_objects(failure, world_size) if message), None)
@@ -248,6 +256,13 @@ def try_write(path, write, hint=RESUME_HINT):
 def write_json(path, obj):
     """obj as JSON at path, atomically (a manifest, a report)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+
+def write_npz(path, arrays):
+    """np.savez(path, **arrays), atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:       # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, **arrays)
+    atomic_write(path, write)
 
 def save_checkpoint(path, **state):
     """torch.save(state) atomically."""
@@ -852,6 +867,14 @@ def load_vae(name_or_path=VAE_NAME, device="cpu", rank=0, world_size=1):
     if rank == 0 and world_size > 1:
         dist.barrier()
     return vae.to(device).eval().requires_grad_(False)
+
+def checkpoint_vae(recorded, override, device, rank=0, world_size=1, say=print):
+    """(vae, scale) that decode a latent checkpoint's samples: the VAE and scale it records (recorded, from
+    open_network; the released DiTs used VAE_NAME), or the override (--vae), which say() reports."""
+    stored = recorded.get("vae") or dict(name=VAE_NAME, scale=VAE_SCALE)
+    if override and override != stored["name"]:
+        say(f"decoding with --vae {override}, not the checkpoint's {stored['name']}")
+    return load_vae(override or stored["name"], device, rank, world_size), stored["scale"]
 
 @torch.no_grad()
 def decode_latents(vae, z, scale=VAE_SCALE):
