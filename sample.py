@@ -145,11 +145,8 @@ def generate(args, rank, world_size, device, started):
     inception = reference = stats = None
     if args.fid:
         import fid
-        try:
-            inception = fid.load_inception(args.inception_weights, device)
-            reference = fid.reference_stats(args.fid, inception, batch_size=args.batch_size)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"sample.py: --fid: {e}") from e
+        inception, reference = training.start_fid(args.fid, args.inception_weights, device, args.batch_size,
+                                                  flag="sample.py: --fid")
         stats = fid.FeatureStats(inception.feature_dim, device)
     model = torch.compile(net) if args.compile else net
     renoise_steps = args.nfe - 1 if args.sampler == "renoise" else 0

@@ -559,11 +559,11 @@ def open_network(path, use_ema=True, rank=0, world_size=1):
     if rank > 0:
         dist.barrier()
     try:
-        net = soflow.load_network(path, use_ema=use_ema)
+        local = soflow.hub_file(path) if str(path).startswith("hf://") else path     # fetched once
+        net = soflow.load_network(local, use_ema=use_ema)
         config, note, recorded = net.soflow_config, "", {}
         if config is not None:              # ours: mmap reads the few small entries, not the weights again
-            ckpt = torch.load(soflow.hub_file(path) if str(path).startswith("hf://") else path,
-                              map_location="cpu", mmap=True, weights_only=False)
+            ckpt = torch.load(local, map_location="cpu", mmap=True, weights_only=False)
             recorded = {key: ckpt[key] for key in RECORDED_KEYS if key in ckpt}
         if config is None:
             config, where = released_config(path)
@@ -707,7 +707,8 @@ def train(settings, net, config, make_optimizer, num_examples, get_batch, run_co
     end = min(settings.steps, settings.stop_at or settings.steps)
     os.makedirs(os.path.join(settings.results_dir, "samples"), exist_ok=True)
     tracker = start_wandb(settings.wandb_project, settings.results_dir, run_config, rank, world_size)
-    inception, reference = start_fid(settings, device) if settings.fid_every else (None, None)
+    inception, reference = (start_fid(settings.fid_ref, settings.inception_weights, device)
+                            if settings.fid_every else (None, None))
     log = RunLog(settings.results_dir, rank, start, end, tracker)
     for note in notes:
         log.say(note)
@@ -816,14 +817,15 @@ def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
             e[b] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
     return y, x1, eps
 
-def start_fid(settings, device):
-    """(Inception, reference (mu, sigma)) for --fid-every, on every process (fid.py); a clear stop if not."""
+def start_fid(reference, weights, device, batch_size=100, flag="--fid-every"):
+    """(Inception, reference (mu, sigma)) on every process (fid.py), for FID in training and sample.py --fid;
+    a clear stop, naming the flag, if either cannot be had."""
     import fid
     try:
-        inception = fid.load_inception(settings.inception_weights or None, device)
-        return inception, fid.reference_stats(settings.fid_ref, inception)
+        inception = fid.load_inception(weights or None, device)
+        return inception, fid.reference_stats(reference, inception, batch_size)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--fid-every: {e}") from e
+        raise SystemExit(f"{flag}: {e}") from e
 
 @torch.no_grad()
 def fid_of_ema(ema, settings, config, decode, inception, reference, shape, num_classes, batch_size, autocast):

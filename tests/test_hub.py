@@ -240,6 +240,7 @@ def test_rank_0_reads_first_and_the_others_wait_even_when_it_fails(rank, fails, 
         net.soflow_config = None                           # as a released file: no config of its own
         return net
     monkeypatch.setattr(soflow, "load_network", load)
+    monkeypatch.setattr(soflow, "hub_file", lambda path: events.append("fetch") or "c.pt")    # the download
     monkeypatch.setattr(training.dist, "barrier", lambda: events.append("barrier"))
     monkeypatch.setattr(training, "released_config", lambda path: (None, "no config.yaml"))
     if fails:
@@ -247,7 +248,7 @@ def test_rank_0_reads_first_and_the_others_wait_even_when_it_fails(rank, fails, 
             training.open_network("hf://a/b/c.pt", rank=rank, world_size=2)
     else:
         training.open_network("hf://a/b/c.pt", rank=rank, world_size=2)
-    assert events == (["barrier", "load"] if rank else ["load", "barrier"])
+    assert events == (["barrier", "fetch", "load"] if rank else ["fetch", "load", "barrier"])
 
 
 def test_sample_py_samples_a_released_model_from_the_hub_in_one_command(hub, tmp_path):
