@@ -232,16 +232,38 @@ class InceptionV3(nn.Module):
 
 
 # ----- Features, in float32 -----
+# torch 2.9 replaced the allow_tf32 switches with fp32_precision ("tf32" or "ieee"); once the new one is set,
+# reading the old one is an error. So each torch gets its own API.
+FP32_PRECISION_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def tf32_settings():
+    """(matmuls, convolutions): the TF32 settings of CUDA matmuls and cuDNN convolutions, for set_tf32."""
+    if FP32_PRECISION_API:
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def set_tf32(settings):
+    """Sets both, process-wide: a pair from tf32_settings, or True / False for TF32 on / off in both."""
+    matmul, conv = (settings, settings) if isinstance(settings, bool) else settings
+    if FP32_PRECISION_API:
+        matmul, conv = ({True: "tf32", False: "ieee"}.get(v, v) for v in (matmul, conv))
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+
+
 @contextlib.contextmanager
 def exact_float32(device):
     """Inside it: no autocast on device, no TF32 in CUDA matmuls and cuDNN convolutions; restored on exit."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    saved = tf32_settings()
+    set_tf32(False)
     try:
         with torch.autocast(device.type, enabled=False):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        set_tf32(saved)
 
 def device_of(net):
     """The device of net's first parameter or buffer (the CPU if it has none)."""

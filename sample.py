@@ -130,9 +130,6 @@ def generate(args, rank, world_size, device, started):
     # Data kind: a DiT on 4 channels works on SD-VAE latents, everything else on pixels.
     shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
     latent = arch == "DiT" and shape[0] == 4
-    vae = vae_scale = None
-    if latent:                               # the VAE its latents came from, unless --vae says otherwise
-        vae, vae_scale = training.checkpoint_vae(recorded, args.vae, device, rank, world_size, say)
     # Classes: checked against the model's.
     num_classes = net.num_classes
     if args.classes and not num_classes:
@@ -140,6 +137,9 @@ def generate(args, rank, world_size, device, started):
     if bad := [c for c in args.classes or [] if not 0 <= c < num_classes]:
         raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to "
                          f"{num_classes - 1}")
+    vae = vae_scale = None
+    if latent:                               # the VAE its latents came from, unless --vae says otherwise
+        vae, vae_scale = training.checkpoint_vae(recorded, args.vae, device, rank, world_size, say)
     precision, autocast = training.set_precision(args.precision, device)
     # FID: the Inception and the reference statistics on every process; each adds its own images' features.
     inception = reference = stats = None

@@ -29,6 +29,7 @@ import torch.nn as nn
 from einops import rearrange
 from tqdm import tqdm
 
+import fid
 import soflow
 from soflow import sample, soflow_loss
 
@@ -142,8 +143,7 @@ def set_precision(precision, device):
     if precision == "tf32" and device.type != "cuda":
         raise SystemExit("--precision tf32 needs an NVIDIA GPU (TF32 is a mode of its matmuls): on a CPU "
                          "pass --precision fp32 or bf16")
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    fid.set_tf32(precision == "tf32")
     return precision, torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 @torch.no_grad()
@@ -820,7 +820,6 @@ def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
 def start_fid(reference, weights, device, batch_size=100, flag="--fid-every"):
     """(Inception, reference (mu, sigma)) on every process (fid.py), for FID in training and sample.py --fid;
     a clear stop, naming the flag, if either cannot be had."""
-    import fid
     try:
         inception = fid.load_inception(weights or None, device)
         return inception, fid.reference_stats(reference, inception, batch_size)
@@ -834,7 +833,6 @@ def fid_of_ema(ema, settings, config, decode, inception, reference, shape, num_c
     Image i draws from its own generator (per_image_draws, seed global_seed): the same images at every
     evaluation, on any number of processes, and the training's random streams untouched. Every process
     samples batches rank, rank + W, ... and adds their features; the sums are all-reduced."""
-    import fid
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device, started = next(ema.parameters()).device, time.time()
     batches = torch.arange(settings.fid_images).split(batch_size)[rank::world_size]

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import fid
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -12,3 +14,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def keep_tf32():
+    """Puts back the process-wide TF32 settings a test changes, through the installed torch's own API."""
+    saved = fid.tf32_settings()
+    yield
+    fid.set_tf32(saved)

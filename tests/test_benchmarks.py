@@ -15,9 +15,10 @@ import training
 from benchmarks import sampling
 from benchmarks import train_loop as tl
 from benchmarks import train_step as ts
+from optional import needs
 
 # Loading forward-AD decompositions makes torch call its deprecated torch.jit.script.
-pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated"),
               pytest.mark.usefixtures("one_thread")]          # conftest.py
 
 
@@ -213,7 +214,7 @@ def test_train_loop_own_timer_reads_only_the_window_and_removes_the_clock(tmp_pa
 
 def test_imagenet_data_benchmark_reads_a_prepare_style_folder_and_times_prepare(tmp_path):
     from benchmarks import imagenet_data
-    pytest.importorskip("diffusers")
+    needs("diffusers")
     imagenet_data.write_latents(str(tmp_path / "latents"), 30, seed=0)
     manifest, arrays = train_imagenet.open_latents(str(tmp_path / "latents"))
     get_batch, count = train_imagenet.latent_batches(manifest, arrays, torch.device("cpu"))

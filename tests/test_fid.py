@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import fid
 import train_cifar
 from distributed import ROOT, torchrun
+from optional import needs, skip_reason
 
 pytestmark = pytest.mark.usefixtures("one_thread")          # conftest.py
 
@@ -86,7 +87,7 @@ def fidelity_extractor():
     package object pointing at the installed folder lets those load as they are."""
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
-        pytest.skip("torch-fidelity is not installed: pip install --no-deps torch-fidelity==0.4.0")
+        pytest.skip(skip_reason("torch_fidelity"))
     package = types.ModuleType("torch_fidelity")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["torch_fidelity"] = package
@@ -150,7 +151,7 @@ def test_resize_is_tf1_bilinear_not_torch():
     assert (fid.resize_bilinear_tf1(x) - torch_resized).abs().max() > 10
 
 
-def test_features_in_float32_without_autocast_or_tf32(monkeypatch):
+def test_features_in_float32_without_autocast_or_tf32(keep_tf32):
     class Probe(Tiny):
         """Tiny's features through a Linear; records the precision settings it runs under."""
         def __init__(self):
@@ -158,19 +159,21 @@ def test_features_in_float32_without_autocast_or_tf32(monkeypatch):
             self.linear = nn.Linear(12, 12)
 
         def forward(self, x):
-            self.seen = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                         torch.is_autocast_enabled("cpu"))
+            self.seen = (*fid.tf32_settings(), torch.is_autocast_enabled("cpu"))
             return self.linear(super().forward(x))
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    fid.set_tf32(False)
+    off = fid.tf32_settings()
+    fid.set_tf32(True)
+    on = fid.tf32_settings()
+    assert on != off
     probe = Probe()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fid.features(probe, images(3))
-    assert probe.seen == (False, False, False)
+    assert probe.seen == (*off, False)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, probe.linear(Tiny()(images(3))), rtol=1e-6, atol=1e-5)  # not bf16's
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32            # restored
+    assert fid.tf32_settings() == on                                                           # restored
 
 
 @pytest.mark.parametrize("bad, found", [(images(2).float(), "torch.float32 (2, 3, 32, 32)"),
@@ -289,7 +292,7 @@ def test_frechet_distance_of_a_set_to_itself_is_zero():
 
 def test_frechet_distance_is_adms_sqrtm_formula():
     """ADM's evaluator: |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrtm(S1 S2), scipy's sqrtm (where installed)."""
-    linalg = pytest.importorskip("scipy.linalg")
+    linalg = needs("scipy.linalg")
     g = np.random.default_rng(2)
     (mu1, s1), (mu2, s2) = (numpy_stats(g.standard_normal((300, 128)) @ g.standard_normal((128, 128)) + k)
                             for k in (0, 0.5))

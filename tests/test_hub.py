@@ -18,10 +18,11 @@ import torch.nn as nn
 
 import soflow
 import training
+from optional import needs
 
 ROOT = Path(__file__).resolve().parents[1]
-yaml = pytest.importorskip("yaml")
-hub_constants = pytest.importorskip("huggingface_hub.constants")
+yaml = needs("yaml")
+hub_constants = needs("huggingface_hub.constants")
 
 # The released files (the authors' imagenet.yaml and cifar.yaml), as they are.
 IMAGENET_YAML = """\

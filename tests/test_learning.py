@@ -18,6 +18,7 @@ import soflow
 import train_cifar
 import train_imagenet
 import training
+from optional import needs
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +87,7 @@ def latent_folder(tmp_path_factory):
 
     The random VAE's posterior is made tight (log-variance -10) and its mean scaled so that the latents, times
     0.18215, have about unit spread: the latents then hold the patterns, not the encoder's noise."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = needs("diffusers").AutoencoderKL
     root = tmp_path_factory.mktemp("learning")
     images, labels = noisy_patterns(64, seed=1)
     for i, (image, label) in enumerate(zip(images, labels)):

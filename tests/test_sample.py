@@ -23,6 +23,7 @@ import train_cifar
 import training
 from benchmarks import sampling
 from distributed import torchrun
+from optional import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,22 +48,27 @@ def released_file(path, net):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """A class-conditional DiT-T/4 on 4x16x16 latents, an unconditional UNet-T, a tiny VAE folder.
-
-    The VAE decodes 16 -> 32 pixels.
-    """
-    from diffusers import AutoencoderKL
+    """A class-conditional DiT-T/4 on 4x16x16 latents and an unconditional UNet-T, in the released layout."""
     folder = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
     dit = randomize(soflow.DiT_models["DiT-T/4"](input_size=16, num_classes=10))
     nn.init.normal_(dit.y_embedder.embedding_table.weight)          # classes that visibly change the images
     dit = released_file(folder / "dit.pt", dit)
     unet = released_file(folder / "unet.pt", randomize(soflow.UNet_models["UNet-T"]()))
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
-                        norm_num_groups=4)
-    vae.save_pretrained(folder / "vae")
-    return SimpleNamespace(dit=dit, unet=unet, vae=str(folder / "vae"))
+    return SimpleNamespace(dit=dit, unet=unet)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    """A tiny random VAE's folder (diffusers' AutoencoderKL): the DiT's 16x16 latents -> 32x32 pixels."""
+    diffusers = needs("diffusers")
+    folder = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                                    layers_per_block=1, norm_num_groups=4)
+    model.save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +134,12 @@ def test_our_checkpoint_gives_its_ema_images_a_grid_and_an_npz(trained, tmp_path
                                         net.soflow_config, 5, 1)[0])
 
 
-def test_released_dit_decodes_latents_and_labels_the_npz(ckpts, tmp_path, capsys):
-    pixels, labels = run_sample(tmp_path / "dit", "--ckpt", ckpts.dit, "--vae", ckpts.vae,
+def test_released_dit_decodes_latents_and_labels_the_npz(ckpts, vae_folder, tmp_path, capsys):
+    pixels, labels = run_sample(tmp_path / "dit", "--ckpt", ckpts.dit, "--vae", vae_folder,
                                 "--num-images", "6", "--batch-size", "1", "--nfe", "2", "--grid", "4")
     assert pixels.shape == (6, 32, 32, 3) and pixels.dtype == np.uint8                 # the VAE's output size
     assert labels.shape == (6,) and labels.dtype == np.int64 and 0 <= labels.min() and labels.max() < 10
-    net, vae = soflow.load_network(ckpts.dit), training.load_vae(ckpts.vae)
+    net, vae = soflow.load_network(ckpts.dit), training.load_vae(vae_folder)
     want, want_labels = expected(net, soflow.PRESETS["imagenet"], 6, 2, num_classes=10,
                                  decode=lambda z: training.decode_latents(vae, z))
     assert np.array_equal(pixels, want) and np.array_equal(labels, want_labels)
@@ -143,32 +149,35 @@ def test_released_dit_decodes_latents_and_labels_the_npz(ckpts, tmp_path, capsys
     assert capsys.readouterr().out.count("assuming the released PRESETS['imagenet']") == 1
 
 
-def test_a_latent_checkpoint_decodes_with_the_vae_and_scale_it_records(ckpts, tmp_path, capsys):
+def test_a_latent_checkpoint_decodes_with_the_vae_and_scale_it_records(ckpts, vae_folder, tmp_path, capsys):
     # Ours: the VAE's folder and a scale of 0.5 recorded in the checkpoint; no --vae given.
     net = soflow.load_network(ckpts.dit)
     weights = net.state_dict()
     torch.save(dict(arch="DiT", arch_kwargs=net.init_kwargs, model=weights, ema=weights,
-                    config=asdict(soflow.PRESETS["imagenet"]), vae=dict(name=ckpts.vae, scale=0.5)),
+                    config=asdict(soflow.PRESETS["imagenet"]), vae=dict(name=vae_folder, scale=0.5)),
                tmp_path / "ours.pt")
     pixels, _ = run_sample(tmp_path / "ours", "--ckpt", str(tmp_path / "ours.pt"), "--num-images", "3",
                            "--batch-size", "1")
-    vae = training.load_vae(ckpts.vae)
+    vae = training.load_vae(vae_folder)
     want, _ = expected(net, soflow.PRESETS["imagenet"], 3, 1, num_classes=10,
                        decode=lambda z: vae.decode(z / 0.5).sample.clamp(-1, 1))
     assert np.array_equal(pixels, want)
     # --vae names another: it decodes, and says so.
     run_sample(tmp_path / "other", "--ckpt", str(tmp_path / "ours.pt"), "--num-images", "1", "--vae",
-               str(Path(ckpts.vae).resolve()) + "/")
+               str(Path(vae_folder).resolve()) + "/")
     assert "decoding with --vae" in capsys.readouterr().out
 
 
-def test_released_unet_and_chosen_classes(ckpts, tmp_path, capsys):
+def test_released_unet_gives_unlabelled_pixels(ckpts, tmp_path, capsys):
     pixels, labels = run_sample(tmp_path / "unet", "--ckpt", ckpts.unet, "--num-images", "3",
                                 "--sampler", "chain", "--nfe", "2")
     assert pixels.shape == (3, 32, 32, 3) and labels is None
     assert "assuming the released PRESETS['cifar10']" in capsys.readouterr().out
-    _, labels = run_sample(tmp_path / "classes", "--ckpt", ckpts.dit, "--vae", ckpts.vae, "--num-images", "5",
-                           "--class", "7", "2")
+
+
+def test_chosen_classes_repeat_in_turn(ckpts, vae_folder, tmp_path):
+    _, labels = run_sample(tmp_path / "classes", "--ckpt", ckpts.dit, "--vae", vae_folder,
+                           "--num-images", "5", "--class", "7", "2")
     assert labels.tolist() == [7, 2, 7, 2, 7]
 
 
@@ -180,8 +189,8 @@ def assert_same_up_to_rounding(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nfe", [1, 2])
-def test_same_seed_same_images_with_1_or_2_processes_and_any_batch_size(ckpts, tmp_path, nfe):
-    flags = ["--ckpt", ckpts.dit, "--vae", ckpts.vae, "--num-images", "7", "--nfe", str(nfe), "--seed", "3"]
+def test_same_seed_same_images_with_1_or_2_processes_and_any_batch_size(ckpts, vae_folder, tmp_path, nfe):
+    flags = ["--ckpt", ckpts.dit, "--vae", vae_folder, "--num-images", "7", "--nfe", str(nfe), "--seed", "3"]
     one = run_sample(tmp_path / "one", *flags, "--batch-size", "2")
     # Two processes run the same batches ([0, 1], [2, 3], [4, 5], [6]), two each: the same bits.
     out = torchrun("sample.py", *flags, "--batch-size", "2", "--npz", "--out", str(tmp_path / "two")).stdout
@@ -257,12 +266,12 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="holds a MLP; images come from a DiT or a UNet"):
         sample.main(["--ckpt", str(tmp_path / "mlp.pt"), *out])
     with pytest.raises(SystemExit, match="--class 10 is out of range: the model has classes 0 to 9"):
-        sample.main(["--ckpt", ckpts.dit, "--vae", ckpts.vae, "--class", "3", "10", *out])
+        sample.main(["--ckpt", ckpts.dit, "--vae", str(tmp_path / "vae"), "--class", "3", "10", *out])
     with pytest.raises(SystemExit, match="unconditional"):
         sample.main(["--ckpt", ckpts.unet, "--class", "3", *out])
     monkeypatch.setitem(sys.modules, "diffusers", None)                                # as if not installed
     with pytest.raises(SystemExit, match="the SD VAE needs diffusers"):
-        sample.main(["--ckpt", ckpts.dit, "--vae", ckpts.vae, *out])
+        sample.main(["--ckpt", ckpts.dit, "--vae", str(tmp_path / "vae"), *out])
     assert not any(name.startswith("x.") for name in os.listdir(tmp_path))
 
 
@@ -294,11 +303,11 @@ def test_a_custom_grid_and_a_run_folder_and_a_missing_file(trained, tmp_path, ca
         assert "--times must decrease strictly, 2 points or more" in capsys.readouterr().err
 
 
-def test_sampling_benchmark_runs_sample_py_end_to_end(ckpts, tmp_path):
+def test_sampling_benchmark_runs_sample_py_end_to_end(vae_folder, tmp_path):
     out = tmp_path / "sampling.json"
     sampling.main(["--model", "DiT-T/4", "--batch-size", "2", "--euler-steps", "1", "--warmup", "0",
                    "--repeats", "1", "--euler-repeats", "1", "--end-to-end", "--e2e-images", "3",
-                   "--vae", ckpts.vae, "--json", str(out)])
+                   "--vae", vae_folder, "--json", str(out)])
     e2e = json.loads(out.read_text())["end_to_end"]
     parts = {"noise", "generate", "decode", "convert", "fid", "write"}
     assert e2e["images"] == 3 and set(e2e["seconds"]) == parts

@@ -18,8 +18,9 @@ import sample
 import train_imagenet
 import training
 from distributed import torchrun
+from optional import needs
 
-pytest.importorskip("diffusers")
+needs("diffusers")
 
 TINY = ["--model", "DiT-T/4", "--global-batch-size", "8", "--steps", "4", "--log-every", "1",
         "--sample-every", "4"]
