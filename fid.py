@@ -14,7 +14,7 @@ features shift with them (torch-fidelity #43).
 
 A SOURCE is an .npz holding mu and sigma (statistics, used as stored: ADM's reference batches hold them), an
 .npz holding arr_0 (uint8 NHWC images: sample.py --npz, ADM's format), a folder of images, or CIFAR-10 as
-train_cifar.py --data-path takes it (its 50,000 training images).
+train_cifar.py --data-path takes it (its 50,000 training images; training.data reads it).
 
     import fid
     net = fid.load_inception(device=device)                   # every process calls it; downloads once
@@ -40,6 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from training.data import is_cifar10, load_cifar10
 
 INPUT_SIZE = 299                      # the graph's ResizeBilinear target
 
@@ -279,7 +281,8 @@ def features(net, images):
             and images.shape[1] == 3):
         found = f"{images.dtype} {tuple(images.shape)}" if hasattr(images, "shape") else type(images).__name__
         raise ValueError(f"features() takes a uint8 tensor (B, 3, H, W) of pixels 0..255, got {found}: "
-                         "convert images in [-1, 1] with training.to_uint8, NHWC with .permute(0, 3, 1, 2)")
+                         "convert images in [-1, 1] with training.files.to_uint8, NHWC with "
+                         ".permute(0, 3, 1, 2)")
     device = device_of(net)
     with exact_float32(device):
         return net(images.to(device)).float()
@@ -512,15 +515,6 @@ class FolderImages:
             for _, run in itertools.groupby(arrays, key=lambda a: a.shape):
                 yield torch.from_numpy(np.stack(list(run))).permute(0, 3, 1, 2)
 
-def is_cifar10(path):
-    """Whether path is CIFAR-10 as train_cifar.py --data-path takes it (the batches' folder, a folder that
-    holds it or the archive), or the archive itself."""
-    from train_cifar import ARCHIVE, FOLDER, TRAIN_BATCHES
-    if os.path.isfile(path):
-        return os.path.basename(path) == ARCHIVE
-    return any(check(os.path.join(path, name)) for check, name in
-               ((os.path.isfile, TRAIN_BATCHES[0]), (os.path.isdir, FOLDER), (os.path.isfile, ARCHIVE)))
-
 def open_source(path):
     """(stats, images) of a SOURCE, one of them None: stats (mu, sigma) as stored, or an image set."""
     path = os.path.expanduser(str(path))
@@ -540,7 +534,6 @@ def open_source(path):
                              "(statistics) or arr_0 (uint8 NHWC images, as sample.py --npz writes them)")
         return None, NpzImages(path)
     if is_cifar10(path):
-        from train_cifar import load_cifar10
         root = os.path.dirname(path) if os.path.isfile(path) else path
         return None, TensorImages(load_cifar10(root, download=False)[0], f"CIFAR-10 in {path}")
     if os.path.isfile(path):
@@ -549,8 +542,8 @@ def open_source(path):
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and is not CIFAR-10")
     return None, images
 
-def process_rows(n, rank, world_size):
-    """(start, stop): the block of rows 0..n-1 that process rank of world_size takes."""
+def block_of_process(n, rank, world_size):
+    """(start, stop): the block of images 0..n-1 that process rank of world_size takes."""
     return n * rank // world_size, n * (rank + 1) // world_size
 
 def image_stats(net, images, batch_size=100, progress=True):
@@ -560,7 +553,7 @@ def image_stats(net, images, batch_size=100, progress=True):
     rank, world_size = world()
     if len(images) < 2:
         raise ValueError(f"{images.name} holds {len(images)} image(s): FID needs at least 2 (a covariance)")
-    start, stop = process_rows(len(images), rank, world_size)
+    start, stop = block_of_process(len(images), rank, world_size)
     stats = FeatureStats(net.feature_dim, device_of(net))
     with tqdm(total=stop - start, desc="FID features", unit="img", disable=None if progress and rank == 0
               else True, dynamic_ncols=True) as bar:
@@ -577,6 +570,18 @@ def reference_stats(source, net=None, batch_size=100, progress=True):
     if net is None:
         raise ValueError(f"{source} holds images: pass net=fid.load_inception() to compute their statistics")
     return image_stats(net, images, batch_size, progress).mu_sigma()
+
+
+def save_stats(path, mu, sigma):
+    """mu and sigma to an .npz (ADM's reference layout), atomically: a temporary file, then a rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:           # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, mu=mu, sigma=sigma)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----- Command line -----
@@ -641,8 +646,7 @@ def main(argv=None):
         if ref:
             mu, sigma = stats_of(args.source)
             if rank == 0:
-                from training import write_npz
-                write_npz(args.out, dict(mu=mu, sigma=sigma))
+                save_stats(args.out, mu, sigma)
                 say(f"wrote {args.out}: mu {mu.shape}, sigma {sigma.shape}")
         else:
             value = frechet_distance(*stats_of(args.sources[0]), *stats_of(args.sources[1]))

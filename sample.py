@@ -15,18 +15,24 @@ labels of a class-conditional model. With --fid REF each batch goes straight int
 own process (nothing is gathered but the grid): OUT.json holds the FID against REF.
 """
 import argparse
-import gc
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+import fid
 import soflow
-import training
+from training import processes, settings
+from training.checkpoints import checkpoint_file
+from training.files import save_grid, to_uint8, try_write, write_json, write_npz
+from training.loop import set_precision
+from training.released import RELEASED_PRESETS, open_checkpoint
+from training.sampling import VAE_NAME, checkpoint_vae, decode_latents, per_image_draws, start_fid
 
 WRITE_AGAIN = "no output file is half-written, and the same command (with --overwrite) writes them"
 
@@ -60,10 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--vae", default=None,
                         help="latent models: a hub name or local folder, instead of the checkpoint's VAE "
-                             f"(ours record it; the released ones used {training.VAE_NAME})")
-    training.add_precision_arg(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    training.add_dist_timeout(parser)
+                             f"(ours record it; the released ones used {VAE_NAME})")
+    settings.add_flags(parser, names=("precision", "compile", "dist_timeout"))
     args = parser.parse_args(argv)
     for name, low in dict(nfe=1, num_images=1, batch_size=1, grid=1, seed=0).items():
         if getattr(args, name) < low:
@@ -73,183 +77,177 @@ def parse_args(argv=None):
             parser.error(f"--times must decrease strictly, 2 points or more: {args.times}")
         args.nfe = len(args.times) - 1
     try:
-        args.ckpt = args.ckpt if args.ckpt.startswith("hf://") else training.checkpoint_file(args.ckpt)
+        args.ckpt = args.ckpt if args.ckpt.startswith("hf://") else checkpoint_file(args.ckpt)
     except FileNotFoundError as e:
         raise SystemExit(f"sample.py: {e}") from e
     return args
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    with processes.started(args.dist_timeout) as procs:
+        return generate(args, procs)
+
+
+def generate(args, procs):
+    """main's work on one process of many: load, draw, sample, then write the images or measure the FID."""
+    started = time.perf_counter()
+    paths = output_paths(args, procs)
+    model = open_model(args, procs)
+    precision, autocast = set_precision(args.precision, procs.device)
+    inception, reference = (start_fid(args.fid, args.inception_weights, procs.device, args.batch_size,
+                                      flag="sample.py: --fid") if args.fid else (None, None))
+    stats = fid.FeatureStats(inception.feature_dim, procs.device) if args.fid else None
+    batches = image_batches(args.num_images, args.batch_size, procs)
+    procs.say(f"{model.name} on {'latents' if model.decode else 'pixels'} {model.shape}; {args.num_images} "
+              f"images, {args.nfe} NFE ({args.sampler}), {procs.world_size} process(es), {precision}"
+              f"{', compiled' if args.compile else ''}")
+    # Rank 0 gathers what it writes: every image for --npz, else the grid's.
+    kept = Kept(args.num_images if args.npz else min(args.grid, args.num_images), model.num_classes)
+    for indices in tqdm(batches, desc="sampling", unit="batch", disable=not procs.main or len(batches) == 1):
+        y, x1, eps = draws(args, model, indices, procs.device)
+        with autocast:
+            x0 = images(args, model, y, x1, eps)
+        pixels = to_uint8(x0.float())                                         # (B, 3, H, W) uint8
+        if stats is not None and len(indices):
+            stats.add(fid.features(inception, pixels))
+        kept.gather(indices, pixels, y, procs)
+    fid_value = None
+    if stats is not None:                    # every process adds its sums; rank 0 computes the distance
+        stats.all_reduce()
+        fid_value = fid.frechet_distance(*stats.mu_sigma(), *reference) if procs.main else None
+    seconds = time.perf_counter() - started
+    failure = write_outputs(args, paths, kept, fid_value, precision, seconds) if procs.main else None
+    if failure := processes.first_failure(failure, procs):
+        raise SystemExit(f"sample.py: {failure}")
+    if fid_value is not None:
+        procs.say(f"FID {fid_value:.4f} against {args.fid} ({args.num_images} images, {args.nfe} NFE)")
+    procs.say(f"wrote {', '.join(paths)}: {args.num_images} images in {seconds:.1f} s with loading "
+              "(python -m benchmarks.sampling --end-to-end times each part)")
+    return dict(images=args.num_images, fid=fid_value, seconds=seconds)
+
+
+# ----- The steps of generate -----
+def output_paths(args, procs):
+    """OUT.png, and OUT.npz and OUT.json if asked; refused if one exists (rank 0 sees), unless --overwrite."""
+    stem = os.path.splitext(os.path.basename(args.ckpt))[0]
+    out = args.out or os.path.join("samples", f"{stem}-nfe{args.nfe}-seed{args.seed}")
+    out = out[:-4] if out.endswith((".png", ".npz")) else out
+    paths = [out + ".png"] + ([out + ".npz"] if args.npz else []) + ([out + ".json"] if args.fid else [])
+    existing = processes.gather_objects([p for p in paths if os.path.exists(p)], procs)[0]
+    if existing and not args.overwrite:
+        raise SystemExit(f"sample.py: {' and '.join(existing)} already there: pass --overwrite, "
+                         "or another --out")
+    return paths
+
+
+@dataclass
+class Model:
+    """The network and what it needs to make images: its config, data shape, classes and decoder."""
+    name: str                         # DiT(...) or UNet(...), with its constructor arguments
+    net: torch.nn.Module              # compiled with --compile
+    config: soflow.SoFlowConfig       # the SoFlowConfig it was trained with
+    shape: tuple                      # one sample: (4, 32, 32) latents, (3, 32, 32) pixels
+    num_classes: int                  # 0: unconditional
+    decode: Callable = None           # latents -> images in [-1, 1] (the VAE); None for pixels
+
+
+def open_model(args, procs):
+    """The checkpoint's Model; ours store their config, a released one's is its config.yaml (or preset)."""
+    try:
+        net, config, note, recorded = open_checkpoint(args.ckpt, not args.no_ema, procs)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"sample.py: {e}") from e
+    net = net.to(procs.device)
+    if note:
+        procs.say(note)
+    arch, kw = type(net).__name__, net.init_kwargs
+    if arch not in RELEASED_PRESETS:
+        raise SystemExit(f"sample.py: {args.ckpt} holds a {arch}; images come from a DiT or a UNet")
+    # Classes: checked against the model's, before any VAE loads.
+    if args.classes and not net.num_classes:
+        raise SystemExit("sample.py: this model is unconditional (no classes): drop --class")
+    if bad := [c for c in args.classes or [] if not 0 <= c < net.num_classes]:
+        raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to "
+                         f"{net.num_classes - 1}")
+    # Data kind: a DiT on 4 channels works on SD-VAE latents (decoded by the VAE they came from), the rest on
+    # pixels.
+    shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
+    decode = None
+    if arch == "DiT" and shape[0] == 4:
+        vae, scale = checkpoint_vae(recorded, args.vae, procs)
+        decode = lambda z: decode_latents(vae, z, scale)       # noqa: E731
+    name = f"{arch}({', '.join(f'{k}={v}' for k, v in kw.items())})"
+    model = torch.compile(net) if args.compile else net
+    return Model(name, model, config, shape, net.num_classes, decode)
+
+
+def image_batches(num_images, batch_size, procs):
+    """This process's image indices: EDM's split into a multiple of W batches; rank r takes r, r + W, ..."""
+    num_batches = math.ceil(num_images / (batch_size * procs.world_size)) * procs.world_size
+    return torch.arange(num_images).tensor_split(num_batches)[procs.rank::procs.world_size]
+
+
+def draws(args, model, indices, device):
+    """(y, x1, eps) of the images `indices`, drawn on the CPU (the same on any device), then moved."""
+    renoise_steps = args.nfe - 1 if args.sampler == "renoise" else 0
+    y, x1, eps = per_image_draws(args.seed, indices, model.shape, model.num_classes, args.classes,
+                                 renoise_steps)
+    return None if y is None else y.to(device), x1.to(device), [e.to(device) for e in eps]
+
+
+def images(args, model, y, x1, eps):
+    """Samples in [-1, 1] (decoded, for latents): --nfe network calls on an equal grid, or --times."""
+    if not len(x1):                                      # fewer images than processes
+        return x1
+    x0 = soflow.sample(model.net, x1, y, eps=eps, config=model.config, steps=args.nfe, times=args.times,
+                       mode=args.sampler)
+    return model.decode(x0) if model.decode else x0
+
+
+class Kept:
+    """The images rank 0 writes, gathered batch by batch: indices below `count`, with their labels."""
+    def __init__(self, count, num_classes):
+        self.count, self.num_classes = count, num_classes
+        self.pixels = self.labels = None
+
+    def gather(self, indices, pixels, y, procs):
+        """Every process calls it with its batch; rank 0 stores the kept ones, NHWC as ADM reads them."""
+        keep = indices < self.count
+        batch = pixels[keep.to(pixels.device)].permute(0, 2, 3, 1).cpu().numpy()
+        labels = None if y is None else y[keep.to(y.device)].cpu().numpy()
+        parts = processes.gather_to_rank0((indices[keep].numpy(), batch, labels), procs) or []
+        for idx, part, part_labels in [p for p in parts if len(p[0])]:        # fewer images than processes
+            if self.pixels is None:
+                self.pixels = np.empty((self.count, *part.shape[1:]), np.uint8)
+                self.labels = np.empty(self.count, np.int64) if self.num_classes else None
+            self.pixels[idx] = part
+            if part_labels is not None:
+                self.labels[idx] = part_labels
+
+
+def write_outputs(args, paths, kept, fid_value, precision, seconds):
+    """Rank 0 writes OUT.png, OUT.npz, OUT.json, atomically: None, or the message of a failed write."""
+    grid = kept.pixels[:args.grid]
+    failure = try_write(paths[0], lambda: save_grid(paths[0], grid, math.ceil(math.sqrt(len(grid)))),
+                        WRITE_AGAIN)
+    if args.npz and failure is None:
+        arrays = dict(arr_0=kept.pixels, **({"arr_1": kept.labels} if kept.num_classes else {}))
+        failure = try_write(paths[1], lambda: write_npz(paths[1], arrays), WRITE_AGAIN)
+    if args.fid and failure is None:
+        report = fid_report(args, fid_value, precision, seconds)
+        failure = try_write(paths[-1], lambda: write_json(paths[-1], report), WRITE_AGAIN)
+    return failure
+
+
 def fid_report(args, value, precision, seconds):
     """OUT.json of --fid: the number and what it was computed from."""
-    import fid
     reference = args.fid if os.path.isfile(args.fid) else None
     return dict(fid=value, num_images=args.num_images, checkpoint=args.ckpt, ema=not args.no_ema,
                 nfe=args.nfe, times=args.times, sampler=args.sampler, seed=args.seed, precision=precision,
                 reference=args.fid, reference_sha256=fid.file_sha256(reference) if reference else None,
                 inception_weights=args.inception_weights or fid.WEIGHTS_URL, seconds=seconds,
                 images_per_s=args.num_images / seconds)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    rank, world_size, device = training.init_distributed(args.dist_timeout)
-    try:
-        return generate(args, rank, world_size, device, started)
-    finally:                                # also on an error: a clean exit for every process
-        if world_size > 1:
-            dist.destroy_process_group()
-            # Garbage left in reference cycles can hold gloo's work objects; freed at interpreter exit, they
-            # abort the process now and then ("terminate called without an active exception"). Free it now.
-            gc.collect()
-
-
-def generate(args, rank, world_size, device, started):
-    """main's work on one process: returns the timings."""
-    say = print if rank == 0 else (lambda *a, **k: None)
-    # Outputs: refuse to replace files unless asked (rank 0's view decides for every process).
-    stem = os.path.splitext(os.path.basename(args.ckpt))[0]
-    out = args.out or os.path.join("samples", f"{stem}-nfe{args.nfe}-seed{args.seed}")
-    out = out[:-4] if out.endswith((".png", ".npz")) else out
-    paths = [out + ".png"] + ([out + ".npz"] if args.npz else []) + ([out + ".json"] if args.fid else [])
-    existing = training.gather_objects([p for p in paths if os.path.exists(p)], world_size)[0]
-    if existing and not args.overwrite:
-        raise SystemExit(f"sample.py: {' and '.join(existing)} already there: pass --overwrite, "
-                         "or another --out")
-    # Network and config: ours store their SoFlowConfig, a released one's is its config.yaml (or its preset).
-    try:
-        net, config, note, recorded = training.open_network(args.ckpt, not args.no_ema, rank, world_size)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"sample.py: {e}") from e
-    net = net.to(device)
-    if note:
-        say(note)
-    arch, kw = type(net).__name__, net.init_kwargs
-    if arch not in training.RELEASED_PRESETS:
-        raise SystemExit(f"sample.py: {args.ckpt} holds a {arch}; images come from a DiT or a UNet")
-    # Data kind: a DiT on 4 channels works on SD-VAE latents, everything else on pixels.
-    shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
-    latent = arch == "DiT" and shape[0] == 4
-    # Classes: checked against the model's.
-    num_classes = net.num_classes
-    if args.classes and not num_classes:
-        raise SystemExit("sample.py: this model is unconditional (no classes): drop --class")
-    if bad := [c for c in args.classes or [] if not 0 <= c < num_classes]:
-        raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to "
-                         f"{num_classes - 1}")
-    vae = vae_scale = None
-    if latent:                               # the VAE its latents came from, unless --vae says otherwise
-        vae, vae_scale = training.checkpoint_vae(recorded, args.vae, device, rank, world_size, say)
-    precision, autocast = training.set_precision(args.precision, device)
-    # FID: the Inception and the reference statistics on every process; each adds its own images' features.
-    inception = reference = stats = None
-    if args.fid:
-        import fid
-        inception, reference = training.start_fid(args.fid, args.inception_weights, device, args.batch_size,
-                                                  flag="sample.py: --fid")
-        stats = fid.FeatureStats(inception.feature_dim, device)
-    model = torch.compile(net) if args.compile else net
-    renoise_steps = args.nfe - 1 if args.sampler == "renoise" else 0
-    run = dict(config=config, steps=args.nfe, times=args.times, mode=args.sampler)
-    say(f"{arch}({', '.join(f'{k}={v}' for k, v in kw.items())}) on {'latents' if latent else 'pixels'} "
-        f"{shape}; {args.num_images} images, {args.nfe} NFE ({args.sampler}), {world_size} process(es), "
-        f"{precision}{', compiled' if args.compile else ''}")
-    # Image indices: EDM's split into a multiple of world_size batches; rank r takes batches r, r + W, ...
-    num_batches = math.ceil(args.num_images / (args.batch_size * world_size)) * world_size
-    batches = torch.arange(args.num_images).tensor_split(num_batches)[rank::world_size]
-
-    def draws(indices):     # drawn on the CPU, then moved: the same noise on any device
-        y, x1, eps = training.per_image_draws(args.seed, indices, shape, num_classes, args.classes,
-                                              renoise_steps)
-        return None if y is None else y.to(device), x1.to(device), [e.to(device) for e in eps]
-
-    # Untimed, a batch of each size (EDM's split gives at most two): compiling and first calls stay out of
-    # images/s.
-    for indices in {len(b): b for b in batches if len(b)}.values():
-        y, x1, eps = draws(indices)
-        with autocast:
-            soflow.sample(model, x1, y, eps=eps, **run)
-
-    def clock():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    seconds = dict(noise=0.0, generate=0.0, decode=0.0, convert=0.0, fid=0.0, write=0.0)
-    kept = args.num_images if args.npz else min(args.grid, args.num_images)    # the images rank 0 gathers
-    pixels = labels = None
-    if world_size > 1:                      # the clocks start together: no process waits in the first gather
-        dist.barrier()
-    loop_start = clock()
-    for indices in tqdm(batches, desc="sampling", unit="batch", disable=rank > 0 or len(batches) == 1):
-        t0 = clock()
-        y, x1, eps = draws(indices)
-        t1 = clock()
-        with autocast:
-            x0 = soflow.sample(model, x1, y, eps=eps, **run) if len(indices) else x1
-            t2 = clock()
-            x0 = training.decode_latents(vae, x0, vae_scale) if latent and len(indices) else x0
-        t3 = clock()
-        # uint8 = clamp(x * 127.5 + 128, 0, 255), NCHW: what the Inception takes.
-        uint8 = training.to_uint8(x0.float())
-        t4 = clock()
-        if stats is not None and len(indices):
-            stats.add(fid.features(inception, uint8))
-        t5 = clock()
-        keep = indices < kept
-        batch = uint8[keep.to(uint8.device)].permute(0, 2, 3, 1).cpu().numpy()        # NHWC, as ADM reads
-        part = (indices[keep].numpy(), batch, None if y is None else y[keep.to(y.device)].cpu().numpy())
-        parts = training.gather_to_rank0(part, rank, world_size)
-        for idx, part, part_labels in [p for p in parts or [] if len(p[0])]:    # fewer images than processes
-            if pixels is None:
-                pixels = np.empty((kept, *part.shape[1:]), np.uint8)
-                labels = np.empty(kept, np.int64) if num_classes else None
-            pixels[idx] = part
-            if part_labels is not None:
-                labels[idx] = part_labels
-        t6 = clock()
-        for name, dt in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3 + t6 - t5, t5 - t4)):
-            seconds[name] += dt
-    fid_value = None
-    if stats is not None:                    # every process adds its sums; rank 0 computes the distance
-        t0 = clock()
-        stats.all_reduce()
-        fid_value = fid.frechet_distance(*stats.mu_sigma(), *reference) if rank == 0 else None
-        seconds["fid"] += clock() - t0
-    # Rank 0 writes, atomically; the others wait for it and learn whether it failed.
-    failure = None
-    if rank == 0:
-        t0 = clock()
-        grid = pixels[:args.grid]
-        columns = math.ceil(math.sqrt(len(grid)))
-        failure = training.try_write(paths[0], lambda: training.save_grid(paths[0], grid, columns),
-                                     WRITE_AGAIN)
-        if args.npz and failure is None:
-            arrays = dict(arr_0=pixels, **({"arr_1": labels} if num_classes else {}))
-            failure = training.try_write(paths[1], lambda: training.write_npz(paths[1], arrays), WRITE_AGAIN)
-        if args.fid and failure is None:
-            report = fid_report(args, fid_value, precision, clock() - loop_start)
-            failure = training.try_write(paths[-1], lambda: training.write_json(paths[-1], report),
-                                         WRITE_AGAIN)
-            say(f"FID {fid_value:.4f} against {args.fid} ({args.num_images} images, {args.nfe} NFE)")
-        seconds["write"] = clock() - t0
-    loop_seconds = clock() - loop_start
-    reports = training.gather_objects((seconds, failure), world_size)
-    if failure := reports[0][1]:
-        raise SystemExit(f"sample.py: {failure}")
-    # Generation alone: the sampler on the process that spent longest in it.
-    generate_seconds = max(report["generate"] for report, _ in reports)
-    stats = dict(images=args.num_images, fid=fid_value, seconds=seconds, loop_seconds=loop_seconds,
-                 total_seconds=time.perf_counter() - started,
-                 generate_images_per_s=args.num_images / generate_seconds,
-                 end_to_end_images_per_s=args.num_images / loop_seconds)
-    say(f"wrote {', '.join(paths)}\n{args.num_images} images in {loop_seconds:.2f} s: "
-        f"{stats['end_to_end_images_per_s']:.2f} images/s end to end, {stats['generate_images_per_s']:.2f} "
-        "generation alone (seconds on rank 0: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
-        + f"; {stats['total_seconds']:.1f} s with loading)")
-    if world_size > 1:
-        dist.barrier()
-    return stats
 
 
 if __name__ == "__main__":

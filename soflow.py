@@ -361,14 +361,14 @@ def soflow_loss(net, x0, y=None, cond=None, *, config, step, total_steps, draws=
 
 # ----- Sampling -----
 @torch.no_grad()
-def sample(net, x1, y=None, cond=None, *, config, steps=1, times=None, mode="chain", eps=None):
+def sample(net, x1, y=None, cond=None, *, config, steps=1, times=None, mode="renoise", eps=None):
     """Generate from noise x1, one network call per step; steps=1 is x_0 = f_theta(x_1, 1, 0).
 
     No guidance here: it was learned (Sec. 4.3). config: the SoFlowConfig the network was trained with.
     times: a decreasing grid t_0 > ... > t_N (default: `steps` equal steps from 1 to 0).
-    "chain": x <- f_theta(x, t_i, t_{i+1}). "renoise" (the released sampler): x <- alpha(t_{i+1})
-    f_theta(x, t_i, 0) + beta(t_{i+1}) eps_i, with fresh noise eps_i at each step: eps[i] if given
-    (N - 1 tensors like x1), else drawn."""
+    "renoise" (the released sampler, the default): x <- alpha(t_{i+1}) f_theta(x, t_i, 0) + beta(t_{i+1})
+    eps_i, fresh noise eps_i at each step: eps[i] if given (N - 1 tensors like x1), else drawn.
+    "chain": x <- f_theta(x, t_i, t_{i+1}), no noise."""
     if times is None:
         times = torch.linspace(1, 0, steps + 1)
     times = torch.as_tensor(times, dtype=torch.float32)
@@ -383,13 +383,11 @@ def sample(net, x1, y=None, cond=None, *, config, steps=1, times=None, mode="cha
         if mode == "chain":
             x = solution(net, x, t, torch.full_like(t, t_next), y, cond, config=config)
             continue
-        x0_hat = solution(net, x, t, torch.zeros_like(t), y, cond, config=config)
-        if eps is None:
-            noise = torch.randn_like(x)
-        else:                                   # beta(0) = 0: the step to t = 0 adds no noise
-            noise = eps[i] if t_next > 0 else torch.zeros_like(x)
-        s = torch.full_like(t, t_next)
-        x = per_sample(schedule.alpha(s), x) * x0_hat + per_sample(schedule.beta(s), x) * noise
+        x = solution(net, x, t, torch.zeros_like(t), y, cond, config=config)          # x0_hat
+        if t_next > 0:                           # beta(0) = 0: the step to t = 0 adds no noise
+            noise = torch.randn_like(x) if eps is None else eps[i]
+            s = torch.full_like(t, t_next)
+            x = per_sample(schedule.alpha(s), x) * x + per_sample(schedule.beta(s), x) * noise
     return x
 
 @torch.no_grad()
@@ -791,7 +789,7 @@ UNet_models = {
 NETWORKS = {"MLP": MLP, "DiT": DiT, "UNet": UNet}
 
 
-# ----- Checkpoints (ours and the released ones), EMA, random state -----
+# ----- Loading weights: our checkpoints and the released ones -----
 def dit_kwargs_from_state_dict(sd):
     """DiT constructor arguments read off a state dict's shapes (the released checkpoints store no config)."""
     hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
@@ -852,31 +850,33 @@ def hub_file(path):
         raise ValueError(f"cannot fetch {path} ({type(e).__name__}: {e}). Install huggingface_hub, or "
                          "download the file and pass its local path") from e
 
-def load_network(path, use_ema=True, map_location="cpu"):
+def load_network(path, use_ema=True):
     """A network in eval mode from our checkpoint or a released SoFlow DiT or U-Net; use_ema: EMA weights.
 
     path: a file or hf://OWNER/REPO/FILE. net.soflow_config: its SoFlowConfig (ours), or None (released files:
-    theirs is the config.yaml beside ckpts/, read by training.released_config)."""
-    if str(path).startswith("hf://"):
-        path = hub_file(path)
-    try:  # not weights_only: our checkpoints also hold the config and RNG states. Load only files you trust.
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    theirs is the config.yaml beside ckpts/, read by training.released.released_config)."""
+    local = hub_file(path) if str(path).startswith("hf://") else path
+    try:  # weights_only: tensors and plain values, so a checkpoint cannot run code
+        ckpt = torch.load(local, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise ValueError(f"no such file: {path}") from e
     except Exception as e:
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path} is not a PyTorch checkpoint of weights ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from e
+    return network_from_checkpoint(ckpt, use_ema, path)
+
+def network_from_checkpoint(ckpt, use_ema=True, path="the checkpoint"):
+    """load_network's network from a checkpoint's dict (torch.load's), ours or released."""
     ours = isinstance(ckpt, dict) and "arch" in ckpt
     weights = (ckpt.get("ema_model") or ckpt.get("model")) if isinstance(ckpt, dict) and not ours else None
     released = isinstance(weights, dict) and any(str(k).startswith("network.") for k in weights)
     if not (ours or released):
         found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a SoFlow checkpoint: expected 'arch', 'arch_kwargs', 'model', "
-                         "'ema' (ours) or 'model', 'ema_model' with 'network.' keys (released); "
-                         f"found {found}")
+        raise ValueError(f"{path} is not a SoFlow checkpoint: expected 'arch', 'arch_kwargs', 'model', 'ema' "
+                         f"(ours) or 'model', 'ema_model' with 'network.' keys (released); found {found}")
     key = ("ema" if ours else "ema_model") if use_ema else "model"
     if (sd := ckpt.get(key)) is None:
-        hint = "; pass use_ema=False for the raw training weights" if use_ema else ""
-        raise ValueError(f"{path} has no '{key}' weights{hint}")
+        raise ValueError(f"{path} has no '{key}' weights" + ("; pass use_ema=False" if use_ema else ""))
     if ours:
         if ckpt["arch"] not in NETWORKS:
             raise ValueError(f"{path}: unknown arch {ckpt['arch']!r}; known: {sorted(NETWORKS)}")

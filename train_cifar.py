@@ -4,105 +4,17 @@
     python train_cifar.py --model UNet-T --global-batch-size 32 --steps 500 --results-dir runs/try   # CPU
 """
 import argparse
-import hashlib
-import os
-import pickle
-import tarfile
-import tempfile
-import urllib.request
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import soflow
-import training
-
-# ----- CIFAR-10: the archive and the training set in memory -----
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-ARCHIVE, FOLDER = "cifar-10-python.tar.gz", "cifar-10-batches-py"
-TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-BY_HAND = f"or pass --data-path to a folder holding {FOLDER}/"
+from training import loop, processes, settings
+from training.data import ARCHIVE, FOLDER, load_cifar10
 
 
-def download_cifar10(root, url=CIFAR10_URL, md5=CIFAR10_MD5):
-    """Fetch the archive into root unless there, check its MD5, extract it; returns the folder."""
-    # Fixed file names: in a distributed run, rank 0 calls this, then barrier().
-    os.makedirs(root, exist_ok=True)
-    archive = os.path.join(root, ARCHIVE)
-    if os.path.exists(archive):
-        if (found := hashlib.md5(Path(archive).read_bytes()).hexdigest()) != md5:
-            raise ValueError(f"{archive} has MD5 {found}, expected {md5}: it is corrupt or another "
-                             f"file. Delete it and run again to download it afresh, {BY_HAND}")
-    else:
-        fd, part = tempfile.mkstemp(prefix=ARCHIVE + ".", suffix=".part", dir=root)
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r, tqdm(
-                    total=int(r.headers.get("Content-Length") or 0) or None, unit="B",
-                    unit_scale=True, desc=ARCHIVE, disable=None) as bar:  # no bar in logs
-                while block := r.read(1 << 20):
-                    bar.update(f.write(block))
-            if (found := hashlib.md5(Path(part).read_bytes()).hexdigest()) != md5:
-                raise ValueError(f"{url} gave MD5 {found}, expected {md5}; nothing was kept as "
-                                 f"{archive}. Download it again, {BY_HAND}")
-            os.replace(part, archive)  # atomic: an interrupted run leaves no half archive behind
-        except OSError as e:
-            raise RuntimeError(f"could not download {url} ({e}). Download the archive by hand to "
-                               f"{archive} (MD5 {md5}), {BY_HAND}") from e
-        finally:
-            if os.path.exists(part):
-                os.remove(part)
-    # Only the batch files, as regular files with their exact names: a crafted archive cannot
-    # write elsewhere. Each file lands in place atomically, so a crash leaves no half batch.
-    wanted = {f"{FOLDER}/{n}" for n in TRAIN_BATCHES + ["test_batch", "batches.meta"]}
-    with tarfile.open(archive, "r:gz") as tar, tempfile.TemporaryDirectory(dir=root) as tmp:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name in wanted]
-        if missing := {f"{FOLDER}/{n}" for n in TRAIN_BATCHES} - {m.name for m in members}:
-            raise ValueError(f"{archive} lacks {sorted(missing)}: it is not CIFAR-10 for python")
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
-        tar.extractall(tmp, members, **safe)
-        os.makedirs(os.path.join(root, FOLDER), exist_ok=True)
-        for m in members:
-            os.replace(os.path.join(tmp, m.name), os.path.join(root, m.name))
-    return os.path.join(root, FOLDER)
-
-
-def load_cifar10(root, download=True, url=CIFAR10_URL, md5=CIFAR10_MD5):
-    """The 50,000 training images, uint8 (N, 3, 32, 32), and their labels, int64 (N,), in memory."""
-    # root is the folder cifar-10-batches-py, or holds it, or holds (or receives) the archive.
-    root = os.path.expanduser(str(root))
-    looked = [os.path.join(root, n) for n in (TRAIN_BATCHES[0], FOLDER, ARCHIVE)]
-    if os.path.isfile(looked[0]) or os.path.isdir(looked[1]):
-        folder = root if os.path.isfile(looked[0]) else looked[1]
-    elif download or os.path.isfile(looked[2]):
-        folder = download_cifar10(root, url, md5)
-    else:
-        raise FileNotFoundError(f"CIFAR-10 not found: looked for {', '.join(looked)}. Allow the "
-                                f"download, or put the archive ({url}) there, {BY_HAND}")
-    batches = []
-    for path in [os.path.join(folder, n) for n in TRAIN_BATCHES]:
-        with open(path, "rb") as f:
-            try:  # a truncated or foreign pickle fails in many ways
-                batch = pickle.load(f, encoding="bytes")
-                x, y = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
-                if not (x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32
-                        and y.shape == (len(x),) and np.isin(y, range(10)).all()):
-                    raise ValueError(f"data {x.dtype} {x.shape}, labels {y.shape}; expected "
-                                     f"uint8 (n, 3072) and n labels in 0..9")
-            except Exception as e:
-                raise ValueError(f"{path} is not a CIFAR-10 batch ({type(e).__name__}: {e}). "
-                                 f"Delete {folder} and extract the archive again") from e
-        batches.append((x, y))
-    # Rows are channel-major: 1024 red, then green, then blue values, each image row by row.
-    images = torch.from_numpy(np.concatenate([x for x, _ in batches]).reshape(-1, 3, 32, 32))
-    return images, torch.from_numpy(np.concatenate([y for _, y in batches]))  # (N, 3, 32, 32), (N,)
-
-
+# ----- CIFAR-10 (training.data reads the archive) -----
 def to_model_range(x):
     """uint8 -> float32 in [-1, 1]; sample grids invert it: clamp(x * 127.5 + 128, 0, 255)."""
     return x.float() / 127.5 - 1
@@ -161,23 +73,24 @@ def augment(images, p=0.12, generator=None, xflip=1e8, scale=1.0, aniso=1.0, tra
     return out, labels.to(images.dtype)
 
 
-# ----- Training: the flags and the data of CIFAR-10; the loop is training.train -----
+# ----- Training: the flags and the data of CIFAR-10; the loop is training.loop.train -----
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train SoFlow on CIFAR-10 pixels (one process or torchrun).")
-    parser.add_argument("--data-path", default="data/cifar10", help=f"folder with {FOLDER}/ or {ARCHIVE}")
-    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading the archive")
-    parser.add_argument("--model", default="UNet-CIFAR10", choices=sorted(soflow.UNet_models))
-    parser.add_argument("--preset", default="cifar10", choices=["cifar10", "cifar10-paper"],
-                        help="cifar10: the released recipe; cifar10-paper: the paper's App. A values")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--augment-p", type=float, default=0.12, help="EDM augmentation probability (0: off)")
-    parser.add_argument("--class-cond", action="store_true", help="class labels and CFG (not in the paper)")
-    parser.add_argument("--cfg-w", type=float, default=2.0, help="--class-cond: CFG strength w (Eq. 18)")
-    parser.add_argument("--cfg-m", type=float, default=0.5, help="--class-cond: velocity mix ratio (Eq. 19)")
-    parser.add_argument("--cfg-drop", type=float, default=0.1, help="--class-cond: label drop probability")
-    parser.add_argument("--cfg-decay", default="exp", choices=soflow.DECAYS, help="--class-cond: g(t)")
+    add = parser.add_argument_group("CIFAR-10, the network and the method").add_argument
+    add("--data-path", default="data/cifar10", help=f"folder with {FOLDER}/ or {ARCHIVE}")
+    add("--no-download", action="store_true", help="fail instead of downloading the archive")
+    add("--model", default="UNet-CIFAR10", choices=sorted(soflow.UNet_models))
+    add("--preset", default="cifar10", choices=["cifar10", "cifar10-paper"],
+        help="cifar10: the released recipe; cifar10-paper: the paper's App. A values")
+    add("--lr", type=float, default=1e-4)
+    add("--augment-p", type=float, default=0.12, help="EDM augmentation probability (0: off)")
+    add("--class-cond", action="store_true", help="class labels and CFG (not in the paper)")
+    add("--cfg-w", type=float, default=2.0, help="--class-cond: CFG strength w (Eq. 18)")
+    add("--cfg-m", type=float, default=0.5, help="--class-cond: velocity mix ratio (Eq. 19)")
+    add("--cfg-drop", type=float, default=0.1, help="--class-cond: label drop probability")
+    add("--cfg-decay", default="exp", choices=soflow.DECAYS, help="--class-cond: g(t)")
     # The released recipe: global batch 1024, 800k steps, EMA 0.9999 applied every 16 steps as 0.9999^16.
-    training.add_training_args(parser, global_batch_size=1024, steps=800_000, ema_every=16)
+    settings.add_flags(parser, global_batch_size=1024, steps=800_000, ema_every=16)
     return parser.parse_args(argv)
 
 
@@ -186,34 +99,38 @@ def main(argv=None):
     config = soflow.PRESETS[args.preset]
     if args.class_cond:
         config = replace(config, w=args.cfg_w, m=args.cfg_m, drop=args.cfg_drop, decay=args.cfg_decay)
-    rank, world_size, device = training.init_distributed(args.dist_timeout)
+    with processes.started(args.dist_timeout) as procs:
+        train(args, config, procs)
+
+
+def train(args, config, procs):
+    """main's work, inside the processes it started."""
+    # Data: rank 0 downloads (once), then every process reads the archive into memory.
     try:
-        if rank == 0:                                     # one process downloads, the others wait
-            images, labels = load_cifar10(args.data_path, download=not args.no_download)
-        if world_size > 1:
-            dist.barrier()
-        if rank > 0:
-            images, labels = load_cifar10(args.data_path, download=False)
+        with processes.rank0_first(procs):
+            images, labels = load_cifar10(args.data_path, download=procs.main and not args.no_download)
     except (OSError, ValueError, RuntimeError) as e:      # the message says what to do: no traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from e
-    images, labels = images.to(device), labels.to(device)            # uint8: 150 MB for the 50,000 images
-    torch.manual_seed(args.global_seed)                   # the same initial weights on every process
-    net = soflow.UNet_models[args.model](num_classes=10 if args.class_cond else 0)
+    images, labels = images.to(procs.device), labels.to(procs.device)    # uint8: 150 MB for the 50,000 images
 
-    def get_batch(rows):
-        rows = rows.to(device)
+    def batch(rows):
+        rows = rows.to(procs.device)
         x0, augment_labels = augment(to_model_range(images[rows]), p=args.augment_p)  # (B, 3, 32, 32), (B, 6)
         return x0, labels[rows] if args.class_cond else None, augment_labels
+
+    # Network: the same initial weights on every process.
+    torch.manual_seed(args.global_seed)
+    net = soflow.UNet_models[args.model](num_classes=10 if args.class_cond else 0)
 
     def make_optimizer(params):
         return torch.optim.RAdam(params, lr=args.lr, betas=(0.9, 0.999))             # the released optimizer
 
     run_config = dict(model=args.model, preset=args.preset, lr=args.lr, augment_p=args.augment_p,
                       class_cond=args.class_cond)
-    grid_labels = torch.arange(32, device=device) % 10 if args.class_cond else None
-    settings = training.settings_from_args(args)
-    training.train(settings, net, config, make_optimizer, len(images), get_batch, run_config,
-                   grid_labels=grid_labels)
+    grid_labels = torch.arange(32, device=procs.device) % 10 if args.class_cond else None
+    data = loop.Data(len(images), tuple(images.shape[1:]), batch)
+    loop.train(settings.settings_from_args(args), net, config, make_optimizer, data, run_config, procs,
+               grid_labels=grid_labels)
 
 
 if __name__ == "__main__":

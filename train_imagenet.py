@@ -5,10 +5,9 @@
 
 `prepare` encodes every image once, as the released pipeline does: ADM's center crop, [-1, 1], the SD VAE's
 posterior mean and std, in memory-mapped .npy files with a JSON manifest. Training draws a fresh latent of
-each image at every step, (mean + std * eps) * 0.18215. The loop, checkpoints and resume are training.train's.
+each image at every step, (mean + std * eps) * 0.18215. The loop, checkpoints and resume are training.loop's.
 """
 import argparse
-import gc
 import hashlib
 import json
 import os
@@ -19,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import soflow
-import training
+from training import loop, processes, settings
+from training.files import try_write, write_json
+from training.loop import set_precision
+from training.sampling import VAE_NAME, VAE_SCALE, decode_latents, load_vae
 
 # ----- prepare: an ImageNet-style folder -> posterior means and stds of the SD VAE -----
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -82,32 +83,32 @@ def open_or_create(out, manifest, labels):
         np.lib.format.open_memmap(os.path.join(out, f"{name}.npy"), "w+", manifest["dtype"],
                                   (manifest["count"] * manifest["copies"], *manifest["shape"])).flush()
     np.save(os.path.join(out, "labels.npy"), np.asarray(labels, np.int64))
-    training.write_json(path, manifest)                        # last: a manifest means the arrays exist
+    write_json(path, manifest)                        # last: a manifest means the arrays exist
     return "", manifest
 
 SHARDS_KEPT = "the finished shards are kept, and the same command encodes the others"
 
 @torch.no_grad()
-def prepare(args):
+def prepare(args, procs):
     """Encode the images in shards of --shard-size; rank r of W takes shards r, r + W, ... not marked done."""
-    rank, world_size, device = training.init_distributed(args.dist_timeout)
+    rank, world_size, device = procs.rank, procs.world_size, procs.device
     paths, labels, classes = list_images(args.data_path)
     listing = hashlib.sha256("\n".join(os.path.relpath(p, args.data_path) for p in paths).encode())
     listing = listing.hexdigest()
-    if len(set(training.gather_objects(listing, world_size))) > 1:
+    if len(set(processes.gather_objects(listing, procs))) > 1:
         raise SystemExit("the processes see different files under --data-path: it must be one shared folder")
-    vae = training.load_vae(args.vae, device, rank, world_size)
-    precision, autocast = training.set_precision(args.precision, device)
+    vae = load_vae(args.vae, device, procs)
+    precision, autocast = set_precision(args.precision, device)
     size = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)    # the SD VAE: 256 -> 32
     N, copies = len(paths), 2 if args.flip else 1
     settings = dict(data_path=os.path.abspath(args.data_path), num_images=N, listing_sha256=listing,
                     **{k: getattr(args, k) for k in ("image_size", "vae", "flip", "dtype", "shard_size")})
     manifest = dict(complete=False, settings=settings, precision=precision, count=N, copies=copies,
                     unreadable=0, dtype=args.dtype, shape=[vae.config.latent_channels, size, size],
-                    scale=training.VAE_SCALE, crop="ADM center crop",
+                    scale=VAE_SCALE, crop="ADM center crop",
                     classes=classes, arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy"))
     error, manifest = open_or_create(args.latents, manifest, labels) if rank == 0 else ("", None)
-    error, manifest = training.gather_objects((error, manifest), world_size)[0]
+    error, manifest = processes.gather_objects((error, manifest), procs)[0]
     if error:
         raise SystemExit(error)
     if manifest["complete"]:
@@ -142,17 +143,17 @@ def prepare(args):
             def flush_then_mark():                   # flushed, then marked: a marker means on disk
                 for array in arrays.values():
                     array.flush()
-                training.write_json(marker, unreadable)
-            if failure := training.try_write(marker, flush_then_mark, hint=SHARDS_KEPT):
+                write_json(marker, unreadable)
+            if failure := try_write(marker, flush_then_mark, hint=SHARDS_KEPT):
                 break
             unreadable = {}
         bar.update(count)
     bar.close()
     # Every process waits here for the others; one that failed stops them all.
-    if failure := training.first_failure(failure, world_size):
+    if failure := processes.first_failure(failure, procs):
         raise SystemExit(failure)
     if rank == 0:
-        failure = training.try_write(os.path.join(args.latents, "manifest.json"),
+        failure = try_write(os.path.join(args.latents, "manifest.json"),
                                      lambda: finish(args.latents, manifest, paths, markers), hint=SHARDS_KEPT)
         if failure is not None:
             raise SystemExit(failure)
@@ -167,13 +168,13 @@ def finish(out, manifest, paths, markers):
     report = [f"{paths[i]}\t{message}" for i, message in sorted(unreadable.items())]
     Path(out, "unreadable.txt").write_text("\n".join(report))
     manifest.update(complete=True, count=len(paths) - len(unreadable), unreadable=len(unreadable))
-    training.write_json(os.path.join(out, "manifest.json"), manifest)
+    write_json(os.path.join(out, "manifest.json"), manifest)
     print(f"wrote {out}: {manifest['count']} images in {len(manifest['classes'])} classes" + (
         f"; {len(unreadable)} unreadable, left out (listed in unreadable.txt):\n" + "\n".join(report[:20])
         if unreadable else ""))
 
 
-# ----- Training: latents drawn from the stored posteriors; the loop is training.train -----
+# ----- Training: latents drawn from the stored posteriors; the loop is training.loop.train -----
 def open_latents(folder):
     """The manifest and the memory-mapped arrays of a prepared folder (a clear error if it is not one)."""
     path = os.path.join(folder, "manifest.json")
@@ -187,7 +188,7 @@ def open_latents(folder):
     return manifest, arrays
 
 def latent_batches(manifest, arrays, device):
-    """get_batch(rows) for training.train: rows of the readable images -> (x_0, y, None), x_0 drawn afresh."""
+    """loop.Data of the readable images: batch(rows) -> (x_0, y, None), x_0 drawn afresh."""
     readable = np.flatnonzero(arrays["labels"] >= 0)
     N, copies = len(arrays["labels"]), manifest["copies"]
 
@@ -197,29 +198,30 @@ def latent_batches(manifest, arrays, device):
             index = index + N * torch.randint(2, (len(index),)).numpy()
         mean = torch.from_numpy(arrays["mean"][index]).to(device, torch.float32)   # (B, 4, h, w)
         std = torch.from_numpy(arrays["std"][index]).to(device, torch.float32)
-        x0 = (mean + std * torch.randn_like(mean)) * training.VAE_SCALE
+        x0 = (mean + std * torch.randn_like(mean)) * VAE_SCALE
         return x0, torch.from_numpy(arrays["labels"][index % N]).to(device), None
-    return get_batch, len(readable)
+    return loop.Data(len(readable), tuple(arrays["mean"].shape[1:]), get_batch)
 
-def grid_decoder(vae_name, scale, device, results_dir, rank, world_size, for_fid):
+def grid_decoder(vae_name, scale, results_dir, procs, for_fid):
     """Latents -> images (said in rank 0's log): the VAE's decoder, or the latents' first channel.
 
     Rank 0 draws the sample grids; for_fid (--fid-every): every process decodes, and the VAE must load."""
-    if rank > 0 and not for_fid:
+    if not procs.main and not for_fid:
         return None
     if vae_name == "none" and for_fid:
         raise SystemExit("--fid-every decodes the samples with the VAE: drop --vae none")
     decode, note = (lambda z: z), "sample grids: the latents' first channel (--vae none)"
     if vae_name != "none":
         try:
-            vae = training.load_vae(vae_name, device, rank, world_size if for_fid else 1)
-            decode = partial(training.decode_latents, vae, scale=scale)
+            # rank 0 alone, unless every process decodes: then rank 0 first.
+            vae = load_vae(vae_name, procs.device, procs if for_fid else processes.Processes())
+            decode = partial(decode_latents, vae, scale=scale)
             note = f"sample grids decoded by {vae_name}"
         except (OSError, SystemExit) as e:                # no diffusers, no network: the run goes on
             if for_fid:
                 raise SystemExit(f"--fid-every needs the VAE {vae_name}, which did not load: {e}") from e
             note = f"sample grids: the latents' first channel ({vae_name} did not load: {e})"
-    if rank == 0:
+    if procs.main:
         os.makedirs(results_dir, exist_ok=True)
         with open(os.path.join(results_dir, "log.txt"), "a") as log:
             print(note, file=log)
@@ -229,7 +231,7 @@ def grid_decoder(vae_name, scale, device, results_dir, rank, world_size, for_fid
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="SoFlow on ImageNet 256 latents (one process or torchrun). "
                                      "`prepare` first turns an image folder into latents.")
-    add = parser.add_argument
+    add = parser.add_argument_group("ImageNet latents, the network and the method").add_argument
     add("--latents", required=True, help="the folder `prepare` wrote")
     add("--model", default="DiT-B/4", choices=sorted(soflow.DiT_models))
     add("--preset", default="imagenet", choices=["imagenet", "imagenet-paper"],
@@ -239,7 +241,7 @@ def parse_args(argv=None):
     add("--vae", default=None, help="decodes the sample grids (default: the one of prepare; "
         "'none': grids of the latents' first channel)")
     # The released recipe: global batch 256; 400k steps for B/4, 240 epochs (1.2M steps) for the other sizes.
-    training.add_training_args(parser, global_batch_size=256, steps=None)
+    settings.add_flags(parser, global_batch_size=256, steps=None)
     args = parser.parse_args(argv)
     args.steps = args.steps or (400_000 if args.model == "DiT-B/4" else 1_200_000)
     return args
@@ -247,18 +249,17 @@ def parse_args(argv=None):
 def prepare_args(argv):
     parser = argparse.ArgumentParser(prog="train_imagenet.py prepare",
                                      description="Images -> SD-VAE latents.")
-    add = parser.add_argument
+    add = parser.add_argument_group("images to latents").add_argument
     add("--data-path", required=True, help="ImageNet's train/: one subfolder per class")
     add("--latents", required=True, help="output folder (resumed if interrupted)")
     add("--image-size", type=int, default=256, choices=[32, 64, 128, 256, 512])
-    add("--vae", default=training.VAE_NAME, help="hub name or local folder of a diffusers AutoencoderKL")
+    add("--vae", default=VAE_NAME, help="hub name or local folder of a diffusers AutoencoderKL")
     add("--flip", action="store_true", help="also encode horizontal flips (twice the time and disk)")
     add("--dtype", default="float32", choices=["float32", "float16"], help="float16: half the disk")
     add("--batch-size", type=int, default=64, help="images per VAE call and process")
     add("--workers", type=int, default=8, help="DataLoader processes decoding images")
     add("--shard-size", type=int, default=10_000, help="images per resumable unit of work")
-    training.add_precision_arg(parser)
-    training.add_dist_timeout(parser)
+    settings.add_flags(parser, names=("precision", "dist_timeout"))
     args = parser.parse_args(argv)
     for name, low in dict(batch_size=1, shard_size=1, workers=0).items():
         if getattr(args, name) < low:
@@ -269,32 +270,28 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare"]:
         args = prepare_args(argv[1:])
-        try:
-            return prepare(args)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-                gc.collect()      # gloo's leftovers, freed at exit, can abort the process: free them now
+        with processes.started(args.dist_timeout) as procs:
+            return prepare(args, procs)
     args = parse_args(argv)
     manifest, arrays = open_latents(args.latents)
     config = soflow.PRESETS[args.preset]
     config = replace(config, w=args.cfg_w) if args.cfg_w is not None else config
-    rank, world_size, device = training.init_distributed(args.dist_timeout)
-    get_batch, num_examples = latent_batches(manifest, arrays, device)
-    torch.manual_seed(args.global_seed)                   # the same initial weights on every process
-    net = soflow.DiT_models[args.model](input_size=manifest["shape"][1], num_classes=len(manifest["classes"]))
-    decode = grid_decoder(args.vae or manifest["settings"]["vae"], manifest["scale"], device,
-                          args.results_dir, rank, world_size, for_fid=bool(args.fid_every))
-    # Every checkpoint names the VAE of its latents: sample.py decodes with it.
-    extras = dict(vae=dict(name=manifest["settings"]["vae"], scale=manifest["scale"]))
-    # The released optimizer; the paper's Adam is the same update at weight decay 0.
-    make_optimizer = partial(torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    run_config = dict(model=args.model, preset=args.preset, lr=args.lr, cfg_w=args.cfg_w,
-                      latents=manifest["settings"]["listing_sha256"], copies=manifest["copies"])
-    grid_labels = torch.arange(32, device=device) % len(manifest["classes"])
-    settings = training.settings_from_args(args)
-    training.train(settings, net, config, make_optimizer, num_examples, get_batch, run_config, decode,
-                   grid_labels, extras)
+    with processes.started(args.dist_timeout) as procs:
+        data = latent_batches(manifest, arrays, procs.device)
+        torch.manual_seed(args.global_seed)                   # the same initial weights on every process
+        net = soflow.DiT_models[args.model](input_size=manifest["shape"][1],
+                                            num_classes=len(manifest["classes"]))
+        decode = grid_decoder(args.vae or manifest["settings"]["vae"], manifest["scale"], args.results_dir,
+                              procs, for_fid=bool(args.fid_every))
+        # Every checkpoint names the VAE of its latents: sample.py decodes with it.
+        extras = dict(vae=dict(name=manifest["settings"]["vae"], scale=manifest["scale"]))
+        # The released optimizer; the paper's Adam is the same update at weight decay 0.
+        make_optimizer = partial(torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        run_config = dict(model=args.model, preset=args.preset, lr=args.lr, cfg_w=args.cfg_w,
+                          latents=manifest["settings"]["listing_sha256"], copies=manifest["copies"])
+        grid_labels = torch.arange(32, device=procs.device) % len(manifest["classes"])
+        loop.train(settings.settings_from_args(args), net, config, make_optimizer, data, run_config, procs,
+                   decode, grid_labels, extras)
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,8 @@ from soflow import (
     soflow_loss,
     solution,
 )
-from training import atomic_write, ema_decay_at, ema_update
+from training.files import atomic_write
+from training.loop import ema_decay_at, ema_update
 
 
 # ----- A 2D toy with an exact answer: a mixture of Gaussians p(x_0) = sum_k pi_k N(mu_k, sigma^2 I) -----
@@ -215,7 +216,8 @@ def main():
     # Two steps chained through t = 0.3, not 0.5: the modes are mostly decided above t = 0.3, and the slice
     # s = 0.5 is rarely trained (benchmarks/toy_study.md), so a stop there adds a second error where it costs.
     samplers = {"SoFlow, NFE=1": partial(sample, soflow_net, config=config),
-                "SoFlow, NFE=2": partial(sample, soflow_net, config=config, times=[1.0, 0.3, 0.0])}
+                "SoFlow, NFE=2": partial(sample, soflow_net, config=config, times=[1.0, 0.3, 0.0],
+                                                 mode="chain")}
     for k in (1, 2, 4, 8, 50):
         samplers[f"flow matching, Euler NFE={k}"] = partial(sample_euler, fm_net, config=fm_config, steps=k)
     for name, sampler in samplers.items():

@@ -6,7 +6,9 @@ from functools import partial
 import torch
 
 import soflow
-import training
+import training.files
+import training.loop
+import training.settings
 
 # DiT sizes: soflow's table, plus DiT's S/4 (Peebles & Xie 2023), the CPU default.
 SIZES = {**soflow.DiT_models,
@@ -19,7 +21,7 @@ def add_setup_args(parser):
                         help="DiT size (32x32x4 latents)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=training.PRECISIONS,
+    parser.add_argument("--precision", default="fp32", choices=training.settings.PRECISIONS,
                         help="bf16: autocast; tf32: TF32 matmuls (GPU); fp32: TF32 off (set_precision)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -47,7 +49,7 @@ def setup(args):
     model = torch.compile(net) if args.compile else net
     x = torch.randn(args.batch_size, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    _, autocast = training.set_precision(args.precision, device)
+    _, autocast = training.loop.set_precision(args.precision, device)
     return device, net, model, x, y, autocast
 
 
@@ -70,4 +72,4 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-write_json = training.write_json       # atomically: an interrupted run never leaves a truncated file
+write_json = training.files.write_json       # atomically: an interrupted run never leaves a truncated file

@@ -24,7 +24,9 @@ import torch
 
 import fid
 import soflow
-import training
+import training.files
+import training.loop
+import training.settings
 from benchmarks.common import open_device, sync, timed, write_json
 
 CONFIG = soflow.PRESETS["cifar10"]     # the U-Net's sampler reads its schedule and parameterization
@@ -38,14 +40,14 @@ def pipeline_parts(generator, inception, x1, autocast, stats):
         with autocast:
             batch["x0"] = soflow.sample(generator, x1, config=CONFIG)              # (B, 3, 32, 32), 1 NFE
     def convert():
-        batch["pixels"] = training.to_uint8(batch["x0"].float())                  # uint8 (B, 3, 32, 32)
+        batch["pixels"] = training.files.to_uint8(batch["x0"].float())                  # uint8 (B, 3, 32, 32)
     def extract():
         batch["features"] = fid.features(inception, batch["pixels"])             # (B, 2048) float32
     def accumulate():
         stats.add(batch["features"])
     return dict(generate=generate, convert=convert, extract=extract, accumulate=accumulate)
 
-LABELS = {"generate": "generate (soflow.sample, 1 NFE)", "convert": "to uint8 (training.to_uint8)",
+LABELS = {"generate": "generate (soflow.sample, 1 NFE)", "convert": "to uint8 (training.files.to_uint8)",
           "extract": "features (fid.features)", "accumulate": "statistics (FeatureStats.add)"}
 
 
@@ -79,7 +81,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--generator", default="UNet-T", choices=sorted(soflow.UNet_models),
                         help="the U-Net that generates 32x32 images")
-    parser.add_argument("--precision", default="fp32", choices=training.PRECISIONS,
+    parser.add_argument("--precision", default="fp32", choices=training.settings.PRECISIONS,
                         help="bf16: autocast for the generator (the extractor stays in fp32)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 256], help="extractor input sizes")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
@@ -97,7 +99,7 @@ def main(argv=None):
     pixels = {size: torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8, device=device)
               for size in args.sizes}
     x1 = torch.randn(args.batch_size, 3, 32, 32, device=device)
-    _, autocast = training.set_precision(args.precision, device)
+    _, autocast = training.loop.set_precision(args.precision, device)
     stats = fid.FeatureStats(inception.feature_dim, device)
     parts = pipeline_parts(generator, inception, x1, autocast, stats)
     extractors = {f"fid.features, {size}x{size} uint8 input": (lambda x=x: fid.features(inception, x))

@@ -4,7 +4,7 @@
     python -m benchmarks.imagenet_data --model DiT-B/4 --batch-size 256 --device cuda --precision bf16 \
         --full-vae
 
-Latent reading: train_imagenet.latent_batches' get_batch (the rows of global_batch_indices, a gather from the
+Latent reading: train_imagenet.latent_batches' batch (the rows of global_batch_indices, a gather from the
 memory-mapped mean and std, the posterior draw (mean + std * eps) * 0.18215, the copy to the device) on a
 folder of --num-latents random posteriors written like `prepare` writes them (4x32x32, with flipped copies),
 against the bare Algorithm 1 step (PRESETS["imagenet"], AdamW) of the DiT at the same batch; interleaved,
@@ -30,7 +30,9 @@ import torch
 
 import soflow
 import train_imagenet
-import training
+import training.data
+import training.files
+import training.sampling
 from benchmarks.common import add_setup_args, describe, setup, sync, timed, write_json
 
 CONFIG = soflow.PRESETS["imagenet"]
@@ -48,23 +50,25 @@ def write_latents(folder, count, seed):
             array[a:a + len(chunk)] = np.abs(chunk) * 0.1 if name == "std" else chunk
         array.flush()
     np.save(os.path.join(folder, "labels.npy"), rng.integers(0, 1000, count))
-    training.write_json(os.path.join(folder, "manifest.json"), dict(
-        complete=True, settings=dict(num_images=count, vae=training.VAE_NAME, listing_sha256="random"),
-        scale=training.VAE_SCALE, copies=2, shape=[4, 32, 32],
+    training.files.write_json(os.path.join(folder, "manifest.json"), dict(
+        complete=True,
+        settings=dict(num_images=count, vae=training.sampling.VAE_NAME, listing_sha256="random"),
+        scale=training.sampling.VAE_SCALE, copies=2, shape=[4, 32, 32],
         classes=list(range(1000)), arrays=dict(mean="mean.npy", std="std.npy", labels="labels.npy")))
 
 
 def reading(args, device, net, model, autocast, folder):
     """(seconds of get_batch, seconds of the bare step) per round."""
     manifest, arrays = train_imagenet.open_latents(folder)
-    get_batch, count = train_imagenet.latent_batches(manifest, arrays, device)
+    data = train_imagenet.latent_batches(manifest, arrays, device)
+    get_batch, count = data.batch, data.num_examples
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
     x0, y, _ = get_batch(torch.arange(args.batch_size))
     data, step = [], []
     for k in range(args.warmup + args.rounds):
         sync(device)
         start = time.perf_counter()
-        rows = training.global_batch_indices(k, args.batch_size, count, args.seed)
+        rows = training.data.global_batch_indices(k, args.batch_size, count, args.seed)
         x0, y, _ = get_batch(rows)
         sync(device)
         middle = time.perf_counter()
@@ -116,7 +120,7 @@ def preparing(args, device, root):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         train_imagenet.main(argv)
     command = args.images / (time.perf_counter() - start)
-    vae = training.load_vae(vae_path, device)
+    vae = training.sampling.load_vae(vae_path, device)
     x = torch.randn(args.prepare_batch, 3, 256, 256, device=device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     seconds = []
@@ -157,11 +161,13 @@ def main(argv=None):
             print(f"{name:<52}{ms:>10.2f}{args.batch_size / ms * 1e3:>12.1f}{ms / results['step_ms']:>9.3f}")
         results["data_over_step"] = results["data_ms"] / results["step_ms"]
         manifest, arrays = train_imagenet.open_latents(os.path.join(root, "latents"))
-        get_batch, count = train_imagenet.latent_batches(manifest, arrays, device)
-        big = [timed(lambda: get_batch(training.global_batch_indices(k, 256, count, args.seed)), device)
+        data = train_imagenet.latent_batches(manifest, arrays, device)
+        get_batch, count = data.batch, data.num_examples
+        big = [timed(lambda: get_batch(training.data.global_batch_indices(k, 256, count, args.seed)), device)
                for k in range(args.rounds)]
         results["data_ms_at_256"] = statistics.median(big) * 1e3
-        gather = [timed(lambda: [arrays[n][training.global_batch_indices(k, 256, count, args.seed).numpy()]
+        rows_of = training.data.global_batch_indices
+        gather = [timed(lambda: [arrays[n][rows_of(k, 256, count, args.seed).numpy()]
                                  for n in ("mean", "std")], device) for k in range(args.rounds)]
         results["gather_ms_at_256"] = statistics.median(gather) * 1e3
         for name, key in (("data alone at batch 256 (the released global batch)", "data_ms_at_256"),

@@ -12,11 +12,11 @@ The one-call samplers first run --warmup times; then --repeats interleaved round
 torch.cuda.synchronize() calls on a GPU. Printed: images/s from the median time, the spread (from the slowest
 and the fastest run), and the ratio to the bare forward, whose images/s is the ceiling of a 1-NFE sampler.
 
---end-to-end then runs sample.py in this process on a checkpoint of the same network (--e2e-images images, the
-same batch size, --precision and --compile, 1 NFE, a PNG grid and an .npz) and splits its time: per-image
-noise, generation, VAE decoding, conversion to uint8 (and gathering), writing. The VAE is by default the SD
-VAE's architecture with random weights, built offline: its cost is that of stabilityai/sd-vae-ft-mse; --vae
-takes a hub name or a local folder.
+--end-to-end then runs sample.py's steps in this process on a checkpoint of the same network (--e2e-images
+images, the same batch size, --precision and --compile, 1 NFE, a PNG grid and an .npz), each part on its own
+clock: per-image noise, generation, VAE decoding, conversion to uint8 (and gathering), writing. The VAE is by
+default the SD VAE's architecture with random weights, built offline: its cost is that of
+stabilityai/sd-vae-ft-mse; --vae takes a hub name or a local folder.
 """
 import argparse
 import os
@@ -28,6 +28,7 @@ from dataclasses import asdict
 import torch
 
 import soflow
+import training.loop
 from benchmarks.common import CONFIG, add_setup_args, describe, setup, sync, write_json
 
 
@@ -67,11 +68,13 @@ def sd_vae_random():
 
 
 def end_to_end(args, net, forward_images_per_s):
-    """sample.py on a checkpoint of net, in this process: its timings and its generation rate over
-    the bare forward."""
+    """sample.py's steps on a checkpoint of net, in this process, each part on its own clock; its generation
+    rate over the bare forward."""
     import sample
+    from training import processes
+    from training.files import to_uint8
     num_images = args.e2e_images or args.batch_size
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, processes.started() as procs:
         ckpt = os.path.join(tmp, "net.pt")
         weights = {k: v.cpu() for k, v in net.state_dict().items()}
         torch.save(dict(arch="DiT", arch_kwargs=net.init_kwargs, model=weights, ema=weights,
@@ -80,10 +83,46 @@ def end_to_end(args, net, forward_images_per_s):
         if vae == "sd-random":
             vae = os.path.join(tmp, "vae")
             sd_vae_random().save_pretrained(vae)
-        stats = sample.main(["--ckpt", ckpt, "--vae", vae, "--num-images", str(num_images), "--batch-size",
-                             str(args.batch_size), "--precision", args.precision, "--seed", str(args.seed),
-                             "--npz", "--out", os.path.join(tmp, "samples")]
-                            + (["--compile"] if args.compile else []))
+        flags = sample.parse_args(["--ckpt", ckpt, "--vae", vae, "--num-images", str(num_images),
+                                   "--batch-size", str(args.batch_size), "--precision", args.precision,
+                                   "--seed", str(args.seed), "--npz", "--out", os.path.join(tmp, "samples")]
+                                  + (["--compile"] if args.compile else []))
+        # sample.generate's steps, in its order; loading and the first calls (compiling) stay off the clocks.
+        paths = sample.output_paths(flags, procs)
+        model = sample.open_model(flags, procs)
+        precision, autocast = training.loop.set_precision(flags.precision, procs.device)
+        batches = sample.image_batches(num_images, flags.batch_size, procs)
+        for indices in {len(b): b for b in batches if len(b)}.values():      # one batch of each size
+            with torch.no_grad(), autocast:
+                sample.images(flags, model, *sample.draws(flags, model, indices, procs.device))
+        seconds = dict(noise=0.0, generate=0.0, decode=0.0, convert=0.0, write=0.0)
+        kept = sample.Kept(num_images, model.num_classes)
+
+        def clock(part, started):
+            sync(procs.device)
+            seconds[part] += time.perf_counter() - started
+            return time.perf_counter()
+
+        loop_start = now = time.perf_counter()
+        for indices in batches:
+            y, x1, eps = sample.draws(flags, model, indices, procs.device)
+            now = clock("noise", now)
+            with torch.no_grad(), autocast:
+                x0 = soflow.sample(model.net, x1, y, eps=eps, config=model.config, steps=flags.nfe,
+                                   times=flags.times, mode=flags.sampler)
+                now = clock("generate", now)
+                x0 = model.decode(x0)
+            now = clock("decode", now)
+            kept.gather(indices, to_uint8(x0.float()), y, procs)
+            now = clock("convert", now)
+        failure = sample.write_outputs(flags, paths, kept, None, precision, 0.0)
+        clock("write", now)
+        if failure:
+            raise SystemExit(failure)
+    loop_seconds = time.perf_counter() - loop_start
+    stats = dict(images=num_images, seconds=seconds, loop_seconds=loop_seconds,
+                 generate_images_per_s=num_images / seconds["generate"],
+                 end_to_end_images_per_s=num_images / loop_seconds)
     stats["generation_to_forward"] = stats["generate_images_per_s"] / forward_images_per_s
     parts = {"noise": "per-image noise (CPU generators)", "generate": "generation (soflow.sample)",
              "decode": f"VAE decoding ({args.vae})", "convert": "to uint8 NHWC, gather",
@@ -91,10 +130,10 @@ def end_to_end(args, net, forward_images_per_s):
     print(f"\nsample.py, {num_images} images in batches of {args.batch_size}, 1 NFE:")
     print(f"{'part':<44}{'seconds':>9}{'images/s':>10}{'share':>8}")
     for name, label in parts.items():
-        seconds = stats["seconds"][name]
-        rate = f"{num_images / seconds:.2f}" if seconds > 0 else "-"
-        print(f"{label:<44}{seconds:>9.3f}{rate:>10}{seconds / stats['loop_seconds']:>8.1%}")
-    print(f"{'end to end':<44}{stats['loop_seconds']:>9.3f}{stats['end_to_end_images_per_s']:>10.2f}")
+        part_seconds = seconds[name]
+        rate = f"{num_images / part_seconds:.2f}" if part_seconds > 0 else "-"
+        print(f"{label:<44}{part_seconds:>9.3f}{rate:>10}{part_seconds / loop_seconds:>8.1%}")
+    print(f"{'end to end':<44}{loop_seconds:>9.3f}{stats['end_to_end_images_per_s']:>10.2f}")
     print(f"generation / bare forward: {stats['generation_to_forward']:.3f} (goal >= 0.9); end to end / bare "
           f"forward: {stats['end_to_end_images_per_s'] / forward_images_per_s:.3f}")
     return stats

@@ -24,7 +24,7 @@ import torch
 
 import soflow
 import train_toy
-import training
+import training.loop
 
 # Tiny networks: one thread is as fast, and the study must not crowd a shared machine.
 torch.set_num_threads(1)
@@ -129,7 +129,7 @@ def train(toy, config, steps, seed, hidden, depth, lr, batch=512):
         loss.backward()
         opt.step()
         for d, ema in emas.items():
-            training.ema_update(ema, net, d)
+            training.loop.ema_update(ema, net, d)
     return {"raw": net.eval(), **{str(d): debias(ema, start, d ** steps).eval() for d, ema in emas.items()}}
 
 
@@ -200,7 +200,8 @@ def evaluate(nets, config, problem, fm):
             r["1"] = judge(soflow.sample(net, x1, y, config=config), p.exact, p.toy)
             for s in MIDS:
                 times = [1.0, s, 0.0]
-                r[f"chain@{s}"] = judge(soflow.sample(net, x1, y, config=config, times=times), p.exact, p.toy)
+                r[f"chain@{s}"] = judge(soflow.sample(net, x1, y, config=config, times=times, mode="chain"),
+                                        p.exact, p.toy)
                 r[f"renoise@{s}"] = judge(soflow.sample(net, x1, y, config=config, times=times,
                                                         mode="renoise", eps=p.renoise_eps), p.exact, p.toy)
                 # The two legs of the chain apart: the first against the exact f(x_1, 1, s), the second

@@ -5,41 +5,39 @@ size: what the loop around the loss costs (data, augmentation, grad norm, EMA, l
     python -m benchmarks.train_loop --model UNet-CIFAR10 --batch-size 128 --device cuda --precision bf16 \
         --json loop.json
 
-Bare step: zero_grad, soflow.soflow_loss (PRESETS["cifar10"]), backward and a RAdam step (the script's:
-lr 1e-4, betas (0.9, 0.999)) on one batch made beforehand, already in [-1, 1], with its augmentation labels
-as cond (the network does the script's work: the U-Net runs its augmentation layer either way). No data
-work, no EMA, no logs.
-Script step: train_cifar.main itself, on a CIFAR-format folder of random uint8 images that the benchmark
-writes once (5 pickled training batches, loaded by the script before its first step): the images in memory on
-the device, global_batch_indices, to_model_range, EDM's augment with its labels as cond, training.train's step
-(accumulate_gradients, the grad norm, RAdam, EMA every 16 steps), its logs (--log-every; default every step,
-the worst case), the stop check; a grid and a checkpoint only at the run's end (huge --sample-every,
---ckpt-every).
+Bare step: zero_grad, soflow.soflow_loss (PRESETS["cifar10"]), backward and a RAdam step (the script's: lr
+1e-4, betas (0.9, 0.999)) on one batch made beforehand, already in [-1, 1], with its augmentation labels as
+cond (the network does the script's work: the U-Net runs its augmentation layer either way). No data work, no
+EMA, no logs. Script step: train_cifar.main itself, on a CIFAR-format folder of random uint8 images that the
+benchmark writes once (5 pickled training batches, loaded by the script before its first step): the images in
+memory on the device, global_batch_indices, to_model_range, EDM's augment with its labels as cond, the step of
+training.loop.train (accumulate_gradients, the grad norm, RAdam, EMA every 16 steps), its logs (--log-every;
+default every step, the worst case), the stop check; a grid and a checkpoint only at the run's end (huge
+--sample-every, --ckpt-every).
 
-How: training.train starts each step by calling training.global_batch_indices. For each run the benchmark
-wraps that function in a clock, which runs one bare step and then each part below alone (timed on their own),
-and reads the time before and after that work (torch.cuda.synchronize first on a GPU); then the original runs.
-Script step k is the time from the clock's exit in step k to its entry in step k + 1: the whole of the loop's
-step, with everything it does between two steps, and none of the clock's work. So the bare and the script
-steps strictly alternate (the finest interleaving: a change in the machine's load touches both alike; each
-follows one of the other), and the run's start-up and end (network, EMA copy, grid, checkpoint) are left out
-exactly, where differencing the wall times of two runs of different lengths would only cancel them up to their
-noise. A round is one script run of --warmup untimed steps, --window timed steps and one more (its start
-closes the window); each of its lines is the mean ms/step over the window. A window of a multiple of 16 steps
-holds one EMA update per 16 steps: the amortised cost. Printed: the median over --rounds rounds, the spread
-(fastest and slowest round), images/s, the ratio script / bare of the medians and the overhead (ratio - 1).
-"its own timer": training.train's images_per_s in metrics.jsonl (time.time from the step's start to after the
-EMA update: no logs or checks), less the clock's work.
-(On a GPU the clock's synchronize costs nothing more: training.train already waits for the GPU each step, at
-its isfinite(grad_norm) and stop tests.)
-The parts, each timed alone on the bare step's network and data, once per step: global_batch_indices, the
-gather and to_model_range; augment; the grad norm (clip_grad_norm_(inf) and its isfinite test); ema_update,
-counted 1 / 16; and, with records in the window, what the loop does after its own timer stops: script - its
-own timer, per round (the log record, tqdm, the stop check). "the rest": script - bare - those parts
-(accumulate_gradients' scaling and diagnostics, zero_grad's and the clock's calls, and noise: it can come out
-below zero).
-On a CPU that other processes share, more than one thread makes OpenMP threads wait on each other at every op
-(a UNet-T step took 5 s with 2 threads on a busy 2-core machine, 0.26 s with 1): the default is --threads 1.
+How: training.loop.train starts each step by calling training.data.global_batch_indices. For each run the
+benchmark wraps that function in a clock, which runs one bare step and then each part below alone (timed on
+their own), and reads the time before and after that work (torch.cuda.synchronize first on a GPU); then the
+original runs. Script step k is the time from the clock's exit in step k to its entry in step k + 1: the whole
+of the loop's step, with everything it does between two steps, and none of the clock's work. So the bare and
+the script steps strictly alternate (the finest interleaving: a change in the machine's load touches both
+alike; each follows one of the other), and the run's start-up and end (network, EMA copy, grid, checkpoint)
+are left out exactly, where differencing the wall times of two runs of different lengths would only cancel
+them up to their noise. A round is one script run of --warmup untimed steps, --window timed steps and one more
+(its start closes the window); each of its lines is the mean ms/step over the window. A window of a multiple
+of 16 steps holds one EMA update per 16 steps: the amortised cost. Printed: the median over --rounds rounds,
+the spread (fastest and slowest round), images/s, the ratio script / bare of the medians and the overhead
+(ratio - 1). "its own timer": training.loop.train's images_per_s in metrics.jsonl (time.time from the step's
+start to after the EMA update: no logs or checks), less the clock's work. (On a GPU the clock's synchronize
+costs nothing more: training.loop.train already waits for the GPU each step, at its isfinite(grad_norm) and
+stop tests.) The parts, each timed alone on the bare step's network and data, once per step:
+global_batch_indices, the gather and to_model_range; augment; the grad norm (clip_grad_norm_(inf) and its
+isfinite test); ema_update, counted 1 / 16; and, with records in the window, what the loop does after its own
+timer stops: script - its own timer, per round (the log record, tqdm, the stop check). "the rest": script -
+bare - those parts (accumulate_gradients' scaling and diagnostics, zero_grad's and the clock's calls, and
+noise: it can come out below zero). On a CPU that other processes share, more than one thread makes OpenMP
+threads wait on each other at every op (a UNet-T step took 5 s with 2 threads on a busy 2-core machine, 0.26 s
+with 1): the default is --threads 1.
 """
 import argparse
 import contextlib
@@ -60,7 +58,10 @@ import torch
 
 import soflow
 import train_cifar
-import training
+import training.data
+import training.loop
+import training.processes
+import training.settings
 from benchmarks.common import sync, timed, write_json
 
 CONFIG = soflow.PRESETS["cifar10"]  # train_cifar's default --preset
@@ -71,10 +72,10 @@ AFTER = "logs, tqdm, stop check (script - own timer)"
 
 def write_cifar_folder(root, images_per_batch, seed):
     """root/cifar-10-batches-py/data_batch_{1..5}: random uint8 images with labels, as pickled by CIFAR-10."""
-    folder = os.path.join(root, train_cifar.FOLDER)
+    folder = os.path.join(root, training.data.FOLDER)
     os.makedirs(folder)
     rng = np.random.default_rng(seed)
-    for name in train_cifar.TRAIN_BATCHES:
+    for name in training.data.TRAIN_BATCHES:
         batch = {b"data": rng.integers(0, 256, (images_per_batch, 3 * 32 * 32), dtype=np.uint8),
                  b"labels": rng.integers(0, 10, images_per_batch).tolist()}
         with open(os.path.join(folder, name), "wb") as f:
@@ -84,9 +85,9 @@ def write_cifar_folder(root, images_per_batch, seed):
 
 @contextlib.contextmanager
 def step_clock(device, calls, between=lambda: None):
-    """While inside, each call of training.global_batch_indices (training.train: the first thing of each step)
+    """While inside, each call of training.data.global_batch_indices (the loop's first act in a step)
     runs between() and appends (the time before it, the time after it) to calls; then the original runs."""
-    original = training.global_batch_indices
+    original = training.data.global_batch_indices
 
     def clocked(*args, **kwargs):
         sync(device)
@@ -95,11 +96,11 @@ def step_clock(device, calls, between=lambda: None):
         sync(device)
         calls.append((before, time.perf_counter()))
         return original(*args, **kwargs)
-    training.global_batch_indices = clocked
+    training.data.global_batch_indices = clocked
     try:
         yield
     finally:
-        training.global_batch_indices = original
+        training.data.global_batch_indices = original
 
 
 def script_argv(args, data_dir, results_dir, steps):
@@ -110,7 +111,7 @@ def script_argv(args, data_dir, results_dir, steps):
 
 
 def loop_timer(results_dir, first, last, batch_size, inside):
-    """Mean seconds/step by training.train's own timer over steps first..last, from the records of
+    """Mean seconds/step by training.loop.train's own timer over steps first..last, from the records of
     metrics.jsonl that cover only those steps (a record at step k covers the steps since the previous record),
     less inside[k - 1], the seconds the clock spent inside step k (that timer starts before
     global_batch_indices); None if no record fits."""
@@ -138,7 +139,7 @@ def script_run(args, data_dir, results_dir, device, between):
         print(output.getvalue()[-3000:], file=sys.stderr)
         raise
     if len(calls) != steps:
-        raise RuntimeError(f"training.train called training.global_batch_indices {len(calls)} times in "
+        raise RuntimeError(f"training.loop.train called global_batch_indices {len(calls)} times in "
                            f"{steps} steps: the clock expects one call at the start of each step; "
                            "update step_clock")
     # Step k runs from the clock's exit in call k to its entry in call k + 1 (calls[k - 1], calls[k]).
@@ -166,7 +167,7 @@ def parts(args, images, net, ema, device):
     """name -> (function timed alone, the fraction of steps that run it). net must hold gradients."""
     B, N = args.batch_size, len(images)
     x = train_cifar.to_model_range(images[:B])
-    step, indices = iter(range(10 ** 9)), training.global_batch_indices       # the original, not the clock
+    step, indices = iter(range(10 ** 9)), training.data.global_batch_indices    # the original, not the clock
 
     def data():
         rows = indices(next(step), B, N, args.seed).to(device)
@@ -180,7 +181,7 @@ def parts(args, images, net, ema, device):
         "EDM augment (p 0.12)": (lambda: train_cifar.augment(x, p=0.12), 1.0),
         "grad norm (clip_grad_norm_ inf) + isfinite": (grad_norm, 1.0),
         f"EMA update, 1 step in {args.ema_every}": (
-            lambda: training.ema_update(ema, net, EMA_DECAY ** args.ema_every), 1 / args.ema_every),
+            lambda: training.loop.ema_update(ema, net, EMA_DECAY ** args.ema_every), 1 / args.ema_every),
     }
 
 
@@ -197,9 +198,9 @@ def main(argv=None):
     parser.add_argument("--device", default=None,
                         help="default (and the only choice): the device train_cifar.py picks, cuda if torch "
                              "sees one, else cpu")
-    parser.add_argument("--precision", default="", choices=training.PRECISIONS,
-                        help="of the bare step and the script (training.set_precision; default bf16 on CUDA, "
-                             "fp32 on a CPU)")
+    parser.add_argument("--precision", default="", choices=training.settings.PRECISIONS,
+                        help="of the bare step and the script (training.loop.set_precision; default bf16 on "
+                             "CUDA, fp32 on a CPU)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--window", type=int, default=16,
@@ -216,20 +217,20 @@ def main(argv=None):
     args.ema_every = train_cifar.parse_args(["--results-dir", "-"]).ema_every      # the released recipe's 16
     if args.threads:
         torch.set_num_threads(args.threads)
-    # The script's device: training.init_distributed picks it.
-    _, _, device = training.init_distributed()
+    with training.processes.started() as procs:        # the script's device, by the script's rule
+        device = procs.device
     asked = torch.device(args.device or device)
     if asked.type != device.type or asked.index not in (None, device.index):
         raise SystemExit(f"--device {args.device}: train_cifar.py would run on {device}; the two steps must "
                          "share a device (leave --device out)")
-    args.precision, autocast = training.set_precision(args.precision, device)     # the script's too
+    args.precision, autocast = training.loop.set_precision(args.precision, device)     # the script's too
 
     with tempfile.TemporaryDirectory(prefix="train_loop_") as tmp:
         # Data: a CIFAR-format folder (enough images for a run's rows in one epoch), loaded here once for the
         # bare batch and the parts; the script loads it itself, before its steps (outside the clock).
         per_file = max(256, math.ceil(args.batch_size * (args.warmup + args.window + 2) / 5))
         data_dir = write_cifar_folder(os.path.join(tmp, "data"), per_file, args.seed)
-        images = train_cifar.load_cifar10(data_dir, download=False)[0].to(device)
+        images = training.data.load_cifar10(data_dir, download=False)[0].to(device)
         # The bare step: the script's network (same seed), optimizer, and one fixed augmented batch.
         torch.manual_seed(args.seed)
         net = soflow.UNet_models[args.model](num_classes=0).to(device)
@@ -287,7 +288,7 @@ def main(argv=None):
                 f"{row['ms_median'] / bare['ms_median']:>8.3f}")
     print(f"\n{'':<44}{'ms/step':>9}{'min-max':>15}{'img/s':>10}{'/ bare':>8}")
     print(line("bare step (loss, backward, RAdam)", bare))
-    print(line("script step (train_cifar.py, training.train)", script))
+    print(line("script step (train_cifar.py, training.loop.train)", script))
     if own is not None:
         print(line("  its own timer (metrics.jsonl images_per_s)", own))
     print(f"overhead: {overhead_pct:+.1f}% (script / bare {ratio:.3f}; per round {min(round_ratios):.3f}-"

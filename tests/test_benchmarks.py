@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import soflow
 import train_imagenet
-import training
+import training.data
 from benchmarks import sampling
 from benchmarks import train_loop as tl
 from benchmarks import train_step as ts
@@ -190,11 +190,11 @@ def test_train_loop_benchmark_end_to_end(tmp_path):
 
 
 def test_train_loop_clock_wraps_global_batch_indices_and_restores_it():
-    original, calls, between = training.global_batch_indices, [], []
+    original, calls, between = training.data.global_batch_indices, [], []
     with tl.step_clock(torch.device("cpu"), calls, lambda: between.append(1)):
-        assert training.global_batch_indices is not original
-        rows = [training.global_batch_indices(k, 4, 10, 0) for k in range(3)]
-    assert training.global_batch_indices is original
+        assert training.data.global_batch_indices is not original
+        rows = [training.data.global_batch_indices(k, 4, 10, 0) for k in range(3)]
+    assert training.data.global_batch_indices is original
     assert len(calls) == len(between) == 3 and all(b <= a for b, a in calls)
     assert all(torch.equal(r, original(k, 4, 10, 0)) for k, r in enumerate(rows))
 
@@ -217,7 +217,8 @@ def test_imagenet_data_benchmark_reads_a_prepare_style_folder_and_times_prepare(
     needs("diffusers")
     imagenet_data.write_latents(str(tmp_path / "latents"), 30, seed=0)
     manifest, arrays = train_imagenet.open_latents(str(tmp_path / "latents"))
-    get_batch, count = train_imagenet.latent_batches(manifest, arrays, torch.device("cpu"))
+    data = train_imagenet.latent_batches(manifest, arrays, torch.device("cpu"))
+    get_batch, count = data.batch, data.num_examples
     x0, y, cond = get_batch(torch.arange(5))
     assert count == 30 and x0.shape == (5, 4, 32, 32) and cond is None and 0 <= y.min() and y.max() < 1000
     assert arrays["std"].min() >= 0                                 # a posterior std

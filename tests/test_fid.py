@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fid
-import train_cifar
+import training.data
 from distributed import ROOT, torchrun
 from optional import needs, skip_reason
 
@@ -223,7 +223,7 @@ def test_stats_do_not_depend_on_the_batch_size():
 def test_process_blocks_cover_every_row_once():
     for n in (0, 1, 2, 5, 11):
         for world_size in (1, 2, 3, 8):
-            blocks = [fid.process_rows(n, rank, world_size) for rank in range(world_size)]
+            blocks = [fid.block_of_process(n, rank, world_size) for rank in range(world_size)]
             assert [i for start, stop in blocks for i in range(start, stop)] == list(range(n))
 
 
@@ -310,9 +310,9 @@ def tiny(monkeypatch):
 
 def write_cifar_folder(root, x):
     """x uint8 (30, 3, 32, 32) -> root/cifar-10-batches-py: 5 training batches of 6, in the real format."""
-    folder = root / train_cifar.FOLDER
+    folder = root / training.data.FOLDER
     folder.mkdir(parents=True)
-    for i, name in enumerate(train_cifar.TRAIN_BATCHES):
+    for i, name in enumerate(training.data.TRAIN_BATCHES):
         rows = x[6 * i:6 * (i + 1)]
         # Channel-major rows as in the real files: (n, 3, 32, 32) -> (n, 3072).
         batch = {b"data": rows.reshape(-1, 3072).numpy(), b"labels": [0] * len(rows), b"filenames": []}

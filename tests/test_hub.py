@@ -17,8 +17,11 @@ import torch
 import torch.nn as nn
 
 import soflow
-import training
+import training.processes
+import training.released
+import training.settings
 from optional import needs
+from training.processes import Processes
 
 ROOT = Path(__file__).resolve().parents[1]
 yaml = needs("yaml")
@@ -109,7 +112,8 @@ ckpt_saving_steps: 25000
 logging_steps: 100
 seed: 42
 """
-METHOD_KEYS = [*training.RELEASED_CHOICES, *training.RELEASED_NUMBERS, *training.RELEASED_TIMES]
+METHOD_KEYS = [*training.released.RELEASED_CHOICES, *training.released.RELEASED_NUMBERS,
+               *training.released.RELEASED_TIMES]
 REPO, REV = "zlab-princeton/SoFlow", "1f2e3d4c5b6a79880123456789abcdef01234567"
 UNET = f"hf://{REPO}/UNet-uncond/ckpts/800000.pt"
 
@@ -119,8 +123,9 @@ UNET = f"hf://{REPO}/UNet-uncond/ckpts/800000.pt"
 @pytest.mark.parametrize("text, preset", [(IMAGENET_YAML, "imagenet"), (CIFAR_YAML, "cifar10")])
 def test_the_released_config_files_are_the_released_presets_exactly(text, preset):
     values = yaml.safe_load(text)
-    assert training.config_from_released(values) == soflow.PRESETS[preset]
-    assert training.released_from_config(soflow.PRESETS[preset]) == {k: values[k] for k in METHOD_KEYS}
+    assert training.released.config_from_released(values) == soflow.PRESETS[preset]
+    written = training.released.released_from_config(soflow.PRESETS[preset])
+    assert written == {k: values[k] for k in METHOD_KEYS}
 
 
 def test_each_key_reaches_its_own_field_both_ways():
@@ -128,26 +133,26 @@ def test_each_key_reaches_its_own_field_both_ways():
     config = replace(soflow.PRESETS["imagenet"], schedule="triangular", param="triangular", lam=0.5, p=0.6,
                      eps=0.02, fm_mu=-0.1, fm_sd=1.1, s_mu=-1.1, s_sd=0.9, t_mu=0.3, t_sd=0.7,
                      r_schedule="cosine", r_init=0.2, r_end=0.003, w=2.5, m=0.3, drop=0.2, decay_t=0.7)
-    values = training.released_from_config(config)
+    values = training.released.released_from_config(config)
     assert values["time_mean"] == [-0.1, -1.1, 0.3] and values["time_std"] == [1.1, 0.9, 0.7]
     assert values["noising_type"] == values["coefficient_type"] == "Trig"       # the released code's name
-    assert training.config_from_released({**yaml.safe_load(IMAGENET_YAML), **values}) == config
+    assert training.released.config_from_released({**yaml.safe_load(IMAGENET_YAML), **values}) == config
     none = replace(config, decay="none")                                       # no decay: cfg_decay_time 1
-    assert training.released_from_config(none)["cfg_decay_time"] == 1.0
+    assert training.released.released_from_config(none)["cfg_decay_time"] == 1.0
 
 
 def test_config_yaml_errors_name_the_key():
     values = yaml.safe_load(IMAGENET_YAML)
     with pytest.raises(ValueError, match="unknown key 'cfg_scal'"):
-        training.config_from_released({**values, "cfg_scal": 3.0})
+        training.released.config_from_released({**values, "cfg_scal": 3.0})
     with pytest.raises(ValueError, match="no key 'mix_ratio'"):
-        training.config_from_released({k: v for k, v in values.items() if k != "mix_ratio"})
+        training.released.config_from_released({k: v for k, v in values.items() if k != "mix_ratio"})
     with pytest.raises(ValueError, match="noising_type 'Cosine' is none of Linear, Trig, Triangular"):
-        training.config_from_released({**values, "noising_type": "Cosine"})
+        training.released.config_from_released({**values, "noising_type": "Cosine"})
     with pytest.raises(ValueError, match="time_std .* should list 3 numbers"):
-        training.config_from_released({**values, "time_std": [1.0, 0.8]})
+        training.released.config_from_released({**values, "time_std": [1.0, 0.8]})
     with pytest.raises(ValueError, match="no linear guidance decay"):
-        training.released_from_config(soflow.PRESETS["imagenet-paper"])
+        training.released.released_from_config(soflow.PRESETS["imagenet-paper"])
 
 
 # ----- hf:// paths from a hub cache -----
@@ -203,17 +208,17 @@ def hub(tmp_path, monkeypatch):
 def test_hf_paths_resolve_from_the_cache_with_the_config_yaml_beside_them(hub):
     snapshot, unet, dit = hub
     assert soflow.hub_file(UNET) == str(snapshot / "UNet-uncond/ckpts/800000.pt")
-    net, config, note, recorded = training.open_network(UNET)
+    net, config, note, recorded = training.released.open_checkpoint(UNET)
     x, t = torch.randn(2, 3, 32, 32), torch.ones(2)
     assert torch.equal(net(x, t, 0 * t), unet(x, t, 0 * t))
     assert config == replace(soflow.PRESETS["cifar10"], p=0.5) and recorded == {}
     assert f"hf://{REPO}/UNet-uncond/config.yaml" in note
     # No config.yaml beside it: the preset of its kind, said.
-    net, config, note, _ = training.open_network(f"hf://{REPO}/DiT-tiny/ckpts/5.pt")
+    net, config, note, _ = training.released.open_checkpoint(f"hf://{REPO}/DiT-tiny/ckpts/5.pt")
     assert config == soflow.PRESETS["imagenet"] and "assuming the released PRESETS['imagenet']" in note
     assert "DiT-tiny/config.yaml was not found" in note
     # The same files by their local paths: the same networks and configs.
-    local, local_config, _, _ = training.open_network(snapshot / "UNet-uncond/ckpts/800000.pt")
+    local, local_config, _, _ = training.released.open_checkpoint(snapshot / "UNet-uncond/ckpts/800000.pt")
     assert local_config == replace(soflow.PRESETS["cifar10"], p=0.5)
     assert torch.equal(local(x, t, 0 * t), unet(x, t, 0 * t))
     assert soflow.load_network(UNET).init_kwargs == local.init_kwargs
@@ -233,22 +238,23 @@ def test_hub_errors_say_what_to_do(hub, monkeypatch):
 def test_rank_0_reads_first_and_the_others_wait_even_when_it_fails(rank, fails, monkeypatch):
     events = []
 
-    def load(path, use_ema):
+    def load(ckpt, use_ema, path):
         events.append("load")
         if fails:
             raise ValueError("no network")
         net = soflow.MLP(hidden=4, depth=1)
         net.soflow_config = None                           # as a released file: no config of its own
         return net
-    monkeypatch.setattr(soflow, "load_network", load)
+    monkeypatch.setattr(training.released, "load_checkpoint", lambda path: {})
+    monkeypatch.setattr(soflow, "network_from_checkpoint", load)
     monkeypatch.setattr(soflow, "hub_file", lambda path: events.append("fetch") or "c.pt")    # the download
-    monkeypatch.setattr(training.dist, "barrier", lambda: events.append("barrier"))
-    monkeypatch.setattr(training, "released_config", lambda path: (None, "no config.yaml"))
+    monkeypatch.setattr(training.processes.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(training.released, "released_config", lambda path: (None, "no config.yaml"))
     if fails:
         with pytest.raises(ValueError, match="no network"):
-            training.open_network("hf://a/b/c.pt", rank=rank, world_size=2)
+            training.released.open_checkpoint("hf://a/b/c.pt", procs=Processes(rank, 2))
     else:
-        training.open_network("hf://a/b/c.pt", rank=rank, world_size=2)
+        training.released.open_checkpoint("hf://a/b/c.pt", procs=Processes(rank, 2))
     assert events == (["barrier", "fetch", "load"] if rank else ["fetch", "load", "barrier"])
 
 
@@ -271,7 +277,7 @@ def test_sample_py_samples_a_released_model_from_the_hub_in_one_command(hub, tmp
 # ----- Fine-tuning from a released checkpoint -----
 
 def settings(tmp_path, init_from, raw=False):
-    return training.TrainSettings(results_dir=str(tmp_path), global_batch_size=2, steps=1,
+    return training.settings.TrainSettings(results_dir=str(tmp_path), global_batch_size=2, steps=1,
                                   init_from=init_from, init_from_raw=raw)
 
 
@@ -281,7 +287,7 @@ def test_init_from_copies_a_released_models_weights_and_refuses_another_shape(hu
     torch.manual_seed(1)
     net = soflow.DiT_models["DiT-T/4"](input_size=8, num_classes=10)
     ema = soflow.DiT_models["DiT-T/4"](input_size=8, num_classes=10)
-    note = training.initialise_from(settings(tmp_path, source), net, ema, 0, 1)
+    note = training.released.start_from_checkpoint(settings(tmp_path, source), net, ema, Processes())
     assert "EMA weights of hf://" in note and "fresh optimizer at step 0" in note
     for copy in (net, ema):
         assert all(torch.equal(v, dit.state_dict()[k]) for k, v in copy.state_dict().items())
@@ -291,4 +297,5 @@ def test_init_from_copies_a_released_models_weights_and_refuses_another_shape(hu
                 (soflow.UNet_models["UNet-T"](), "it holds a DiT; this run trains a UNet")]
     for other, message in refusals:
         with pytest.raises(SystemExit, match=f"--init-from {source}: .*{message}"):
-            training.initialise_from(settings(tmp_path, source), other, nn.Identity(), 0, 1)
+            training.released.start_from_checkpoint(settings(tmp_path, source), other, nn.Identity(),
+                                                     Processes())

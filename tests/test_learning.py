@@ -17,7 +17,8 @@ from PIL import Image
 import soflow
 import train_cifar
 import train_imagenet
-import training
+import training.data
+import training.sampling
 from optional import needs
 
 pytestmark = pytest.mark.slow
@@ -59,10 +60,10 @@ def check_learned(samples, data, classes, noise, *, far, near):
 
 def test_train_cifar_learns_patterns_in_pixels(tmp_path):
     images, labels = noisy_patterns(64)
-    folder = tmp_path / "data" / train_cifar.FOLDER
+    folder = tmp_path / "data" / training.data.FOLDER
     folder.mkdir(parents=True)
     for i, rows in enumerate(np.array_split(np.arange(len(images)), 5)):     # the 5 training batches
-        (folder / train_cifar.TRAIN_BATCHES[i]).write_bytes(pickle.dumps(
+        (folder / training.data.TRAIN_BATCHES[i]).write_bytes(pickle.dumps(
             {b"data": images[rows].reshape(len(rows), -1), b"labels": labels[rows].tolist()}))
     steps = 200       # of a 1000-step schedule: r(k, K) stays large (README, "a laptop try")
     run = tmp_path / "run"
@@ -115,7 +116,8 @@ def test_train_imagenet_learns_patterns_in_latents(latent_folder, tmp_path):
                          "--steps", str(steps), "--lr", "1e-3", "--vae", "none", "--log-every", "100",
                          "--sample-every", str(steps), "--ckpt-every", str(steps), "--results-dir", str(run)])
     net = soflow.load_network(run / "checkpoints" / f"{steps:07d}.pt")
-    data = torch.from_numpy(np.load(latent_folder / "mean.npy")) * training.VAE_SCALE    # (64, 4, 16, 16)
+    data = torch.from_numpy(np.load(latent_folder / "mean.npy")) * training.sampling.VAE_SCALE
+    # (64, 4, 16, 16)
     labels = torch.from_numpy(np.load(latent_folder / "labels.npy"))
     classes = torch.stack([data[labels == k].mean(0) for k in range(4)])
     x1 = torch.randn(64, *data.shape[1:], generator=torch.Generator().manual_seed(1))

@@ -85,9 +85,18 @@ def test_mlp_conditioning_and_shapes():
 
 
 @pytest.mark.parametrize("kind", ["DiT", "UNet"])
-def test_output_shape_is_input_shape(kind):
+def test_output_has_the_input_shape_and_each_row_depends_on_its_own_input_alone(kind):
     net, x, t, s = make(kind)
-    assert net(x, t, s).shape == x.shape
+    perturb(net.eval())
+    out = net(x, t, s)
+    assert out.shape == x.shape
+    # Row by row: the same values as the batch (no mixing across the batch), and each row moves with its x.
+    rows = torch.cat([net(x[i:i + 1], t[i:i + 1], s[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(rows, out, rtol=1e-4, atol=1e-5)
+    moved = x.clone()
+    moved[0] += 0.5
+    changed = (net(moved, t, s) - out).flatten(1).abs().amax(1)
+    assert changed[0] > 1e-3 and changed[1:].max() < 1e-5
 
 
 @pytest.mark.parametrize("build,shape", [

@@ -1,6 +1,7 @@
 """soflow.py, equation by equation in the paper's order.
 
-Closed forms, autograd, finite differences and the exact solution map of a 2D Gaussian mixture (train_toy.py).
+Closed forms, autograd, finite differences and an exact solution map (Gaussian data, in closed form). The file
+imports soflow alone of the project: the method's tests travel with the method file.
 """
 import math
 from dataclasses import replace
@@ -10,7 +11,6 @@ import torch
 import torch.nn as nn
 
 import soflow
-import train_toy
 
 torch.set_default_dtype(torch.float32)
 
@@ -29,9 +29,52 @@ def make_config(param="euler", schedule="linear", **kw):
     return replace(soflow.PRESETS["imagenet"], param=param, schedule=schedule, **kw)
 
 
+class GaussianData:
+    """2D data N(mu, sigma^2 I), labelled 0 or 1 at random, under the linear schedule (1 - t) x_0 + t x_1.
+
+    x_t ~ N(m_t, sd_t^2 I) with m_t = (1 - t) mu and sd_t^2 = (1 - t)^2 sigma^2 + t^2. The marginal velocity
+    E[x_1 - x_0 | x_t = x] = -mu + (t - (1 - t) sigma^2) / sd_t^2 (x - m_t) carries each point along its
+    quantile, so the solution map is affine: f(x, t, s) = m_s + sd_s / sd_t (x - m_t)."""
+    def __init__(self, mu=(1.0, -0.5), sigma=0.3):
+        self.mu, self.sigma = torch.tensor(mu, dtype=torch.float64), sigma
+
+    def mean_sd(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+        return (1 - t) * self.mu, ((1 - t) ** 2 * self.sigma ** 2 + t ** 2).sqrt()
+
+    def solution(self, x, t, s):
+        (m_t, sd_t), (m_s, sd_s) = self.mean_sd(t), self.mean_sd(s)
+        return m_s + sd_s / sd_t * (x.double() - m_t)
+
+    def velocity(self, x, t):
+        m_t, sd_t = self.mean_sd(t)
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+        return -self.mu + (t - (1 - t) * self.sigma ** 2) / sd_t ** 2 * (x.double() - m_t)
+
+    def sample(self, n):
+        x0 = self.mu + self.sigma * torch.randn(n, 2, dtype=torch.float64)
+        return x0.float(), torch.randint(0, 2, (n,))
+
+
 @pytest.fixture(scope="module")
 def toy():
-    return train_toy.GaussianMixture.ring(k=4, radius=1.5, std=0.3, num_classes=2)
+    return GaussianData()
+
+
+def test_the_gaussian_solution_map_solves_the_ode_and_composes():
+    """Its velocity is d/ds f(x, t, s) at s = t (central differences); f(f(x, t, u), u, s) = f(x, t, s)."""
+    data, x, h = GaussianData(), torch.randn(16, 2, dtype=torch.float64), 1e-5
+    for t in (0.9, 0.5, 0.1):
+        dsolution = (data.solution(x, t, t + h) - data.solution(x, t, t - h)) / (2 * h)
+        torch.testing.assert_close(data.velocity(x, t), dsolution, rtol=1e-6, atol=1e-6)
+    twice = data.solution(data.solution(x, 1.0, 0.4), 0.4, 0.0)
+    torch.testing.assert_close(twice, data.solution(x, 1.0, 0.0))
+    # Monte Carlo: x_t of data and noise has the moments the map carries the noise to.
+    x0, x1 = GaussianData().sample(200_000)[0].double(), torch.randn(200_000, 2, dtype=torch.float64)
+    mapped = data.solution(x1, 1.0, 0.3)
+    x_t = 0.7 * x0 + 0.3 * x1
+    torch.testing.assert_close(mapped.mean(0), x_t.mean(0), atol=1e-2, rtol=0)
+    torch.testing.assert_close(mapped.std(0), x_t.std(0), atol=1e-2, rtol=0)
 
 
 # ----- Noising schedules (Sec. 3) and parameterizations (Sec. 4.2) -----
@@ -357,6 +400,11 @@ def test_conditioning_vector_trains(toy):
                                  total_steps=1)
     loss.backward()
     assert net.cond_proj.weight.grad.abs().sum() > 0
+    # And the value it trains on: another cond gives another loss on the same draws.
+    draws = soflow.draw(x0, soflow.PRESETS["toy"], 0.5, labelled=False)
+    losses = [soflow.soflow_loss(net, x0, cond=c, config=soflow.PRESETS["toy"], step=0, total_steps=1,
+                                 draws=draws)[0] for c in (torch.zeros(16, 3), torch.ones(16, 3))]
+    assert abs(losses[0].item() - losses[1].item()) > 1e-6
 
 
 def test_labels_are_dropped_at_the_configured_rate():
@@ -379,18 +427,18 @@ class Oracle(nn.Module):
         P = soflow.PARAMETERIZATIONS[self.param]
         if torch.equal(t, s):                                                # v = d_2 b F at s = t (Eq. 10)
             return self.toy.velocity(x, t).to(x.dtype) / P.db_ds(t)[:, None]
-        return ((self.toy.solution(x, t, s, steps=100).to(x.dtype) - P.a(t, s)[:, None] * x)
+        return ((self.toy.solution(x, t, s).to(x.dtype) - P.a(t, s)[:, None] * x)
                 / P.b(t, s)[:, None])
 
 
 @pytest.mark.parametrize("param", ["euler", "triangular"])
 def test_one_step_and_chained_sampling_reproduce_the_exact_map(toy, param):
     x1 = torch.randn(64, 2, dtype=torch.float64)
-    exact = toy.solution(x1, 1.0, 0.0, steps=300).double()
+    exact = toy.solution(x1, 1.0, 0.0)
     net = Oracle(toy, param)
     config = make_config(param)
     assert torch.allclose(soflow.sample(net, x1, config=config), exact, atol=1e-4)
-    chained = soflow.sample(net, x1, times=[1.0, 0.7, 0.2, 0.0], config=config)
+    chained = soflow.sample(net, x1, times=[1.0, 0.7, 0.2, 0.0], config=config, mode="chain")
     assert torch.allclose(chained, exact, atol=1e-4)
     assert torch.allclose(soflow.sample_euler(net, x1, steps=400, config=config), exact, atol=2e-2)
 
@@ -402,11 +450,12 @@ def test_renoise_sampler_follows_its_definition(toy):
     torch.manual_seed(5)
     x = x1
     for t_i, t_next in zip(times[:-1], times[1:]):
-        x0_hat = toy.solution(x, t_i, 0.0, steps=100).double()
+        x0_hat = toy.solution(x, t_i, 0.0)
         x = (1 - t_next) * x0_hat + t_next * torch.randn_like(x)
     assert torch.allclose(got, x, atol=1e-6)
     # differs from chaining
-    assert not torch.allclose(got, soflow.sample(net, x1, times=times, config=make_config()), atol=1e-3)
+    assert not torch.allclose(got, soflow.sample(net, x1, times=times, mode="chain", config=make_config()),
+                              atol=1e-3)
 
 
 def test_renoise_sampler_takes_given_noise(toy):

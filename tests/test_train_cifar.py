@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import train_cifar
+import training.data
 from distributed import torchrun
 
 PER_BATCH = 6  # 30 training images
@@ -34,21 +35,21 @@ def archive(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5 * PER_BATCH, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (5 * PER_BATCH,), generator=g)
-    path = tmp_path_factory.mktemp("src") / train_cifar.ARCHIVE
+    path = tmp_path_factory.mktemp("src") / training.data.ARCHIVE
     with tarfile.open(path, "w:gz") as tar:
         def add(name, obj):
             data = pickle.dumps(obj)
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        for i, name in enumerate(train_cifar.TRAIN_BATCHES + ["test_batch"]):
+        for i, name in enumerate(training.data.TRAIN_BATCHES + ["test_batch"]):
             rows = slice(i * PER_BATCH, (i + 1) * PER_BATCH) if i < 5 else slice(0, PER_BATCH)
             # Channel-major rows as in the real files: (n, 3, 32, 32) -> (n, 3072).
-            add(f"{train_cifar.FOLDER}/{name}", {b"batch_label": name.encode(), b"filenames": [],
+            add(f"{training.data.FOLDER}/{name}", {b"batch_label": name.encode(), b"filenames": [],
                                        b"labels": labels[rows].tolist(),
                                        b"data": images[rows].reshape(-1, 3072).numpy()})
         add("../escape", {b"data": None})  # members outside the folder must never be written
-        add(f"{train_cifar.FOLDER}/extra", {b"data": None})
+        add(f"{training.data.FOLDER}/extra", {b"data": None})
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     return path, md5, images, labels
 
@@ -64,53 +65,53 @@ def check_loaded(got, archive):
 
 def test_load_from_archive_then_folders(tmp_path, archive):
     path, md5, *_ = archive
-    (tmp_path / train_cifar.ARCHIVE).write_bytes(path.read_bytes())
-    check_loaded(train_cifar.load_cifar10(tmp_path, download=False, md5=md5), archive)  # extracts it
+    (tmp_path / training.data.ARCHIVE).write_bytes(path.read_bytes())
+    check_loaded(training.data.load_cifar10(tmp_path, download=False, md5=md5), archive)  # extracts it
     assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "escape").exists()
     # no temporary folder
-    assert sorted(os.listdir(tmp_path)) == sorted([train_cifar.ARCHIVE, train_cifar.FOLDER])
-    assert sorted(os.listdir(tmp_path / train_cifar.FOLDER)) == train_cifar.TRAIN_BATCHES + ["test_batch"]
-    (tmp_path / train_cifar.ARCHIVE).unlink()
-    check_loaded(train_cifar.load_cifar10(tmp_path, download=False), archive)  # root holds the folder
+    assert sorted(os.listdir(tmp_path)) == sorted([training.data.ARCHIVE, training.data.FOLDER])
+    assert sorted(os.listdir(tmp_path / training.data.FOLDER)) == training.data.TRAIN_BATCHES + ["test_batch"]
+    (tmp_path / training.data.ARCHIVE).unlink()
+    check_loaded(training.data.load_cifar10(tmp_path, download=False), archive)  # root holds the folder
     # root is it
-    check_loaded(train_cifar.load_cifar10(tmp_path / train_cifar.FOLDER, download=False), archive)
+    check_loaded(training.data.load_cifar10(tmp_path / training.data.FOLDER, download=False), archive)
 
 
 def test_download_via_url(tmp_path, archive):
     path, md5, *_ = archive
-    folder = train_cifar.download_cifar10(tmp_path / "dl", url=path.as_uri(), md5=md5)
-    assert folder == str(tmp_path / "dl" / train_cifar.FOLDER)
-    assert (tmp_path / "dl" / train_cifar.ARCHIVE).read_bytes() == path.read_bytes()
-    check_loaded(train_cifar.load_cifar10(tmp_path / "dl", download=False), archive)
-    check_loaded(train_cifar.load_cifar10(tmp_path / "dl2", url=path.as_uri(), md5=md5), archive)
+    folder = training.data.download_cifar10(tmp_path / "dl", url=path.as_uri(), md5=md5)
+    assert folder == str(tmp_path / "dl" / training.data.FOLDER)
+    assert (tmp_path / "dl" / training.data.ARCHIVE).read_bytes() == path.read_bytes()
+    check_loaded(training.data.load_cifar10(tmp_path / "dl", download=False), archive)
+    check_loaded(training.data.load_cifar10(tmp_path / "dl2", url=path.as_uri(), md5=md5), archive)
 
 
 def test_download_wrong_md5_keeps_nothing(tmp_path, archive):
     path, md5, *_ = archive
     with pytest.raises(ValueError) as e:
-        train_cifar.download_cifar10(tmp_path, url=path.as_uri(), md5="0" * 32)
+        training.data.download_cifar10(tmp_path, url=path.as_uri(), md5="0" * 32)
     msg = str(e.value)
-    assert md5 in msg and "0" * 32 in msg and train_cifar.ARCHIVE in msg and "--data-path" in msg
+    assert md5 in msg and "0" * 32 in msg and training.data.ARCHIVE in msg and "--data-path" in msg
     assert os.listdir(tmp_path) == []
 
 
 def test_existing_archive_wrong_md5(tmp_path, archive):
-    (tmp_path / train_cifar.ARCHIVE).write_bytes(archive[0].read_bytes()[:-10])
+    (tmp_path / training.data.ARCHIVE).write_bytes(archive[0].read_bytes()[:-10])
     with pytest.raises(ValueError, match="Delete it"):
-        train_cifar.load_cifar10(tmp_path)
-    assert os.listdir(tmp_path) == [train_cifar.ARCHIVE]  # the user's file stays; nothing extracted
+        training.data.load_cifar10(tmp_path)
+    assert os.listdir(tmp_path) == [training.data.ARCHIVE]  # the user's file stays; nothing extracted
 
 
 def test_download_failure_says_what_to_do(tmp_path):
     with pytest.raises(RuntimeError, match="by hand to .*cifar-10-python.tar.gz.*--data-path"):
-        train_cifar.download_cifar10(tmp_path, url=(tmp_path / "nowhere.tar.gz").as_uri())
+        training.data.download_cifar10(tmp_path, url=(tmp_path / "nowhere.tar.gz").as_uri())
     assert os.listdir(tmp_path) == []
 
 
 def test_missing_without_download(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        train_cifar.load_cifar10(tmp_path, download=False)
-    for looked_for in ["data_batch_1", train_cifar.FOLDER, train_cifar.ARCHIVE]:
+        training.data.load_cifar10(tmp_path, download=False)
+    for looked_for in ["data_batch_1", training.data.FOLDER, training.data.ARCHIVE]:
         assert looked_for in str(e.value)
     assert os.listdir(tmp_path) == []
 
@@ -120,11 +121,11 @@ def test_missing_without_download(tmp_path):
                                    {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}])
 def test_corrupt_batch(tmp_path, archive, batch):
     path, md5, *_ = archive
-    train_cifar.download_cifar10(tmp_path, url=path.as_uri(), md5=md5)
+    training.data.download_cifar10(tmp_path, url=path.as_uri(), md5=md5)
     content = batch if isinstance(batch, bytes) else pickle.dumps(batch)
-    (tmp_path / train_cifar.FOLDER / "data_batch_3").write_bytes(content)
+    (tmp_path / training.data.FOLDER / "data_batch_3").write_bytes(content)
     with pytest.raises(ValueError, match="data_batch_3.*extract the archive again"):
-        train_cifar.load_cifar10(tmp_path)
+        training.data.load_cifar10(tmp_path)
 
 
 def test_model_range_round_trip():
@@ -290,10 +291,10 @@ TINY = ["--model", "UNet-T", "--global-batch-size", "8", "--steps", "4", "--log-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A cifar-10-batches-py folder of 40 random images with labels."""
-    folder = tmp_path_factory.mktemp("cifar") / train_cifar.FOLDER
+    folder = tmp_path_factory.mktemp("cifar") / training.data.FOLDER
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for name in train_cifar.TRAIN_BATCHES + ["test_batch"]:
+    for name in training.data.TRAIN_BATCHES + ["test_batch"]:
         batch = {b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
                  b"labels": list(rng.integers(0, 10, 8))}
         (folder / name).write_bytes(pickle.dumps(batch))

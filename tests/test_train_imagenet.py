@@ -16,7 +16,7 @@ from PIL import Image
 
 import sample
 import train_imagenet
-import training
+import training.sampling
 from distributed import torchrun
 from optional import needs
 
@@ -87,7 +87,7 @@ def test_prepare_stores_the_vae_posterior_of_each_crop_and_of_its_flip(folders, 
     # Sorted folders and files: n01's 4 images, n02's 4 and broken.JPEG (unreadable: -1), n03's 4.
     assert labels.tolist() == [0] * 4 + [1] * 4 + [-1] + [2] * 4
     assert "broken.JPEG" in (latents / "unreadable.txt").read_text()
-    vae = training.load_vae(vae_path)
+    vae = training.sampling.load_vae(vae_path)
     for i, path in ((0, images / "n01" / "0.jpeg"), (6, images / "n02" / "2.jpeg")):
         crop = train_imagenet.center_crop_arr(Image.open(path), 32)
         x = torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -167,7 +167,8 @@ def test_latent_batches_draw_the_posterior_of_the_image_or_its_flip():
     mean = np.broadcast_to((index % N * 10 + index // N * 1000.0)[:, None, None, None], (2 * N, 4, 2, 2))
     arrays = dict(mean=mean.astype(np.float32), std=np.zeros((2 * N, 4, 2, 2), np.float32),
                   labels=np.array([7, 8, -1, 9, 6]))
-    get_batch, count = train_imagenet.latent_batches(manifest, arrays, torch.device("cpu"))
+    data = train_imagenet.latent_batches(manifest, arrays, torch.device("cpu"))
+    get_batch, count = data.batch, data.num_examples
     assert count == 4                                                # the unreadable image is left out
     torch.manual_seed(0)
     rows = torch.arange(4).repeat(100)
@@ -181,7 +182,7 @@ def test_latent_batches_draw_the_posterior_of_the_image_or_its_flip():
     assert 0.4 < copy.mean() < 0.6 and set(copy.tolist()) == {0.0, 1.0}   # the flipped copy half of the time
     # x_0 = (mean + std eps) * 0.18215 with eps ~ N(0, 1), a fresh eps at each call.
     arrays.update(mean=np.zeros_like(arrays["mean"]), std=np.full_like(arrays["std"], 2.0))
-    get_batch, _ = train_imagenet.latent_batches(manifest, arrays, torch.device("cpu"))
+    get_batch = train_imagenet.latent_batches(manifest, arrays, torch.device("cpu")).batch
     eps = get_batch(rows)[0] / 0.18215 / 2
     assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05
     assert not torch.equal(get_batch(rows)[0], get_batch(rows)[0])

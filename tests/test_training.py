@@ -2,6 +2,7 @@
 
 The scripts' own tests run it under torchrun with 2 processes."""
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -17,8 +18,15 @@ import torch.distributed as dist
 import fid
 import soflow
 import train_toy
-import training
+import training.data
+import training.files
+import training.logs
+import training.loop
+import training.processes
+import training.sampling
+import training.settings
 from optional import needs
+from training.processes import Processes
 
 CONFIG = soflow.PRESETS["toy"]
 DATA = train_toy.GaussianMixture.ring().sample(50, torch.Generator().manual_seed(0))[0]
@@ -27,8 +35,8 @@ DATA = train_toy.GaussianMixture.ring().sample(50, torch.Generator().manual_seed
 def parse(*flags, steps=6):
     """The TrainSettings of the scripts' shared flags."""
     parser = argparse.ArgumentParser()
-    training.add_training_args(parser, global_batch_size=8, steps=steps)
-    return training.settings_from_args(parser.parse_args([*flags]))
+    training.settings.add_flags(parser, global_batch_size=8, steps=steps)
+    return training.settings.settings_from_args(parser.parse_args([*flags]))
 
 
 def get_batch(rows):
@@ -46,13 +54,18 @@ def toy_net():
     return soflow.MLP(hidden=16, depth=1, dropout=0.2)
 
 
+def toy_data(batch=get_batch):
+    """The toy's rows as the loop reads them."""
+    return training.loop.Data(len(DATA), (2,), batch)
+
+
 def run(results_dir, *flags, steps=6, batches=get_batch, config=CONFIG, lr=1e-2, net=None):
     settings = parse("--results-dir", str(results_dir), "--sample-every", "1000", *flags, steps=steps)
 
     def optimizer(params):
         return torch.optim.Adam(params, lr=lr)
-    return training.train(settings, net or toy_net(), config, optimizer, len(DATA), batches, {"model": "toy"},
-                          decode=as_images)
+    return training.loop.train(settings, net or toy_net(), config, optimizer, toy_data(batches),
+                               {"model": "toy"}, Processes(), decode=as_images)
 
 
 def checkpoint(results_dir, step):
@@ -67,20 +80,22 @@ def assert_same_weights(a, b):
 
 def test_global_batches_walk_through_shuffled_epochs():
     n, size = 10, 4
-    rows = torch.cat([training.global_batch_indices(k, size, n, seed=3) for k in range(5)])       # 2 epochs
+    # 2 epochs
+    rows = torch.cat([training.data.global_batch_indices(k, size, n, seed=3) for k in range(5)])
     assert sorted(rows[:n].tolist()) == list(range(n)) and sorted(rows[n:2 * n].tolist()) == list(range(n))
     assert not torch.equal(rows[:n], rows[n:2 * n])                           # each epoch has its own order
     assert not torch.equal(rows[:n], torch.arange(n))
     # a function of the step
-    assert torch.equal(training.global_batch_indices(3, size, n, seed=3), rows[12:16])
-    assert not torch.equal(training.global_batch_indices(3, size, n, seed=4), rows[12:16])
+    assert torch.equal(training.data.global_batch_indices(3, size, n, seed=3), rows[12:16])
+    assert not torch.equal(training.data.global_batch_indices(3, size, n, seed=4), rows[12:16])
 
 
 def test_the_processes_split_each_global_batch_into_equal_disjoint_slices():
     for world_size in (1, 2, 4):
-        parts = [training.process_rows(3, 8, 10, 5, rank, world_size) for rank in range(world_size)]
+        parts = [training.data.rows_of_process(3, 8, 10, 5, Processes(rank, world_size))
+                 for rank in range(world_size)]
         assert all(len(part) == 8 // world_size for part in parts)
-        assert torch.equal(torch.cat(parts), training.global_batch_indices(3, 8, 10, seed=5))
+        assert torch.equal(torch.cat(parts), training.data.global_batch_indices(3, 8, 10, seed=5))
 
 
 def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
@@ -102,7 +117,7 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(monkeypatch):
     monkeypatch.setattr(soflow, "draw", lambda *args, **kw: next(draws))
     autocast = torch.autocast("cpu", enabled=False)
     batches = [(x0[:4], y[:4], None), (x0[4:], y[4:], None)]
-    diagnostics = training.accumulate_gradients(net, batches, config, 0, 10, autocast)
+    diagnostics = training.loop.accumulate_gradients(net, batches, config, 0, 10, autocast)
     accumulated = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
     loss, whole_diagnostics = soflow.soflow_loss(net, x0[order], y[order], config=config, step=0,
@@ -157,9 +172,12 @@ def test_a_run_folder_written_before_the_config_key_was_renamed_resumes(tmp_path
     assert_same_weights(checkpoint(tmp_path / "straight", 6), checkpoint(tmp_path / "old", 6))
 
 
-def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+def test_a_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    training.save_checkpoint(path, step=1)
+
+    def save_checkpoint(path, **state):
+        training.files.atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_checkpoint(path, step=1)
     assert torch.load(path)["step"] == 1
 
     def broken(obj, f):
@@ -167,7 +185,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(OSError):
-        training.save_checkpoint(path, step=2)
+        save_checkpoint(path, step=2)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
@@ -253,14 +271,21 @@ def test_dist_timeout_reaches_init_process_group_and_each_restart_gets_its_own_k
     store.set_timeout(timedelta(seconds=5))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
-    monkeypatch.setattr(training.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(training.dist, "rendezvous", lambda url, timeout: iter([(store, 0, 1)]))
-    monkeypatch.setattr(training.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
-    monkeypatch.setattr(training.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(training.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(training.processes.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(training.processes.dist, "rendezvous", lambda url, timeout: iter([(store, 0, 1)]))
+    monkeypatch.setattr(training.processes.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(training.processes.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(training.processes.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(training.processes.dist, "destroy_process_group", lambda: calls.append("destroyed"))
     settings = parse("--results-dir", "unused", "--dist-timeout", "0.5")
-    training.init_distributed(settings.dist_timeout)
-    [(args, kw)] = calls
+    with training.processes.started(settings.dist_timeout) as procs:
+        assert procs == Processes(0, 1, torch.device("cpu"))
+    (args, kw), destroyed = calls
+    assert destroyed == "destroyed"                               # the script's group ends with it
+    with pytest.raises(RuntimeError, match="a failed step"):       # and on an error too
+        with training.processes.started(settings.dist_timeout):
+            raise RuntimeError("a failed step")
+    assert calls[-1] == "destroyed" and len(calls) == 4
     assert args == ("gloo",) and kw["timeout"] == timedelta(seconds=30)
     assert (kw["rank"], kw["world_size"]) == (0, 1)
     kw["store"].set("address", "here")
@@ -271,10 +296,10 @@ def test_dist_timeout_reaches_init_process_group_and_each_restart_gets_its_own_k
 def test_non_finite_steps_are_skipped_and_many_in_a_row_stop_the_run(tmp_path, capsys):
     calls = []
 
-    def poisoned_at_step_3(rows):                        # calls: the grid's shape, then one per step
+    def poisoned_at_step_3(rows):                        # one call per step
         calls.append(1)
         x0, y, cond = get_batch(rows)
-        return (x0 * float("nan") if len(calls) == 4 else x0), y, cond
+        return (x0 * float("nan") if len(calls) == 3 else x0), y, cond
     net, _ = run(tmp_path / "one", batches=poisoned_at_step_3)
     out = capsys.readouterr().out
     assert "step 3: non-finite loss or gradient, update skipped (1 in a row)" in out
@@ -295,7 +320,7 @@ def test_sigterm_saves_at_the_step_boundary_and_the_same_command_resumes(tmp_pat
 
     def preempted(rows):
         calls.append(1)
-        if len(calls) == 4:                                                   # during step 2 (0-based)
+        if len(calls) == 3:                                                   # during step 2 (0-based)
             os.kill(os.getpid(), signal.SIGTERM)
         return get_batch(rows)
     previous = signal.getsignal(signal.SIGTERM)
@@ -308,10 +333,21 @@ def test_sigterm_saves_at_the_step_boundary_and_the_same_command_resumes(tmp_pat
 
 def test_sample_grid_is_written(tmp_path):
     settings = parse("--results-dir", str(tmp_path), "--sample-every", "2", steps=2)
-    training.train(settings, toy_net(), CONFIG, torch.optim.Adam, len(DATA), get_batch, {}, decode=as_images)
+    training.loop.train(settings, toy_net(), CONFIG, torch.optim.Adam, toy_data(), {}, Processes(),
+                        decode=as_images)
     import matplotlib.pyplot as plt
     grid = plt.imread(tmp_path / "samples" / "0000002.png")
     assert grid.shape[:2] == (2 * 4, 2 * 16)             # 32 one-step and 32 two-step images, 16 per row
+    # Its values: the step-2 EMA's one- and two-step samples of the grid's own noise (seed --global-seed 0).
+    ema = toy_net().eval()
+    ema.load_state_dict(checkpoint(tmp_path, 2)["ema"])
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        images = [as_images(soflow.sample(ema, noise, config=CONFIG, steps=k)) for k in (1, 2)]
+    pixels = training.files.to_uint8(torch.cat(images)).permute(0, 2, 3, 1).numpy()       # (64, 2, 2, 3)
+    rows = [np.concatenate(list(pixels[r * 16:(r + 1) * 16]), axis=1) for r in range(4)]  # 16 per row
+    assert np.array_equal((grid[..., :3] * 255).round().astype(np.uint8), np.concatenate(rows, axis=0))
 
 
 def test_ema_every_k_steps_uses_decay_to_the_k(tmp_path):
@@ -336,19 +372,19 @@ def test_the_ema_warms_up_from_a_tenth_of_the_initial_network(tmp_path):
         torch.testing.assert_close(first["ema"][name], ema1, rtol=1e-6, atol=1e-7)
         ema2 = 2 / 11 * ema1 + 9 / 11 * second["model"][name]
         torch.testing.assert_close(second["ema"][name], ema2, rtol=1e-6, atol=1e-7)
-    assert [training.ema_decay_at(k, 0.9999) for k in (0, 89_989, 89_990, 400_000)] == [0.1, 89_990 / 89_999,
-                                                                                         0.9999, 0.9999]
-    assert training.ema_decay_at(0, 0.9999, warmup=False) == 0.9999
+    decays = [training.loop.ema_decay_at(k, 0.9999) for k in (0, 89_989, 89_990, 400_000)]
+    assert decays == [0.1, 89_990 / 89_999, 0.9999, 0.9999]
+    assert training.loop.ema_decay_at(0, 0.9999, warmup=False) == 0.9999
 
 
 def test_the_log_records_means_since_the_last_record_and_the_bar_shows_the_weights(tmp_path):
-    log = training.RunLog(str(tmp_path), rank=0, start=0, end=4)
+    log = training.logs.RunLog(str(tmp_path), Processes(), start=0, end=4)
     for loss, weight in ((1.0, 2.0), (3.0, 6.0)):
         log.add({"loss": torch.tensor(loss), "scm_mse": torch.tensor(0.5),
                  "scm_weight": torch.tensor(weight)}, 0.5)
-    log.record(2, world_size=1, images_per_step=8, device=torch.device("cpu"))
+    log.record(2, images_per_step=8)
     log.add({"loss": torch.tensor(7.0), "scm_mse": torch.tensor(0.5), "scm_weight": torch.tensor(1.0)}, 0.25)
-    log.record(3, world_size=1, images_per_step=8, device=torch.device("cpu"))
+    log.record(3, images_per_step=8)
     log.bar.close()
     first, second = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert first == {"step": 2, "loss": 2.0, "scm_mse": 0.5, "scm_weight": 4.0, "images_per_s": 16.0}
@@ -360,7 +396,7 @@ def test_the_log_records_means_since_the_last_record_and_the_bar_shows_the_weigh
 def test_ema_update():
     a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
     old = a.weight.detach().clone()
-    training.ema_update(a, b, 0.9)
+    training.loop.ema_update(a, b, 0.9)
     assert torch.allclose(a.weight, 0.9 * old + 0.1 * b.weight)
 
 
@@ -397,15 +433,15 @@ def test_precision_choices_on_the_cpu(tmp_path, keep_tf32):
     fid.set_tf32(False)
     off = fid.tf32_settings()
     fid.set_tf32(True)
-    precision, autocast = training.set_precision("", cpu)                  # the CPU default
+    precision, autocast = training.loop.set_precision("", cpu)                  # the CPU default
     assert precision == "fp32" and fid.tf32_settings() == off
     a = torch.randn(4, 4)
     with autocast:
         assert (a @ a).dtype == torch.float32
-    with training.set_precision("bf16", cpu)[1]:
+    with training.loop.set_precision("bf16", cpu)[1]:
         assert (a @ a).dtype == torch.bfloat16
     with pytest.raises(SystemExit, match="tf32 needs an NVIDIA GPU.*fp32 or bf16"):
-        training.set_precision("tf32", cpu)
+        training.loop.set_precision("tf32", cpu)
     # A run records its precision in every checkpoint and its log; bf16 autocast changes the numbers.
     run(tmp_path / "fp32", steps=2)
     run(tmp_path / "bf16", "--precision", "bf16", steps=2)
@@ -471,7 +507,7 @@ class TinyExtractor(torch.nn.Module):
 def test_fid_during_training_is_recorded_resume_safe_and_changes_no_weight(tmp_path, monkeypatch):
     import fid
     monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": TinyExtractor())
-    stats = fid.FeatureStats(3).add(TinyExtractor()(training.to_uint8(as_images(DATA))))
+    stats = fid.FeatureStats(3).add(TinyExtractor()(training.files.to_uint8(as_images(DATA))))
     mu, sigma = stats.mu_sigma()
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
     flags = ("--fid-every", "3", "--fid-ref", str(tmp_path / "ref.npz"), "--fid-images", "20",
@@ -490,9 +526,9 @@ def test_fid_during_training_is_recorded_resume_safe_and_changes_no_weight(tmp_p
     for nfe in (1, 2):
         direct = fid.FeatureStats(3)
         for indices in torch.arange(20).split(8):
-            _, x1, eps = training.per_image_draws(0, indices, (2,), 0, None, nfe - 1)
+            _, x1, eps = training.sampling.per_image_draws(0, indices, (2,), 0, None, nfe - 1)
             x0 = soflow.sample(ema, x1, eps=eps, config=CONFIG, steps=nfe, mode="renoise")
-            direct.add(TinyExtractor()(training.to_uint8(as_images(x0))))
+            direct.add(TinyExtractor()(training.files.to_uint8(as_images(x0))))
         expected = fid.frechet_distance(*direct.mu_sigma(), mu, sigma)
         assert fids[1][f"fid_{nfe}nfe"] == pytest.approx(expected, rel=1e-12)
     assert fids[1]["fid_1nfe"] != fids[1]["fid_2nfe"] and fids[0]["fid_1nfe"] != fids[1]["fid_1nfe"]
@@ -503,3 +539,23 @@ def test_fid_during_training_is_recorded_resume_safe_and_changes_no_weight(tmp_p
     assert [r["fid_2nfe"] for r in resumed if "fid_2nfe" in r] == [r["fid_2nfe"] for r in fids]
     with pytest.raises(SystemExit, match="--fid-every needs --fid-ref"):
         parse("--results-dir", str(tmp_path), "--fid-every", "3")
+
+
+def test_the_shared_flags_come_from_the_settings_in_groups():
+    """Each TrainSettings field has its flag, default and help from the dataclass; --help shows the groups."""
+    parser = argparse.ArgumentParser()
+    training.settings.add_flags(parser, global_batch_size=8, steps=6)
+    text = parser.format_help()
+    for group in ("the run:", "optimisation and EMA:", "checkpoints and faults:", "evaluation:", "tracking:"):
+        assert group in text
+    defaults = parse("--results-dir", "r")
+    for field in dataclasses.fields(training.settings.TrainSettings):
+        flag = training.settings.flag_name(field.name, field.default is True)
+        assert flag in text, flag
+        if field.name not in ("results_dir", "global_batch_size", "steps"):
+            assert getattr(defaults, field.name) == field.default, field.name       # one source of defaults
+    assert (defaults.global_batch_size, defaults.steps) == (8, 6)                 # the script's own
+    flipped = parse("--results-dir", "r", "--no-ema-warmup", "--compile", "--fid-nfe", "1", "2")
+    assert (flipped.ema_warmup, flipped.compile, flipped.fid_nfe) == (False, True, (1, 2))
+    with pytest.raises(TypeError, match="no TrainSettings field 'stepz'"):
+        training.settings.add_flags(argparse.ArgumentParser(), stepz=3)
