@@ -1,4 +1,4 @@
-"""The training machinery both scripts share (training.py), on a 2D toy in one process.
+"""The training machinery both scripts share (training/: the loop, settings, processes, logs), on a 2D toy.
 
 The scripts' own tests run it under torchrun with 2 processes."""
 import argparse
