@@ -78,6 +78,26 @@ def assert_same_weights(a, b):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
 
 
+def test_the_shared_flags_come_from_the_settings_in_groups():
+    """Each TrainSettings field has its flag, default and help from the dataclass; --help shows the groups."""
+    parser = argparse.ArgumentParser()
+    training.settings.add_flags(parser, global_batch_size=8, steps=6)
+    text = parser.format_help()
+    for group in ("the run:", "optimisation and EMA:", "checkpoints and faults:", "evaluation:", "tracking:"):
+        assert group in text
+    defaults = parse("--results-dir", "r")
+    for field in dataclasses.fields(training.settings.TrainSettings):
+        flag = training.settings.flag_name(field.name, field.default is True)
+        assert flag in text, flag
+        if field.name not in ("results_dir", "global_batch_size", "steps"):
+            assert getattr(defaults, field.name) == field.default, field.name       # one source of defaults
+    assert (defaults.global_batch_size, defaults.steps) == (8, 6)                 # the script's own
+    flipped = parse("--results-dir", "r", "--no-ema-warmup", "--compile", "--fid-nfe", "1", "2")
+    assert (flipped.ema_warmup, flipped.compile, flipped.fid_nfe) == (False, True, (1, 2))
+    with pytest.raises(TypeError, match="no TrainSettings field 'stepz'"):
+        training.settings.add_flags(argparse.ArgumentParser(), stepz=3)
+
+
 def test_global_batches_walk_through_shuffled_epochs():
     n, size = 10, 4
     # 2 epochs
@@ -540,22 +560,3 @@ def test_fid_during_training_is_recorded_resume_safe_and_changes_no_weight(tmp_p
     with pytest.raises(SystemExit, match="--fid-every needs --fid-ref"):
         parse("--results-dir", str(tmp_path), "--fid-every", "3")
 
-
-def test_the_shared_flags_come_from_the_settings_in_groups():
-    """Each TrainSettings field has its flag, default and help from the dataclass; --help shows the groups."""
-    parser = argparse.ArgumentParser()
-    training.settings.add_flags(parser, global_batch_size=8, steps=6)
-    text = parser.format_help()
-    for group in ("the run:", "optimisation and EMA:", "checkpoints and faults:", "evaluation:", "tracking:"):
-        assert group in text
-    defaults = parse("--results-dir", "r")
-    for field in dataclasses.fields(training.settings.TrainSettings):
-        flag = training.settings.flag_name(field.name, field.default is True)
-        assert flag in text, flag
-        if field.name not in ("results_dir", "global_batch_size", "steps"):
-            assert getattr(defaults, field.name) == field.default, field.name       # one source of defaults
-    assert (defaults.global_batch_size, defaults.steps) == (8, 6)                 # the script's own
-    flipped = parse("--results-dir", "r", "--no-ema-warmup", "--compile", "--fid-nfe", "1", "2")
-    assert (flipped.ema_warmup, flipped.compile, flipped.fid_nfe) == (False, True, (1, 2))
-    with pytest.raises(TypeError, match="no TrainSettings field 'stepz'"):
-        training.settings.add_flags(argparse.ArgumentParser(), stepz=3)
