@@ -73,3 +73,67 @@ def timed(fn, device):
 
 
 write_json = training.files.write_json       # atomically: an interrupted run never leaves a truncated file
+
+
+def sample_py_by_part(argv):
+    """sample.py's steps (sample.generate's order) on this process, each part on its own clock.
+
+    argv: sample.py's flags. Loading and the first call of each batch size (compiling) stay off the clocks.
+    Returns the images, the seconds by part (noise, generate, decode, convert and gather, fid, write), the
+    loop's seconds, the images/s of generation alone and end to end, and the FID if --fid was given."""
+    import fid
+    import sample
+    from training import processes
+    from training.files import to_uint8
+    from training.sampling import start_fid
+    flags = sample.parse_args(argv)
+    with processes.started() as procs:
+        paths = sample.output_paths(flags, procs)
+        model = sample.open_model(flags, procs)
+        precision, autocast = training.loop.set_precision(flags.precision, procs.device)
+        inception = reference = stats = None
+        if flags.fid:
+            inception, reference = start_fid(flags.fid, flags.inception_weights, procs.device,
+                                             flags.batch_size)
+            stats = fid.FeatureStats(inception.feature_dim, procs.device)
+        batches = sample.image_batches(flags.num_images, flags.batch_size, procs)
+        for indices in {len(b): b for b in batches if len(b)}.values():      # one batch of each size
+            with torch.no_grad(), autocast:
+                sample.images(flags, model, *sample.draws(flags, model, indices, procs.device))
+        seconds = dict(noise=0.0, generate=0.0, decode=0.0, convert=0.0, fid=0.0, write=0.0)
+        kept = sample.Kept(flags.num_images if flags.npz else min(flags.grid, flags.num_images),
+                           model.num_classes)
+
+        def clock(part, started):
+            sync(procs.device)
+            seconds[part] += time.perf_counter() - started
+            return time.perf_counter()
+
+        loop_start = now = time.perf_counter()
+        for indices in batches:
+            y, x1, eps = sample.draws(flags, model, indices, procs.device)
+            now = clock("noise", now)
+            with torch.no_grad(), autocast:
+                x0 = soflow.sample(model.net, x1, y, eps=eps, config=model.config, steps=flags.nfe,
+                                   times=flags.times, mode=flags.sampler)
+                now = clock("generate", now)
+                x0 = model.decode(x0) if model.decode else x0
+            now = clock("decode", now)
+            pixels = to_uint8(x0.float())
+            kept.gather(indices, pixels, y, procs)
+            now = clock("convert", now)
+            if stats is not None:
+                stats.add(fid.features(inception, pixels))
+                now = clock("fid", now)
+        value = None
+        if stats is not None:
+            value = fid.frechet_distance(*stats.all_reduce().mu_sigma(), *reference)
+            now = clock("fid", now)
+        failure = sample.write_outputs(flags, paths, kept, value, precision, now - loop_start)
+        clock("write", now)
+        if failure:
+            raise SystemExit(failure)
+    loop_seconds = time.perf_counter() - loop_start
+    return dict(images=flags.num_images, seconds=seconds, loop_seconds=loop_seconds, fid=value,
+                generate_images_per_s=flags.num_images / seconds["generate"],
+                end_to_end_images_per_s=flags.num_images / loop_seconds)

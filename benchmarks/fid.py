@@ -1,7 +1,7 @@
 r"""FID's cost: the Inception extractor's images/s (fid.features), and its share of a pipeline like
 sample.py --fid: generate a batch with a U-Net at 1 NFE (soflow.sample), convert it to uint8, extract, add to
-the float64 statistics. --end-to-end then runs sample.py --fid itself on a checkpoint of the same U-Net and
-reads the extractor's share of its time.
+the float64 statistics. --end-to-end then runs sample.py --fid's steps on a checkpoint of the same U-Net, each
+part on its own clock (benchmarks.common.sample_py_by_part), and reads the extractor's share of its time.
 
     python -m benchmarks.fid --end-to-end        # CPU default: batch 16, UNet-T; about 2 minutes on 2 cores
     python -m benchmarks.fid --device cuda --batch-size 250 --generator UNet-CIFAR10 --end-to-end \
@@ -27,7 +27,7 @@ import soflow
 import training.files
 import training.loop
 import training.settings
-from benchmarks.common import open_device, sync, timed, write_json
+from benchmarks.common import open_device, sample_py_by_part, sync, timed, write_json
 
 CONFIG = soflow.PRESETS["cifar10"]     # the U-Net's sampler reads its schedule and parameterization
 
@@ -54,7 +54,6 @@ LABELS = {"generate": "generate (soflow.sample, 1 NFE)", "convert": "to uint8 (t
 def end_to_end(args, generator, inception):
     """sample.py --fid on a checkpoint of the generator (random weights) against a reference of N(0, I)
     statistics: its seconds by part, and the extractor's share (the features and the final reduction)."""
-    import sample
     num_images = args.e2e_images or 2 * args.batch_size
     with tempfile.TemporaryDirectory(prefix="fid_bench_") as tmp:
         ckpt, weights, reference = (os.path.join(tmp, n) for n in ("net.pt", "inception.pt", "ref.npz"))
@@ -63,9 +62,9 @@ def end_to_end(args, generator, inception):
                         config=asdict(CONFIG)), ckpt)
         torch.save(inception.state_dict(), weights)
         np.savez(reference, mu=np.zeros(2048), sigma=np.eye(2048))
-        stats = sample.main(["--ckpt", ckpt, "--num-images", str(num_images), "--batch-size",
-                             str(args.batch_size), "--fid", reference, "--inception-weights", weights,
-                             "--precision", args.precision, "--out", os.path.join(tmp, "samples")])
+        stats = sample_py_by_part(["--ckpt", ckpt, "--num-images", str(num_images), "--batch-size",
+                                   str(args.batch_size), "--fid", reference, "--inception-weights", weights,
+                                   "--precision", args.precision, "--out", os.path.join(tmp, "samples")])
     share = stats["seconds"]["fid"] / stats["loop_seconds"]
     print(f"\nsample.py --fid, {num_images} images in batches of {args.batch_size}: "
           f"{stats['end_to_end_images_per_s']:.2f} images/s end to end; the extractor takes {share:.1%} of "

@@ -28,8 +28,7 @@ from dataclasses import asdict
 import torch
 
 import soflow
-import training.loop
-from benchmarks.common import CONFIG, add_setup_args, describe, setup, sync, write_json
+from benchmarks.common import CONFIG, add_setup_args, describe, sample_py_by_part, setup, sync, write_json
 
 
 def samplers(euler_steps):
@@ -70,11 +69,8 @@ def sd_vae_random():
 def end_to_end(args, net, forward_images_per_s):
     """sample.py's steps on a checkpoint of net, in this process, each part on its own clock; its generation
     rate over the bare forward."""
-    import sample
-    from training import processes
-    from training.files import to_uint8
     num_images = args.e2e_images or args.batch_size
-    with tempfile.TemporaryDirectory() as tmp, processes.started() as procs:
+    with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "net.pt")
         weights = {k: v.cpu() for k, v in net.state_dict().items()}
         torch.save(dict(arch="DiT", arch_kwargs=net.init_kwargs, model=weights, ema=weights,
@@ -83,46 +79,11 @@ def end_to_end(args, net, forward_images_per_s):
         if vae == "sd-random":
             vae = os.path.join(tmp, "vae")
             sd_vae_random().save_pretrained(vae)
-        flags = sample.parse_args(["--ckpt", ckpt, "--vae", vae, "--num-images", str(num_images),
+        stats = sample_py_by_part(["--ckpt", ckpt, "--vae", vae, "--num-images", str(num_images),
                                    "--batch-size", str(args.batch_size), "--precision", args.precision,
                                    "--seed", str(args.seed), "--npz", "--out", os.path.join(tmp, "samples")]
                                   + (["--compile"] if args.compile else []))
-        # sample.generate's steps, in its order; loading and the first calls (compiling) stay off the clocks.
-        paths = sample.output_paths(flags, procs)
-        model = sample.open_model(flags, procs)
-        precision, autocast = training.loop.set_precision(flags.precision, procs.device)
-        batches = sample.image_batches(num_images, flags.batch_size, procs)
-        for indices in {len(b): b for b in batches if len(b)}.values():      # one batch of each size
-            with torch.no_grad(), autocast:
-                sample.images(flags, model, *sample.draws(flags, model, indices, procs.device))
-        seconds = dict(noise=0.0, generate=0.0, decode=0.0, convert=0.0, write=0.0)
-        kept = sample.Kept(num_images, model.num_classes)
-
-        def clock(part, started):
-            sync(procs.device)
-            seconds[part] += time.perf_counter() - started
-            return time.perf_counter()
-
-        loop_start = now = time.perf_counter()
-        for indices in batches:
-            y, x1, eps = sample.draws(flags, model, indices, procs.device)
-            now = clock("noise", now)
-            with torch.no_grad(), autocast:
-                x0 = soflow.sample(model.net, x1, y, eps=eps, config=model.config, steps=flags.nfe,
-                                   times=flags.times, mode=flags.sampler)
-                now = clock("generate", now)
-                x0 = model.decode(x0)
-            now = clock("decode", now)
-            kept.gather(indices, to_uint8(x0.float()), y, procs)
-            now = clock("convert", now)
-        failure = sample.write_outputs(flags, paths, kept, None, precision, 0.0)
-        clock("write", now)
-        if failure:
-            raise SystemExit(failure)
-    loop_seconds = time.perf_counter() - loop_start
-    stats = dict(images=num_images, seconds=seconds, loop_seconds=loop_seconds,
-                 generate_images_per_s=num_images / seconds["generate"],
-                 end_to_end_images_per_s=num_images / loop_seconds)
+    seconds, loop_seconds = stats["seconds"], stats["loop_seconds"]
     stats["generation_to_forward"] = stats["generate_images_per_s"] / forward_images_per_s
     parts = {"noise": "per-image noise (CPU generators)", "generate": "generation (soflow.sample)",
              "decode": f"VAE decoding ({args.vae})", "convert": "to uint8 NHWC, gather",

@@ -274,3 +274,18 @@ def test_gpu_check_summary_reads_each_parts_output(tmp_path):
     assert "failed: cifar bf16 (failed, see log)" in printed
     assert re.search(r"batch 250 of 32x32 +900.0 img/s", printed)
     assert re.search(r"share of sample.py --fid +25.0%", printed)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*is not the 2015-12-05 weights file")      # random Inception weights
+def test_fid_benchmark_times_sample_py_fid_by_part(tmp_path):
+    """benchmarks.fid --end-to-end: sample.py --fid's steps, each part on its own clock."""
+    from benchmarks import fid as fid_benchmark
+    results = fid_benchmark.main(["--batch-size", "2", "--sizes", "32", "--warmup", "0", "--repeats", "1",
+                                  "--threads", "1", "--end-to-end", "--e2e-images", "3",
+                                  "--json", str(tmp_path / "f.json")])
+    e2e = results["end_to_end"]
+    parts = {"noise", "generate", "decode", "convert", "fid", "write"}
+    assert e2e["images"] == 3 and set(e2e["seconds"]) == parts
+    assert e2e["seconds"]["fid"] > 0 and 0 < e2e["extractor_share"] < 1
+    assert sum(e2e["seconds"].values()) <= e2e["loop_seconds"]

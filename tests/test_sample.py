@@ -311,7 +311,7 @@ def test_sampling_benchmark_runs_sample_py_end_to_end(vae_folder, tmp_path):
                    "--repeats", "1", "--euler-repeats", "1", "--end-to-end", "--e2e-images", "3",
                    "--vae", vae_folder, "--json", str(out)])
     e2e = json.loads(out.read_text())["end_to_end"]
-    parts = {"noise", "generate", "decode", "convert", "write"}
+    parts = {"noise", "generate", "decode", "convert", "fid", "write"}
     assert e2e["images"] == 3 and set(e2e["seconds"]) == parts
     assert sum(e2e["seconds"].values()) <= e2e["loop_seconds"] and e2e["generation_to_forward"] > 0
 
