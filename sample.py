@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,7 +31,15 @@ from training.checkpoints import checkpoint_file
 from training.files import save_grid, to_uint8, try_write, write_json, write_npz
 from training.loop import set_precision
 from training.released import RELEASED_PRESETS, open_checkpoint
-from training.sampling import VAE_NAME, checkpoint_vae, decode_latents, per_image_draws, start_fid
+from training.sampling import (
+    VAE_NAME,
+    Kept,
+    checkpoint_vae,
+    decode_latents,
+    image_batches,
+    per_image_draws,
+    start_fid,
+)
 
 WRITE_AGAIN = "no output file is half-written, and the same command (with --overwrite) writes them"
 
@@ -170,8 +177,7 @@ def open_model(args, procs):
     if bad := [c for c in args.classes or [] if not 0 <= c < net.num_classes]:
         raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to "
                          f"{net.num_classes - 1}")
-    # Data kind: a DiT on 4 channels works on SD-VAE latents (decoded by the VAE they came from), the rest on
-    # pixels.
+    # A DiT on 4 channels works on SD-VAE latents (decoded by the VAE they came from), the rest on pixels.
     shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
     decode = None
     if arch == "DiT" and shape[0] == 4:
@@ -180,12 +186,6 @@ def open_model(args, procs):
     name = f"{arch}({', '.join(f'{k}={v}' for k, v in kw.items())})"
     model = torch.compile(net) if args.compile else net
     return Model(name, model, config, shape, net.num_classes, decode)
-
-
-def image_batches(num_images, batch_size, procs):
-    """This process's image indices: EDM's split into a multiple of W batches; rank r takes r, r + W, ..."""
-    num_batches = math.ceil(num_images / (batch_size * procs.world_size)) * procs.world_size
-    return torch.arange(num_images).tensor_split(num_batches)[procs.rank::procs.world_size]
 
 
 def draws(args, model, indices, device):
@@ -203,27 +203,6 @@ def images(args, model, y, x1, eps):
     x0 = soflow.sample(model.net, x1, y, eps=eps, config=model.config, steps=args.nfe, times=args.times,
                        mode=args.sampler)
     return model.decode(x0) if model.decode else x0
-
-
-class Kept:
-    """The images rank 0 writes, gathered batch by batch: indices below `count`, with their labels."""
-    def __init__(self, count, num_classes):
-        self.count, self.num_classes = count, num_classes
-        self.pixels = self.labels = None
-
-    def gather(self, indices, pixels, y, procs):
-        """Every process calls it with its batch; rank 0 stores the kept ones, NHWC as ADM reads them."""
-        keep = indices < self.count
-        batch = pixels[keep.to(pixels.device)].permute(0, 2, 3, 1).cpu().numpy()
-        labels = None if y is None else y[keep.to(y.device)].cpu().numpy()
-        parts = processes.gather_to_rank0((indices[keep].numpy(), batch, labels), procs) or []
-        for idx, part, part_labels in [p for p in parts if len(p[0])]:        # fewer images than processes
-            if self.pixels is None:
-                self.pixels = np.empty((self.count, *part.shape[1:]), np.uint8)
-                self.labels = np.empty(self.count, np.int64) if self.num_classes else None
-            self.pixels[idx] = part
-            if part_labels is not None:
-                self.labels[idx] = part_labels
 
 
 def write_outputs(args, paths, kept, fid_value, precision, seconds):

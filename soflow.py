@@ -61,15 +61,15 @@ class TriangularSchedule:
 SCHEDULES = {"linear": LinearSchedule(), "triangular": TriangularSchedule()}
 
 def interpolate(schedule_name, x0, x1, t):
-    """x_t, and v_t = alpha'_t x_0 + beta'_t x_1, which stands in for v(x_t, t) (Eq. 4)."""
+    """x_t, and v_t = alpha'_t x_0 + beta'_t x_1 (Eq. 4), which stands in for v(x_t, t) of Eq. 1."""
     schedule = SCHEDULES[schedule_name]
-    x_t = per_sample(schedule.alpha(t), x0) * x0 + per_sample(schedule.beta(t), x0) * x1
+    x_t = per_sample(schedule.alpha(t), x0) * x0 + per_sample(schedule.beta(t), x0) * x1      # Sec. 3
     v_t = per_sample(schedule.d_alpha(t), x0) * x0 + per_sample(schedule.d_beta(t), x0) * x1
     return x_t, v_t
 
 
 # ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta -----
-# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 6, first condition) for any net;
+# a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 5; Eq. 6, first condition) for any net;
 # the second condition, learned by the consistency loss, then makes f_theta the true f (Eq. 7-8).
 # da_ds(t), db_ds(t): the derivatives of a(t, s), b(t, s) in s at s = t, the paper's d_2 a(t, t) and
 # d_2 b(t, t). By Eq. 9 the velocity is v = d_3 f(x, t, t), which gives Eq. 10.

@@ -5,10 +5,15 @@ from functools import partial
 
 import torch
 
+import fid
+import sample
 import soflow
 import training.files
 import training.loop
 import training.settings
+from training import processes
+from training.files import to_uint8
+from training.sampling import Kept, image_batches, start_fid
 
 # DiT sizes: soflow's table, plus DiT's S/4 (Peebles & Xie 2023), the CPU default.
 SIZES = {**soflow.DiT_models,
@@ -81,11 +86,6 @@ def sample_py_by_part(argv):
     argv: sample.py's flags. Loading and the first call of each batch size (compiling) stay off the clocks.
     Returns the images, the seconds by part (noise, generate, decode, convert and gather, fid, write), the
     loop's seconds, the images/s of generation alone and end to end, and the FID if --fid was given."""
-    import fid
-    import sample
-    from training import processes
-    from training.files import to_uint8
-    from training.sampling import start_fid
     flags = sample.parse_args(argv)
     with processes.started() as procs:
         paths = sample.output_paths(flags, procs)
@@ -96,12 +96,12 @@ def sample_py_by_part(argv):
             inception, reference = start_fid(flags.fid, flags.inception_weights, procs.device,
                                              flags.batch_size)
             stats = fid.FeatureStats(inception.feature_dim, procs.device)
-        batches = sample.image_batches(flags.num_images, flags.batch_size, procs)
+        batches = image_batches(flags.num_images, flags.batch_size, procs)
         for indices in {len(b): b for b in batches if len(b)}.values():      # one batch of each size
             with torch.no_grad(), autocast:
                 sample.images(flags, model, *sample.draws(flags, model, indices, procs.device))
         seconds = dict(noise=0.0, generate=0.0, decode=0.0, convert=0.0, fid=0.0, write=0.0)
-        kept = sample.Kept(flags.num_images if flags.npz else min(flags.grid, flags.num_images),
+        kept = Kept(flags.num_images if flags.npz else min(flags.grid, flags.num_images),
                            model.num_classes)
 
         def clock(part, started):

@@ -326,7 +326,7 @@ MUTANTS = [
     ('sample-per-image-seed', 'training/sampling.py', 'sample',
      'rng = np.random.default_rng([seed, i])',
      'rng = np.random.default_rng([seed, b])'),
-    ('sample-rank-batches', 'sample.py', 'sample',
+    ('sample-rank-batches', 'training/sampling.py', 'sample',
      'tensor_split(num_batches)[procs.rank::procs.world_size]',
      'tensor_split(num_batches)[0::procs.world_size]'),
     # The seams of the machinery: the layers, the flags derived from the settings, processes and checkpoints.

@@ -6,6 +6,7 @@ SoFlowConfig and the run's settings as plain dicts, and every process's random s
 values. Nothing in it needs pickle's arbitrary objects: every read uses torch.load(weights_only=True), so a
 file cannot run code. soflow.load_network reads the weights alone.
 """
+import importlib
 import os
 import random
 from dataclasses import asdict
@@ -32,19 +33,19 @@ def legacy_numpy_globals():
     for name in LEGACY_NUMPY_GLOBALS:
         module, _, attribute = name.rpartition(".")
         try:
-            found.append((getattr(__import__(module, fromlist=[attribute]), attribute), name))
-        except (ImportError, AttributeError):
+            found.append((getattr(importlib.import_module(module), attribute), name))
+        except (ImportError, AttributeError):              # the path of the other numpy major version
             continue
     return found
 
 
-def load_checkpoint(path, mmap=False):
+def load_checkpoint(path):
     """torch.load(path, weights_only=True) on the CPU: tensors and plain values, never code.
 
     Our checkpoints of before the tensor random states load too (numpy's arrays, allowlisted). Anything else
     a pickle could hold is refused with torch's UnpicklingError, which names what it refused."""
     with torch.serialization.safe_globals(legacy_numpy_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def checkpoint_paths(results_dir):

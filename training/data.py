@@ -26,7 +26,7 @@ BY_HAND = f"or pass --data-path to a folder holding {FOLDER}/"
 
 def download_cifar10(root, url=CIFAR10_URL, md5=CIFAR10_MD5):
     """Fetch the archive into root unless there, check its MD5, extract it; returns the folder."""
-    # Fixed file names: in a distributed run, rank 0 calls this, then barrier().
+    # Fixed file names: in a distributed run rank 0 calls this first (processes.rank0_first).
     os.makedirs(root, exist_ok=True)
     archive = os.path.join(root, ARCHIVE)
     if os.path.exists(archive):

@@ -76,12 +76,6 @@ def rank0_first(procs):
             dist.barrier()
 
 
-def barrier(procs):
-    """Every process waits here for the others (nothing to wait for in a world of one)."""
-    if procs.world_size > 1:
-        dist.barrier()
-
-
 # ----- Collectives -----
 def all_reduce_mean(values, procs):
     """The mean over processes of a 1D tensor (itself in a world of one)."""

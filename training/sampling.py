@@ -3,6 +3,7 @@
 Image i draws its class, noise and re-noising noises from its own generator (per_image_draws): the same images
 on any number of processes and with any batch size, as EDM's generate.py does it.
 """
+import math
 import time
 
 import numpy as np
@@ -14,7 +15,7 @@ from training import processes
 from training.files import to_uint8
 
 
-# ----- Per-image draws -----
+# ----- Sampling many images: per-image draws, each process its batches, rank 0 the images it writes -----
 def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
     """(y, x1, eps) of the images `indices`: y (B,) labels or None, x1 (B, *shape), eps steps x (B, *shape).
 
@@ -32,6 +33,33 @@ def per_image_draws(seed, indices, shape, num_classes, classes, renoise_steps):
         for e in eps:
             e[b] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
     return y, x1, eps
+
+
+def image_batches(num_images, batch_size, procs):
+    """This process's image indices: EDM's split into a multiple of W batches; rank r takes r, r + W, ..."""
+    num_batches = math.ceil(num_images / (batch_size * procs.world_size)) * procs.world_size
+    return torch.arange(num_images).tensor_split(num_batches)[procs.rank::procs.world_size]
+
+
+class Kept:
+    """The images rank 0 writes, gathered batch by batch: indices below `count`, with their labels."""
+    def __init__(self, count, num_classes):
+        self.count, self.num_classes = count, num_classes
+        self.pixels = self.labels = None
+
+    def gather(self, indices, pixels, y, procs):
+        """Every process calls it with its batch; rank 0 stores the kept ones, NHWC as ADM reads them."""
+        keep = indices < self.count
+        batch = pixels[keep.to(pixels.device)].permute(0, 2, 3, 1).cpu().numpy()
+        labels = None if y is None else y[keep.to(y.device)].cpu().numpy()
+        parts = processes.gather_to_rank0((indices[keep].numpy(), batch, labels), procs) or []
+        for idx, part, part_labels in [p for p in parts if len(p[0])]:        # fewer images than processes
+            if self.pixels is None:
+                self.pixels = np.empty((self.count, *part.shape[1:]), np.uint8)
+                self.labels = np.empty(self.count, np.int64) if self.num_classes else None
+            self.pixels[idx] = part
+            if part_labels is not None:
+                self.labels[idx] = part_labels
 
 
 # ----- FID of the EMA during training (fid.py) -----

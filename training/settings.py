@@ -81,7 +81,7 @@ def add_flags(parser, names=None, **defaults):
         groups[f.metadata["group"]] = group
         default = defaults.get(f.name, f.default)
         kwargs = dict(dest=f.name, help=f.metadata["help"])
-        if f.type is bool or isinstance(default, bool):
+        if f.type is bool:
             kwargs["action"] = "store_false" if default else "store_true"
         elif default is MISSING:
             kwargs.update(required=True, metavar=f.metadata["metavar"] or "DIR")
