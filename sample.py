@@ -53,8 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--nfe", type=int, default=1, help="network calls per image, on an equal grid")
     parser.add_argument("--times", type=float, nargs="+", default=None, metavar="T",
                         help="a custom grid t_0 > ... > t_N instead, e.g. 1 0.3 0: N network calls")
-    parser.add_argument("--sampler", default="renoise", choices=["renoise", "chain"],
-                        help="renoise: jump to t = 0 and re-noise (released); chain: f(x, t_i, t_{i+1})")
+    parser.add_argument("--sampler", default="renoise", choices=["renoise", "chain", "euler"],
+                        help="renoise: jump to t = 0 and re-noise (released); chain: f(x, t_i, t_{i+1}); "
+                             "euler: Euler steps along the velocity (Eq. 10), a flow-matching teacher's own")
     parser.add_argument("--class", dest="classes", type=int, nargs="+", default=None, metavar="C",
                         help="class indices, cycled over the images (default: one drawn at random per image)")
     parser.add_argument("--num-images", type=int, default=64)
@@ -79,6 +80,8 @@ def parse_args(argv=None):
     for name, low in dict(nfe=1, num_images=1, batch_size=1, grid=1, seed=0).items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.times is not None and args.sampler == "euler":
+        parser.error("--sampler euler takes --nfe equal steps, not --times")
     if args.times is not None:               # the check of soflow.sample, said before any loading
         if len(args.times) < 2 or any(b >= a for a, b in zip(args.times, args.times[1:])):
             parser.error(f"--times must decrease strictly, 2 points or more: {args.times}")
@@ -200,8 +203,11 @@ def images(args, model, y, x1, eps):
     """Samples in [-1, 1] (decoded, for latents): --nfe network calls on an equal grid, or --times."""
     if not len(x1):                                      # fewer images than processes
         return x1
-    x0 = soflow.sample(model.net, x1, y, eps=eps, config=model.config, steps=args.nfe, times=args.times,
-                       mode=args.sampler)
+    if args.sampler == "euler":
+        x0 = soflow.sample_euler(model.net, x1, y, config=model.config, steps=args.nfe)
+    else:
+        x0 = soflow.sample(model.net, x1, y, eps=eps, config=model.config, steps=args.nfe, times=args.times,
+                           mode=args.sampler)
     return model.decode(x0) if model.decode else x0
 
 

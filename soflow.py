@@ -35,12 +35,15 @@ def mean_per_sample(z):
     """(B, ...) -> (B,): the mean over everything but the batch, so ||z||^2 / D for z squared."""
     return z.flatten(1).mean(1)
 
+def part_of(z, part):
+    """z[part], or None for an absent input (labels, cond)."""
+    return None if z is None else z[part]
+
 def unwrap(net):
     """The bare network inside DistributedDataParallel (.module) and torch.compile (._orig_mod)."""
     while isinstance(net, nn.parallel.DistributedDataParallel) or hasattr(net, "_orig_mod"):
         net = net._orig_mod if hasattr(net, "_orig_mod") else net.module
     return net
-
 
 # ----- Noising schedules (Sec. 3): x_t = alpha_t x_0 + beta_t x_1 -----
 # alpha_0 = beta_1 = 1 and alpha_1 = beta_0 = 0: x_0 is data and x_1 is noise.
@@ -66,7 +69,6 @@ def interpolate(schedule_name, x0, x1, t):
     x_t = per_sample(schedule.alpha(t), x0) * x0 + per_sample(schedule.beta(t), x0) * x1      # Sec. 3
     v_t = per_sample(schedule.d_alpha(t), x0) * x0 + per_sample(schedule.d_beta(t), x0) * x1
     return x_t, v_t
-
 
 # ----- Parameterizations (Sec. 4.2): f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta -----
 # a(t, t) = 1 and b(t, t) = 0 make f_theta(x_t, t, t) = x_t (Eq. 5; Eq. 6, first condition) for any net;
@@ -107,7 +109,6 @@ def velocity(net, x, t, y=None, cond=None, *, config):
     """The learned velocity field v_theta(x, t) (Eq. 10), in the parameterization of config."""
     return v_from_F(config.param, net(x, t, t, y, cond), x, t)
 
-
 # ----- Time sampling (Sec. 4.2, App. A) -----
 def logit_normal(n, mu, sd, device=None):
     """sigmoid(N(mu, sd^2)) samples, shape (n,)."""
@@ -133,7 +134,6 @@ def consistency_times(n, r, config, device=None):
     l = torch.minimum(t + (s - t) * r, t - 1e-4)                     # Eq. (16), then clamped
     return t, s, l
 
-
 # ----- The flow matching loss (Eq. 11-12) -----
 def fm_loss(v_pred, v_target, t, config):
     """Per-sample L_FM, v_theta's squared error (Eq. 11) weighted by Eq. 12: (loss, mse, weight), (B,) each.
@@ -144,7 +144,6 @@ def fm_loss(v_pred, v_target, t, config):
     db_ds = PARAMETERIZATIONS[config.param].db_ds(t)
     weight = 1 / (db_ds.abs() * (mse.detach() + config.eps) ** config.p)  # Eq. (12), a constant
     return weight * mse, mse.detach(), weight
-
 
 # ----- The solution consistency loss (Eq. 13-15) -----
 def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, config, F_t=None):
@@ -169,7 +168,6 @@ def scm_loss(net, x_t, t, s, l, v, y=None, cond=None, *, config, F_t=None):
     sign_b = torch.sign(PARAMETERIZATIONS[config.param].b(t, s))
     loss = sign_b * mean_per_sample(F_t * (per_sample(weight, dq) * dq))
     return loss, mse, weight
-
 
 # ----- Classifier-free guidance at training time (Sec. 4.3, Eq. 17-19) -----
 DECAYS = ("exp", "linear", "none")
@@ -204,28 +202,31 @@ def drop_labels(y, keep, num_classes):
     """Replace the labels where keep is False by the null label num_classes (Sec. 4.3)."""
     return torch.where(keep, y, num_classes)
 
-def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, config):
+def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, config, teacher=None):
     """The guided target of each row (Eq. 18), its mix ratio and the model's guided velocity (Eq. 19).
 
     Returns v_cfg (B, ...), m (B,) and v_guided on the consistency rows. Dropped rows keep v_t with m = 1.
     One no-grad pass computes v_uncond (null label) for every row and, if m < 1, v_guided (label kept) for the
-    consistency rows; on the flow matching rows v_guided is the student's own output."""
+    consistency rows; on the flow matching rows v_guided is the student's own output. With a teacher, v_t and
+    v_uncond are the teacher's: v_cfg is its guided velocity, and Eq. 19 blends it with the student's own
+    v_guided, whose fixed point is the same v_cfg (m = 1 distils the teacher's guided field directly)."""
     if y is None or config.w == 1:  # no guidance: Eq. (19) gives v_t
         return v_t, torch.ones_like(t), v_t[n_fm:]
-    x_in, t_in, y_in, cond_in = x_t, t, torch.full_like(y, unwrap(net).num_classes), cond    # the null label
-    if config.m < 1:                                                 # append the consistency rows
-        x_in = torch.cat([x_in, x_t[n_fm:]])
-        t_in = torch.cat([t_in, t[n_fm:]])
-        y_in = torch.cat([y_in, y[n_fm:]])
-        cond_in = None if cond is None else torch.cat([cond, cond[n_fm:]])
+    null = torch.full_like(y, unwrap(net).num_classes)
+    inputs = [] if teacher is not None else [(x_t, t, null, cond)]  # v_uncond, unless the teacher gives it
+    if config.m < 1:                                                 # v_guided on the consistency rows
+        inputs.append((x_t[n_fm:], t[n_fm:], y[n_fm:], part_of(cond, slice(n_fm, None))))
     with torch.no_grad():
-        v_pred = velocity(net, x_in, t_in, y_in, cond_in, config=config)  # (B [+ B - n_fm], ...)
-    v_uncond = v_pred[:len(x_t)]
-    v_guided = v_pred[len(x_t):] if config.m < 1 else v_t[n_fm:]    # with m = 1 its weight is 0
+        if inputs:
+            x_in, t_in, y_in, cond_in = (None if z[0] is None else torch.cat(z) for z in zip(*inputs))
+            v_pred = velocity(net, x_in, t_in, y_in, cond_in, config=config)  # (B [+ B - n_fm], ...)
+        # Deviation: the teacher of Sec. 4.2 also gives the unconditional velocity of Eq. 18.
+        v_uncond = teacher(x_t, t, null, cond) if teacher is not None else v_pred[:len(x_t)]
+    first = 0 if teacher is not None else len(x_t)                  # where v_pred's v_guided rows start
+    v_guided = v_pred[first:] if config.m < 1 else v_t[n_fm:]       # with m = 1 its weight is 0
     v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, config), v_t)  # Eq. (18)
     m = torch.where(keep, config.m, 1.0).to(t.dtype)
     return v_cfg, m, v_guided
-
 
 # ----- Hyperparameters (App. A) -----
 @dataclass(frozen=True)
@@ -279,7 +280,6 @@ PRESETS = {
                         s_mu=-2.0, s_sd=1.0, r_init=0.1, r_end=0.01, w=1.0, m=1.0, drop=0.0),
 }
 
-
 # ----- Algorithm 1 -----
 @dataclass
 class Draws:
@@ -301,16 +301,14 @@ def draw(x0, config, r, labelled):
     t_fm = logit_normal(n_fm, config.fm_mu, config.fm_sd, x0.device)
     return Draws(x1, t_fm, t, s, l, keep)
 
-def part_of(z, part):
-    """z[part], or None for an absent input (labels, cond)."""
-    return None if z is None else z[part]
-
-def soflow_loss(net, x0, y=None, cond=None, *, config, step, total_steps, draws=None):
+def soflow_loss(net, x0, y=None, cond=None, *, config, step, total_steps, draws=None, teacher=None):
     """Algorithm 1: L = (n_fm / B) L_FM + (1 - n_fm / B) L_SCM, and detached diagnostics.
 
     x0: (B, ...) data; y: (B,) labels or None; cond: (B, ...) or None; net may be wrapped (DDP,
     torch.compile). Network calls: one no-grad pass for CFG, the consistency target pass, and one student
-    pass over the batch (one per loss under active dropout: the target pass replays the student's masks)."""
+    pass over the batch (one per loss under active dropout: the target pass replays the student's masks).
+    teacher: None (from scratch, as the paper), or a velocity field v(x, t, y, cond) to distil (Sec. 4.2),
+    e.g. partial(velocity, flow_matching_net, config=its_config): one no-grad pass more, two with CFG."""
     bare = unwrap(net)
     if y is not None and bare.num_classes == 0:
         raise ValueError("labels y were given to an unconditional network: build it with num_classes")
@@ -327,10 +325,15 @@ def soflow_loss(net, x0, y=None, cond=None, *, config, step, total_steps, draws=
     s = torch.cat([d.t_fm, d.s])                                     # (B,): s = t on the FM rows
     # Get x_t and v_t = alpha'_t x_0 + beta'_t x_1 by the standard flow matching framework (Eq. 4).
     x_t, v_t = interpolate(config.schedule, x0, d.x1, t)             # (B, ...) each
-    # The guided targets (Eq. 18) of the rows whose label is kept.
     if y is not None:
         y = drop_labels(y, d.keep, bare.num_classes)
-    v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, config)
+    if teacher is not None:
+        # Deviation: "this velocity term can also be provided by a teacher model in distillation situations"
+        # (Sec. 4.2): the teacher's v(x_t, t | y) replaces v_t in L_FM (Eq. 11) and in the step of Eq. 14.
+        with torch.no_grad():
+            v_t = teacher(x_t, t, y, cond)     # (B, ...); rows of the null label: the unconditional velocity
+    # The guided targets (Eq. 18) of the rows whose label is kept.
+    v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, config, teacher)
     # The student pass F_theta(x_t, t, s), with gradient.
     dropout = any(mod.p > 0 and mod.training for mod in bare.modules() if isinstance(mod, nn.Dropout))
     if dropout:    # the consistency rows get their own pass in scm_loss, after the target pass
@@ -357,7 +360,6 @@ def soflow_loss(net, x0, y=None, cond=None, *, config, step, total_steps, draws=
         diagnostics.update(scm_mse=mse.mean(), scm_weight=weight.mean())
     diagnostics["loss"] = loss
     return loss, {name: value.detach() for name, value in diagnostics.items()}
-
 
 # ----- Sampling -----
 @torch.no_grad()
@@ -399,7 +401,6 @@ def sample_euler(net, x1, y=None, cond=None, *, config, steps=50):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
         x = x + (t_next - t_i) * velocity(net, x, t, y, cond, config=config)
     return x
-
 
 # ----- Networks: each computes F_theta(x, t, s, y=None, cond=None) -----
 # Times enter as t and the gap t - s, each with its own embedder; init_kwargs lets a checkpoint rebuild it.
@@ -498,7 +499,6 @@ class MLP(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         return self.out(h).view_as(x)
-
 
 # ----- DiT (Table 4): the original DiT (Peebles & Xie 2023) plus s_embedder, which embeds the gap t - s -----
 # Module names follow the released checkpoints, so that their state dicts load by name (load_network).
@@ -787,7 +787,6 @@ UNet_models = {
                       dropout=0.0),
 }
 NETWORKS = {"MLP": MLP, "DiT": DiT, "UNet": UNet}
-
 
 # ----- Loading weights: our checkpoints and the released ones -----
 def dit_kwargs_from_state_dict(sd):

@@ -1,6 +1,7 @@
 """Train SoFlow on CIFAR-10 (unconditional, 32x32 pixels) with the released data and augmentation.
 
     torchrun --nproc_per_node=8 train_cifar.py --data-path data/cifar10 --results-dir runs/cifar10
+    torchrun --nproc_per_node=8 train_cifar.py ... --teacher runs/fm --init-from runs/fm   # distil (Sec. 4.2)
     python train_cifar.py --model UNet-T --global-batch-size 32 --steps 500 --results-dir runs/try   # CPU
 """
 import argparse
@@ -89,6 +90,8 @@ def parse_args(argv=None):
     add("--cfg-m", type=float, default=0.5, help="--class-cond: velocity mix ratio (Eq. 19)")
     add("--cfg-drop", type=float, default=0.1, help="--class-cond: label drop probability")
     add("--cfg-decay", default="exp", choices=soflow.DECAYS, help="--class-cond: g(t)")
+    add("--flow-matching", action="store_true", help="train a teacher to distil (--teacher): flow matching "
+        "alone (lam = 1, no guidance; labels are still dropped, so the null label learns)")
     # The released recipe: global batch 1024, 800k steps, EMA 0.9999 applied every 16 steps as 0.9999^16.
     settings.add_flags(parser, global_batch_size=1024, steps=800_000, ema_every=16)
     return parser.parse_args(argv)
@@ -99,6 +102,8 @@ def main(argv=None):
     config = soflow.PRESETS[args.preset]
     if args.class_cond:
         config = replace(config, w=args.cfg_w, m=args.cfg_m, drop=args.cfg_drop, decay=args.cfg_decay)
+    if args.flow_matching:
+        config = replace(config, lam=1.0, w=1.0)
     with processes.started(args.dist_timeout) as procs:
         train(args, config, procs)
 

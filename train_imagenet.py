@@ -238,6 +238,8 @@ def parse_args(argv=None):
         help="imagenet: the released configuration; imagenet-paper: the paper's App. A values")
     add("--lr", type=float, default=1e-4)
     add("--cfg-w", type=float, default=None, help="CFG strength w (Eq. 18; default the preset's)")
+    add("--flow-matching", action="store_true", help="train a teacher to distil (--teacher): flow matching "
+        "alone (lam = 1, w = 1; labels are still dropped, so the null label learns)")
     add("--vae", default=None, help="decodes the sample grids (default: the one of prepare; "
         "'none': grids of the latents' first channel)")
     # The released recipe: global batch 256; 400k steps for B/4, 240 epochs (1.2M steps) for the other sizes.
@@ -276,6 +278,7 @@ def main(argv=None):
     manifest, arrays = open_latents(args.latents)
     config = soflow.PRESETS[args.preset]
     config = replace(config, w=args.cfg_w) if args.cfg_w is not None else config
+    config = replace(config, lam=1.0, w=1.0) if args.flow_matching else config
     with processes.started(args.dist_timeout) as procs:
         data = latent_batches(manifest, arrays, procs.device)
         torch.manual_seed(args.global_seed)                   # the same initial weights on every process

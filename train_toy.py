@@ -62,7 +62,7 @@ class GaussianMixture:
         return x0.float(), self.classes[k]
 
     def velocity(self, x, t, y=None, w=1.0):
-        """Eq. 1 (y None), Eq. 17 (labels y), Eq. 18 (labels y, strength w: float or (B,)); x (B, D)."""
+        """Eq. 1 (y None, null), Eq. 17 (labels y), Eq. 18 (labels y, strength w: float or (B,)), x (B, D)."""
         schedule = SCHEDULES[self.schedule]
         x, t = x.double(), t.double()
 
@@ -84,7 +84,8 @@ class GaussianMixture:
         v = average(torch.ones_like(logp, dtype=torch.bool))
         if y is None:
             return v
-        v_c = average(self.classes[None].to(y.device) == y[:, None])
+        null = (y == self.num_classes)[:, None]                              # the null label: Eq. 1's v
+        v_c = average((self.classes[None].to(y.device) == y[:, None]) | null)
         w = torch.as_tensor(w, dtype=torch.float64).reshape(-1, 1)                    # (B or 1, 1)
         return w * v_c + (1 - w) * v
 
@@ -157,10 +158,12 @@ class PolicyToy:
 
 
 # ----- Training an MLP on a toy, and how close it lands to the exact map -----
-def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=0, net=None, progress=False):
+def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=0, net=None, progress=False,
+              teacher=None):
     """Algorithm 1 on toy data with Adam (labels if the config guides); returns the MLP's EMA in eval mode.
 
     A toy with a cond_dim (PolicyToy) conditions on its observations: pass an MLP built with that cond_dim.
+    teacher: a velocity field v(x, t, y, cond) to distil (soflow.soflow_loss), such as exact_teacher(toy).
     ema_decay=None returns the weights themselves. On the toys the EMA lands markedly closer to the exact map,
     for flow matching too (benchmarks/toy_study.md)."""
     torch.manual_seed(seed)
@@ -172,13 +175,17 @@ def train_mlp(toy, config, steps=1000, batch=512, lr=1e-3, ema_decay=0.99, seed=
         x0, c = toy.sample(batch)                                            # c: labels, or observations
         y = c if net.num_classes else None
         cond = c if getattr(toy, "cond_dim", 0) else None
-        loss, _ = soflow_loss(net, x0, y, cond, config=config, step=k, total_steps=steps)
+        loss, _ = soflow_loss(net, x0, y, cond, config=config, step=k, total_steps=steps, teacher=teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if average is not None:  # the EMA warms up: short runs forget the initial net
             ema_update(average, net, ema_decay_at(k, ema_decay))
     return (net if average is None else average).eval()
+
+def exact_teacher(toy):
+    """The mixture's exact velocity (Eq. 1; Eq. 17 with labels) as a teacher v(x, t, y, cond) to distil."""
+    return lambda x, t, y=None, cond=None: toy.velocity(x, t, y).to(x.dtype)
 
 def map_error(x1, x0_exact, fn):
     """E ||fn(x_1) - f(x_1, 1, 0)||^2: the distance of a sampler to the exact solution map."""

@@ -5,6 +5,7 @@ imports soflow alone of the project: the method's tests travel with the method f
 """
 import math
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -483,3 +484,103 @@ def test_sampling_rejects_bad_grids():
         soflow.sample(net, torch.randn(2, 2), times=[0.0, 1.0], config=make_config())
     with pytest.raises(ValueError, match="unknown sampling mode"):
         soflow.sample(net, torch.randn(2, 2), mode="ddim", config=make_config())
+
+
+# ----- Distillation from a teacher (Sec. 4.2) -----
+
+def test_the_exact_solution_map_is_a_fixed_point_of_distillation_from_the_exact_velocity(toy):
+    """Oracle net and exact teacher: L_FM's error is 0 and L_SCM's is O(t - l); from data both are O(1),
+    since the conditional velocity alpha'_t x_0 + beta'_t x_1 is the marginal one plus noise."""
+    torch.manual_seed(0)
+    x0 = toy.sample(256)[0].double()
+    teacher = lambda x, t, y=None, cond=None: toy.velocity(x, t)  # noqa: E731
+    for lam, mse in ((1.0, "fm_mse"), (0.0, "scm_mse")):      # the Oracle's F at s = t and s < t differ
+        config = make_config(lam=lam, r_init=1e-3, r_end=1e-3)
+        d = soflow.draw(x0, config, 1e-3, labelled=False)
+        d.s = torch.minimum(d.s, d.t / 2)                       # s < l < t: the Oracle divides by b(l, s)
+        d.l = d.t + (d.s - d.t) * 1e-3
+        _, distilled = soflow.soflow_loss(Oracle(toy), x0, config=config, step=0, total_steps=1, draws=d,
+                                          teacher=teacher)
+        _, from_data = soflow.soflow_loss(Oracle(toy), x0, config=config, step=0, total_steps=1, draws=d)
+        assert distilled[mse] < (1e-20 if lam == 1 else 1e-6) and from_data[mse] > 0.01, (mse, distilled)
+
+
+def test_a_teacher_of_the_conditional_velocity_changes_nothing(toy):
+    """A teacher that returns alpha'_t x_0 + beta'_t x_1 itself: the same loss, gradients and random stream,
+    so the teacher enters where v_t did and nowhere else."""
+    net = random_mlp(torch.float64, num_classes=0)
+    x0 = toy.sample(32)[0].double()
+    config = make_config(lam=0.5)
+    torch.manual_seed(3)
+    d = soflow.draw(x0, config, 0.1, labelled=False)
+    t = torch.cat([d.t_fm, d.t])
+    v_t = soflow.interpolate("linear", x0, d.x1, t)[1]
+    results = []
+    for teacher in (None, lambda x, t, y, cond: v_t.clone()):
+        torch.manual_seed(4)
+        loss, _ = soflow.soflow_loss(net, x0, config=config, step=2, total_steps=10, draws=d, teacher=teacher)
+        results.append((loss, torch.autograd.grad(loss, list(net.parameters())), torch.rand(3)))
+    (loss_a, grads_a, rand_a), (loss_b, grads_b, rand_b) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(rand_a, rand_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.0])
+def test_the_teacher_velocity_is_the_target_and_the_step_to_x_l(toy, lam):
+    """F = 0 (a fresh MLP) gives closed forms: v_theta = 0, so fm_mse = mean(v_T^2); f = x_t, so
+    dq = (x_t - x_l) / (t - l) = v_T and scm_mse = mean(v_T^2), for a teacher v_T(x, t) = 3 x + t."""
+    net = soflow.MLP(hidden=16, depth=1).double()
+    x0 = toy.sample(64)[0].double()
+    config = make_config(lam=lam)
+    d = soflow.draw(x0, config, 0.1, labelled=False)
+    t = torch.cat([d.t_fm, d.t])
+    x_t = soflow.interpolate("linear", x0, d.x1, t)[0]
+    teacher = lambda x, t, y, cond: 3 * x + t[:, None]  # noqa: E731
+    _, diagnostics = soflow.soflow_loss(net, x0, config=config, step=0, total_steps=1, draws=d,
+                                        teacher=teacher)
+    expected = ((3 * x_t + t[:, None]) ** 2).mean(1).mean()
+    assert torch.allclose(diagnostics["fm_mse" if lam == 1 else "scm_mse"], expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("m", [1.0, 0.5])
+def test_with_cfg_the_teacher_gives_both_velocities_of_eq18(toy, m):
+    """F = 0 and flow matching rows: the target is m (w v_T(c) + (1 - w) v_T(null)) where the label is kept
+    (Eq. 18-19, v_guided = 0) and v_T(null) where it is dropped; teacher v_T(x, t, y) = (y + 1) x."""
+    net = soflow.MLP(hidden=16, depth=1, num_classes=2)
+    x0, y = toy.sample(64)
+    config = make_config(lam=1.0, w=2.5, m=m, drop=0.3, decay="none")
+    d = soflow.draw(x0, config, 0.1, labelled=True)
+    x_t = soflow.interpolate("linear", x0, d.x1, d.t_fm)[0]
+    calls = []
+
+    def teacher(x, t, labels, cond):
+        calls.append(labels.clone())
+        return (labels[:, None] + 1.0) * x
+    _, diagnostics = soflow.soflow_loss(net, x0, y, config=config, step=0, total_steps=1, draws=d,
+                                        teacher=teacher)
+    v_null = 3.0 * x_t                                                 # null label 2
+    v_c = (y[:, None] + 1.0) * x_t
+    target = torch.where(d.keep[:, None], m * (2.5 * v_c - 1.5 * v_null), v_null)
+    assert torch.allclose(diagnostics["fm_mse"], (target ** 2).mean(1).mean(), rtol=1e-5)
+    # Two passes over the batch: the labels (the null label where dropped), then the null label everywhere.
+    assert len(calls) == 2 and torch.equal(calls[0], torch.where(d.keep, y, 2))
+    assert bool((calls[1] == 2).all())
+
+
+def test_the_teacher_costs_one_pass_per_row_two_with_cfg_and_takes_the_students_unconditional_pass(toy):
+    """Rows through each network's no-grad passes, B = 40 and n_fm = 30: the teacher B, or 2 B with CFG; the
+    student its consistency target pass (B - n_fm) and, with CFG and m < 1, v_guided's pass (B - n_fm)."""
+    class Counting(soflow.MLP):
+        def forward(self, x, *args):
+            self.rows += 0 if torch.is_grad_enabled() else len(x)
+            return super().forward(x, *args)
+    x0, y = toy.sample(40)
+    for w, m, teacher_rows, student_rows in [(1.0, 1.0, 40, 10), (2.0, 1.0, 80, 10), (2.0, 0.5, 80, 20)]:
+        config = make_config(lam=0.75, w=w, m=m)
+        student, teacher = (Counting(hidden=8, depth=1, num_classes=2) for _ in range(2))
+        student.rows = teacher.rows = 0
+        loss, _ = soflow.soflow_loss(student, x0, y, config=config, step=0, total_steps=1,
+                                     teacher=partial(soflow.velocity, teacher, config=config))
+        assert (teacher.rows, student.rows) == (teacher_rows, student_rows), (w, m)
+        loss.backward()
+        assert all(p.grad is None for p in teacher.parameters())

@@ -360,6 +360,28 @@ def test_sigterm_saves_a_checkpoint_the_same_command_resumes(data, tmp_path):
     assert checkpoint(run, saved + 1)["step"] == saved + 1
 
 
+def test_distilling_a_flow_matching_run_and_resuming_only_with_the_same_teacher(data, tmp_path):
+    flags = [*TINY, "--data-path", data]
+    teacher = str(tmp_path / "fm")
+    train_cifar.main([*flags, "--flow-matching", "--ema-every", "1", "--results-dir", teacher])
+    assert checkpoint(teacher, 4)["config"]["lam"] == 1.0
+    student = str(tmp_path / "student")
+    distil = [*flags, "--teacher", teacher, "--init-from", teacher, "--results-dir", student]
+    train_cifar.main([*distil, "--stop-at", "2"])
+    log = (Path(student) / "log.txt").read_text()
+    assert f"distilling {teacher}/checkpoints/0000004.pt: a UNet trained as flow matching" in log
+    assert f"a new run from the EMA weights of {teacher}" in log
+    assert checkpoint(student, 2)["run_config"]["teacher"] == teacher
+    for other in (["--teacher", str(tmp_path / "other")], []):
+        with pytest.raises(SystemExit, match=f"teacher: '{teacher}' in the run, '.*' now"):
+            train_cifar.main([*flags, *other, "--results-dir", student])
+    train_cifar.main(distil)                                             # the same teacher: resumed
+    assert checkpoint(student, 4)["step"] == 4
+    with pytest.raises(SystemExit, match=f"--teacher {teacher}: it has 0 classes, the student 10"):
+        train_cifar.main([*flags, "--class-cond", "--teacher", teacher, "--results-dir", str(tmp_path / "c")])
+    assert not (tmp_path / "c" / "checkpoints").exists()
+
+
 def test_clear_errors(data, tmp_path, capsys):
     with pytest.raises(SystemExit,
                        match="FileNotFoundError: CIFAR-10 not found: looked for .*empty/cifar-10-batches-py"):

@@ -6,6 +6,7 @@ SoFlowConfig and the run's settings as plain dicts, and every process's random s
 values. Nothing in it needs pickle's arbitrary objects: every read uses torch.load(weights_only=True), so a
 file cannot run code. soflow.load_network reads the weights alone.
 """
+import argparse
 import importlib
 import os
 import random
@@ -42,9 +43,10 @@ def legacy_numpy_globals():
 def load_checkpoint(path):
     """torch.load(path, weights_only=True) on the CPU: tensors and plain values, never code.
 
-    Our checkpoints of before the tensor random states load too (numpy's arrays, allowlisted). Anything else
-    a pickle could hold is refused with torch's UnpicklingError, which names what it refused."""
-    with torch.serialization.safe_globals(legacy_numpy_globals()):
+    Our checkpoints of before the tensor random states load too (numpy's arrays, allowlisted), and SiT's
+    (its train.py stores an argparse.Namespace, a plain record of values). Anything else a pickle could hold
+    is refused with torch's UnpicklingError, which names what it refused."""
+    with torch.serialization.safe_globals([*legacy_numpy_globals(), argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -174,6 +176,7 @@ def resume(results_dir, run_config, net, ema, optimizer, procs):
     if "cfg" in recorded:                          # the key of run folders written before it was renamed
         recorded["config"] = recorded.pop("cfg")
     recorded.setdefault("ema_warmup", False)       # run folders from before the warm-up: a constant decay
+    recorded.setdefault("teacher", "")             # run folders from before distillation: none
     changed = [f"  {k}: {recorded.get(k)!r} in the run, {v!r} now"
                for k, v in run_config.items() if recorded.get(k) != v]
     if changed:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import fid
 from soflow import sample, soflow_loss
-from training import checkpoints, logs, processes, released, sampling
+from training import checkpoints, logs, processes, released, sampling, teachers
 from training.data import rows_of_process
 from training.files import save_grid, to_uint8, try_write
 from training.settings import PRECISIONS
@@ -111,7 +111,8 @@ def train(settings, net, config, make_optimizer, data, run_config, procs, decode
     net = net.to(procs.device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = make_optimizer(net.parameters())
-    run_flags = ("global_batch_size", "global_seed", "steps", "ema_decay", "ema_every", "ema_warmup")
+    run_flags = ("global_batch_size", "global_seed", "steps", "ema_decay", "ema_every", "ema_warmup",
+                 "teacher")
     run_config = {**run_config, "config": asdict(config), **{k: getattr(settings, k) for k in run_flags}}
     # The grid's noise: one example's shape, from its own generator.
     grid_shape = (32 if grid_labels is None else len(grid_labels), *data.shape)
@@ -121,9 +122,14 @@ def train(settings, net, config, make_optimizer, data, run_config, procs, decode
     torch.manual_seed(settings.global_seed * procs.world_size + procs.rank)
     start, notes = checkpoints.resume(settings.results_dir, run_config, net, ema, optimizer, procs)
     if settings.init_from and start == 0:           # fine-tuning: a new run from another's weights
-        notes.append(released.start_from_checkpoint(settings, net, ema, procs))
+        notes.append(released.start_from_checkpoint(settings, net, ema, config, procs))
     elif settings.init_from:
         notes.append(f"{settings.results_dir} has checkpoints: resuming them (--init-from is for a new run)")
+    teacher = None                                  # distillation (Sec. 4.2): the teacher's velocity field
+    if settings.teacher:
+        teacher, note = teachers.start_teacher(settings.teacher, net, data.shape, config, procs,
+                                               settings.compile)
+        notes.append(note)
     # The gradient pass goes through DDP, which all-reduces the gradients.
     model = nn.parallel.DistributedDataParallel(net) if procs.world_size > 1 else net
     model = torch.compile(model) if settings.compile else model
@@ -150,7 +156,8 @@ def train(settings, net, config, make_optimizer, data, run_config, procs, decode
                                    settings.global_seed, procs)
             optimizer.zero_grad(set_to_none=True)
             batches = [data.batch(part) for part in rows.split(micro_batch)]
-            diagnostics = accumulate_gradients(model, batches, config, step - 1, settings.steps, autocast)
+            diagnostics = accumulate_gradients(model, batches, config, step - 1, settings.steps, autocast,
+                                               teacher)
             grad_norm = nn.utils.clip_grad_norm_(net.parameters(), float("inf"))  # the same on every process
             bad_steps = 0 if torch.isfinite(grad_norm) else bad_steps + 1
             if bad_steps == 0:
@@ -193,8 +200,10 @@ def train(settings, net, config, make_optimizer, data, run_config, procs, decode
     return net, ema
 
 
-def accumulate_gradients(model, batches, config, step, total_steps, autocast):
+def accumulate_gradients(model, batches, config, step, total_steps, autocast, teacher=None):
     """Backward of Algorithm 1 over micro-batches [(x0, y, cond), ...]; returns row-weighted diagnostics.
+
+    teacher: None, or the velocity field to distil (soflow.soflow_loss).
 
     The gradient is that of the mean loss over all their rows; under DDP only the last one all-reduces it."""
     total_rows = sum(len(x0) for x0, _, _ in batches)
@@ -204,7 +213,7 @@ def accumulate_gradients(model, batches, config, step, total_steps, autocast):
         with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
             with autocast:
                 loss, diagnostics = soflow_loss(model, x0, y, cond, config=config, step=step,
-                                                total_steps=total_steps)
+                                                total_steps=total_steps, teacher=teacher)
             (loss * len(x0) / total_rows).backward()
         for name, value in diagnostics.items():
             sums[name] = sums.get(name, 0) + value.float() * len(x0) / total_rows

@@ -8,7 +8,7 @@ import os
 import posixpath
 
 import soflow
-from training import processes
+from training import processes, sit
 from training.checkpoints import RECORDED_KEYS, checkpoint_file, load_checkpoint
 
 # The released code's config.yaml keys -> SoFlowConfig fields. Named choices first (the first name of a value
@@ -104,56 +104,83 @@ def released_config(path):
     return config_from_released(values, yaml_path), yaml_path
 
 
-def open_checkpoint(path, use_ema=True, procs=processes.Processes()):
-    """(net, config, note, recorded): a checkpoint's network, the SoFlowConfig it was trained with, and more.
+def read_file(path, procs=processes.Processes()):
+    """(path, what torch.load gives) of a checkpoint: a file, a run folder (its newest) or hf://OWNER/REPO/FILE.
 
-    path: ours or released; a file, a run folder (its newest) or hf://OWNER/REPO/FILE (rank 0 downloads first,
-    the others then read the cache). Ours store their config; a released one reads the config.yaml beside its
-    ckpts/ folder, else its preset is assumed; note says which. recorded: what ours also store, such as the
-    VAE of latents ({} for a released one)."""
+    Rank 0 downloads first, the others then read the cache. Only weights and plain values are read."""
     path = path if str(path).startswith("hf://") else checkpoint_file(path)
     with processes.rank0_first(procs):
         local = soflow.hub_file(path) if str(path).startswith("hf://") else path     # fetched once
         try:
-            ckpt = load_checkpoint(local)
+            return path, load_checkpoint(local)
         except FileNotFoundError as e:
             raise ValueError(f"no such file: {path}") from e
         except Exception as e:
             raise ValueError(f"{path} is not a PyTorch checkpoint of weights ({type(e).__name__}: "
                              f"{str(e).splitlines()[0]})") from e
-        net = soflow.network_from_checkpoint(ckpt, use_ema, path)
-        config, note = net.soflow_config, ""
-        recorded = {key: ckpt[key] for key in RECORDED_KEYS if key in ckpt} if config is not None else {}
-        if config is None:
+
+
+def open_checkpoint(path, use_ema=True, procs=processes.Processes()):
+    """(net, config, note, recorded): a checkpoint's network, the SoFlowConfig it was trained with, and more.
+
+    path: ours or released; a file, a run folder (its newest) or hf://OWNER/REPO/FILE (read_file). Ours store
+    their config; a released one reads the config.yaml beside its ckpts/ folder, else its preset is assumed;
+    note says which. recorded: what ours also store, such as the VAE of latents ({} for a released one)."""
+    path, ckpt = read_file(path, procs)
+    return from_checkpoint(ckpt, path, use_ema, procs)
+
+
+def from_checkpoint(ckpt, path, use_ema=True, procs=processes.Processes()):
+    """open_checkpoint's (net, config, note, recorded) of a loaded checkpoint, ours or released."""
+    net = soflow.network_from_checkpoint(ckpt, use_ema, path)
+    config, note = net.soflow_config, ""
+    recorded = {key: ckpt[key] for key in RECORDED_KEYS if key in ckpt} if config is not None else {}
+    if config is None:
+        with processes.rank0_first(procs):                          # its config.yaml may be on the hub
             config, where = released_config(path)
-            note = f"{path}: the configuration of {where}"
-        if config is None:
-            preset = RELEASED_PRESETS.get(type(net).__name__, "imagenet")
-            config = soflow.PRESETS[preset]
-            note = (f"{path} stores no config and {where}: assuming the released PRESETS['{preset}'] "
-                    f"({config.schedule} schedule, {config.param} parameterization)")
+        note = f"{path}: the configuration of {where}"
+    if config is None:
+        preset = RELEASED_PRESETS.get(type(net).__name__, "imagenet")
+        config = soflow.PRESETS[preset]
+        note = (f"{path} stores no config and {where}: assuming the released PRESETS['{preset}'] "
+                f"({config.schedule} schedule, {config.param} parameterization)")
     return net, config, note, recorded
 
 
 DATA_SHAPE_KEYS = ("in_channels", "input_size", "img_resolution")
 
 
-def start_from_checkpoint(settings, net, ema, procs):
+def fitting_weights(source, net, path):
+    """source's state dict if it fits net (the same class, size and data shape); else a ValueError, why."""
+    if type(source) is not type(net):
+        raise ValueError(f"it holds a {type(source).__name__}; this run trains a {type(net).__name__}")
+    theirs, ours = source.init_kwargs, net.init_kwargs
+    for key in [k for k in DATA_SHAPE_KEYS if k in theirs and k in ours and theirs[k] != ours[k]][:1]:
+        raise ValueError(f"its {key} is {theirs[key]}, this run's {ours[key]}: the data's shape differs")
+    soflow.check_state_dict(net, source.state_dict(), path)
+    return source.state_dict()
+
+
+def start_from_checkpoint(settings, net, ema, config, procs):
     """--init-from: load a checkpoint's EMA (or raw) weights into net and ema; returns the log's note.
 
+    Ours, a released one, or SiT's (a DiT then starts as SiT's velocity field: sit.student_from_sit).
     Refused, with the reason, when the network class, its size or the data's shape differ."""
     try:
-        source, _, note, _ = open_checkpoint(settings.init_from, not settings.init_from_raw, procs)
-        if type(source) is not type(net):
-            raise ValueError(f"it holds a {type(source).__name__}; this run trains a {type(net).__name__}")
-        theirs, ours = source.init_kwargs, net.init_kwargs
-        for key in [k for k in DATA_SHAPE_KEYS if k in theirs and k in ours and theirs[k] != ours[k]][:1]:
-            raise ValueError(f"its {key} is {theirs[key]}, this run's {ours[key]}: the data's shape differs")
-        soflow.check_state_dict(net, source.state_dict(), settings.init_from)
+        path, ckpt = read_file(settings.init_from, procs)
+        if sit.is_sit(ckpt):
+            if type(net) is not soflow.DiT:
+                raise ValueError(f"it holds SiT's weights, for a DiT; this run trains a {type(net).__name__}")
+            sd, _, note = sit.sit_weights(ckpt, path, not settings.init_from_raw)
+            weights = sit.student_from_sit(sd, net, config, path)
+            note += "; the student starts as SiT's velocity field (its emb(t - s) zeroed)"
+        else:
+            source, _, note, _ = from_checkpoint(ckpt, path, not settings.init_from_raw, procs)
+            weights = fitting_weights(source, net, settings.init_from)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--init-from {settings.init_from}: {e}") from e
-    net.load_state_dict(source.state_dict())
-    ema.load_state_dict(source.state_dict())
+    net.load_state_dict(weights)
+    ema.load_state_dict(weights)
     kind = "raw" if settings.init_from_raw else "EMA"
     return (f"a new run from the {kind} weights of {settings.init_from}, with a fresh optimizer at step 0"
             + (f" ({note})" if note else ""))

@@ -8,8 +8,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 PRECISIONS = ("bf16", "tf32", "fp32")
 
 # The groups of --help, in order.
-RUN, OPTIMISATION, CHECKPOINTS, EVALUATION, TRACKING = (
-    "the run", "optimisation and EMA", "checkpoints and faults", "evaluation", "tracking")
+RUN, OPTIMISATION, DISTILLATION, CHECKPOINTS, EVALUATION, TRACKING = (
+    "the run", "optimisation and EMA", "distillation", "checkpoints and faults", "evaluation", "tracking")
 
 
 def setting(default, help, group, metavar=None, choices=None):
@@ -42,6 +42,12 @@ class TrainSettings:
                              "released; a file, a run folder or hf://OWNER/REPO/FILE) with a fresh optimizer "
                              "at step 0", OPTIMISATION, metavar="CKPT")
     init_from_raw: bool = setting(False, "--init-from: its raw training weights instead", OPTIMISATION)
+    teacher: str = setting("", "distil (Sec. 4.2): this pretrained flow model's velocity replaces "
+                           "alpha'_t x_0 + beta'_t x_1 in both losses and gives CFG's unconditional "
+                           "velocity. Ours (flow matching or SoFlow; a file, a run folder or hf://), "
+                           "a released SoFlow checkpoint, or SiT's; its EMA weights. --init-from the "
+                           "same file starts the student from it",
+                           DISTILLATION, metavar="CKPT")
     ckpt_every: int = setting(10_000, "steps per checkpoint", CHECKPOINTS, metavar="N")
     keep_ckpts: int = setting(3, "checkpoints kept on disk, the newest", CHECKPOINTS)
     max_bad_steps: int = setting(10, "stop after this many non-finite steps in a row", CHECKPOINTS)
