@@ -9,6 +9,7 @@ loading checkpoints, ours and the released ones, local or hf://. It imports only
     net, config = soflow.MLP(), soflow.PRESETS["toy"]
     loss, diagnostics = soflow.soflow_loss(net, x0, config=config, step=k, total_steps=K)   # Algorithm 1
     x0_hat = soflow.sample(net, torch.randn_like(x0), config=config)                     # one step
+    loss, _ = soflow.soflow_loss(net, x0, config=config, step=k, total_steps=K, teacher=v)  # distil v
 """
 import math
 from collections import OrderedDict

@@ -1,5 +1,6 @@
 r"""Cost of one training step on the same DiT and the same batch: flow matching, SoFlow (Algorithm 1) without
-and with CFG, and MeanFlow (Geng et al. 2025, arXiv 2505.13447) with its JVP, without and with CFG.
+and with CFG, each also distilling a teacher of the student's size (Sec. 4.2), and MeanFlow (Geng et al. 2025,
+arXiv 2505.13447) with its JVP, without and with CFG.
 
     python -m benchmarks.train_step                 # CPU default: DiT-S/4, batch 16, 1-2 min on 2 cores
     python -m benchmarks.train_step --model DiT-B/2 --batch-size 64 --device cuda --precision bf16 --compile \
@@ -10,21 +11,24 @@ that rotates from round to round (interleaved: changes in machine load touch eve
 zero_grad, the loss, backward and an AdamW step, between torch.cuda.synchronize() calls on a GPU. Printed: the
 median and the interquartile range. On a CPU that other processes share, --threads 1 gives steadier numbers.
 Peak memory: the most bytes that tensors hold at once during a step, everything included (weights, AdamW
-state, gradients, activations, temporaries), the allocator's cache excluded.
-CUDA: torch.cuda.max_memory_allocated. CPU, which has no such counter: the bytes of the weights and AdamW
-state, plus the peak of the running sum of the allocations and frees that the CPU allocator reports to
-torch.profiler(profile_memory=True) during one step (the gradients are freed before it, so every byte the
-step adds is allocated inside it).
+state, gradients, activations, temporaries; the teacher's weights in the rows that run it), the allocator's
+cache excluded.
+CUDA: torch.cuda.max_memory_allocated, less the teacher's weights in the rows that leave it idle. CPU, which
+has no such counter: the bytes of the weights and AdamW state, plus the peak of the running sum of the
+allocations and frees that the CPU allocator reports to torch.profiler(profile_memory=True) during one step
+(the gradients are freed before it, so every byte the step adds is allocated inside it).
 The "predicted" column: COST_MODEL below, the count of forward and backward passes over the rows of the batch.
 """
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import sys
 import textwrap
 import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,10 +39,12 @@ from benchmarks.common import add_setup_args, describe, setup, sync, write_json
 COST_MODEL = (
     "a forward pass over one row of the batch costs 1 (with or without gradient), a backward pass 2: flow "
     "matching 3 a row. SoFlow: n = lam B rows of flow matching 3, B - n consistency rows 1 (no-grad target) "
-    "+ 3; CFG adds a no-grad pass over B + (B - n) rows. MeanFlow: the JVP 3 (the primal, and a tangent of "
-    "two matmuls per linear layer: PyTorch's forward-mode AD also multiplies by the weights' tangent, a zero "
-    "tensor it materialises; an ideal JVP costs 2) + backward 2; CFG adds a no-grad pass over B rows. The "
-    "AdamW step is left out.")
+    "+ 3; CFG adds a no-grad pass over B + (B - n) rows. A teacher of the student's size adds its no-grad "
+    "pass over B rows, and with CFG a second one (null label), which leaves the student's CFG pass the B - n "
+    "consistency rows (none when m = 1). MeanFlow: the JVP 3 (the primal, and a tangent of two matmuls per "
+    "linear layer: PyTorch's forward-mode AD also multiplies by the weights' tangent, a zero tensor it "
+    "materialises; an ideal JVP costs 2) + backward 2; CFG adds a no-grad pass over B rows. The AdamW step "
+    "is left out.")
 
 
 # ----- Flow matching, the baseline: v = F(x_t, t, t, y) (Euler parameterization, Eq. 10) -----
@@ -106,19 +112,26 @@ def meanflow_loss(net, x0, y, w=1.0, drop=0.1, neq=0.25, mu=-0.4, sd=1.0, p=1.0,
     return (err / (err.detach() + c) ** p).mean()
 
 
-def methods(B, steps=400_000):
-    """name -> (loss(net, x0, y, step), the step's cost in COST_MODEL's units)."""
+def methods(B, teacher, steps=400_000):
+    """name -> (loss(net, x0, y, step), the step's cost in COST_MODEL's units, whether it runs the teacher).
+    teacher: a network of the student's architecture, its velocity that of flow matching (lam 1)."""
     config = soflow.PRESETS["imagenet"]                  # the released configuration: lam 0.75, w 3, m 0.25
     n = int(config.lam * B)
+    v_teacher = partial(soflow.velocity, teacher, config=replace(config, lam=1.0))
 
-    def sof(c):
-        return lambda net, x0, y, k: soflow.soflow_loss(net, x0, y, config=c, step=k, total_steps=steps)[0]
+    def sof(c, distil=None):                             # distil: the teacher's velocity field, or None
+        return lambda net, x0, y, k: soflow.soflow_loss(net, x0, y, config=c, step=k, total_steps=steps,
+                                                        teacher=distil)[0]
+    soflow_units = 3 * n + 4 * (B - n)
     return {
-        "flow matching": (lambda net, x0, y, k: flow_matching_baseline(net, x0, y), 3 * B),
-        "SoFlow": (sof(replace(config, w=1.0)), 3 * n + 4 * (B - n)),
-        "SoFlow CFG (w 3, m 0.25)": (sof(config), 3 * n + 4 * (B - n) + B + (B - n)),
-        "MeanFlow (JVP)": (lambda net, x0, y, k: meanflow_loss(net, x0, y), 5 * B),
-        "MeanFlow CFG (w 3)": (lambda net, x0, y, k: meanflow_loss(net, x0, y, w=3.0), 6 * B),
+        "flow matching": (lambda net, x0, y, k: flow_matching_baseline(net, x0, y), 3 * B, False),
+        "SoFlow": (sof(replace(config, w=1.0)), soflow_units, False),
+        "SoFlow CFG (w 3, m 0.25)": (sof(config), soflow_units + B + (B - n), False),
+        "SoFlow + teacher": (sof(replace(config, w=1.0), v_teacher), soflow_units + B, True),
+        # The teacher gives v_t and v_uncond (2 B rows); the student's own pass: v_guided on the B - n rows.
+        "SoFlow CFG + teacher": (sof(config, v_teacher), soflow_units + 2 * B + (B - n), True),
+        "MeanFlow (JVP)": (lambda net, x0, y, k: meanflow_loss(net, x0, y), 5 * B, False),
+        "MeanFlow CFG (w 3)": (lambda net, x0, y, k: meanflow_loss(net, x0, y, w=3.0), 6 * B, False),
     }
 
 
@@ -150,14 +163,21 @@ def quiet_stderr():
         os.close(saved), os.close(null)
 
 
-def peak_memory(net, opt, loss_fn, x0, y, autocast):
-    """Peak bytes that tensors hold during one step, everything included (see the module docstring)."""
+def weight_bytes(net):
+    """The bytes of a network's parameters and buffers."""
+    return sum(t.nbytes for t in [*net.parameters(), *net.buffers()])
+
+
+def peak_memory(net, opt, loss_fn, x0, y, autocast, teacher, runs_teacher):
+    """Peak bytes that tensors hold during one step, everything included (see the module docstring); the
+    teacher's weights count only if the step runs it."""
     opt.zero_grad(set_to_none=True)
     if x0.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         train_step(net, opt, loss_fn, x0, y, 0, autocast)
-        return torch.cuda.max_memory_allocated()
-    static = sum(t.nbytes for t in [*net.parameters(), *net.buffers()])
+        # The teacher stays on the GPU for every method: take it out where the step leaves it idle.
+        return torch.cuda.max_memory_allocated() - (0 if runs_teacher else weight_bytes(teacher))
+    static = weight_bytes(net) + (weight_bytes(teacher) if runs_teacher else 0)
     static += sum(v.nbytes for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                 profile_memory=True) as prof:
@@ -187,10 +207,14 @@ def main(argv=None):
     # Setup: one network, one optimizer (the released AdamW) and one batch, shared by every method.
     device, net, model, x0, y, autocast = setup(args)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0)
-    table, n_params = methods(args.batch_size), sum(p.numel() for p in net.parameters() if p.requires_grad)
+    # The teacher: the student's architecture and size, its own weights (a copy: their values cost nothing).
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    teacher_model = torch.compile(teacher) if args.compile else teacher
+    table = methods(args.batch_size, teacher_model)
+    n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     print(f"{describe(args, device)}; {n_params / 1e6:.1f}M parameters")
     # Warm up (a compiled network compiles once per batch shape), then interleaved rounds in a rotating order.
-    for name, (loss_fn, _) in table.items():
+    for name, (loss_fn, _, _) in table.items():
         for k in range(args.warmup):
             train_step(model, opt, loss_fn, x0, y, k, autocast)
     names, times = list(table), {name: [] for name in table}
@@ -199,12 +223,13 @@ def main(argv=None):
             times[name].append(train_step(model, opt, table[name][0], x0, y, k, autocast))
         print(f"round {k + 1}/{args.repeats}, ms: " + ", ".join(f"{t[-1] * 1e3:.0f}" for t in times.values()))
     # Peak memory: one more step per method, apart from the timing (the CPU profiler slows steps down).
-    peaks = {name: peak_memory(model, opt, loss_fn, x0, y, autocast) for name, (loss_fn, _) in table.items()}
+    peaks = {name: peak_memory(model, opt, loss_fn, x0, y, autocast, teacher, runs_teacher)
+             for name, (loss_fn, _, runs_teacher) in table.items()}
     # Table: median ms/step and IQR, ratio to flow matching (measured; predicted by COST_MODEL), peak memory.
     fm = "flow matching"
     fm_ms, fm_units, fm_mb = statistics.median(times[fm]), table[fm][1], peaks[fm]
     rows = []
-    for name, (_, units) in table.items():
+    for name, (_, units, _) in table.items():
         ts = times[name]
         q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
         rows.append(dict(method=name, ms_median=med * 1e3, ms_q1=q1 * 1e3, ms_q3=q3 * 1e3, ratio=med / fm_ms,
@@ -222,8 +247,10 @@ def main(argv=None):
     print(f"MeanFlow's JVP ran with the {JVP_SDPA.get(device.type)} attention backend.")
     print(textwrap.fill(f"Predicted (cost model): {COST_MODEL}", 116))
     if args.json:
-        memory = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                  "weights + AdamW state + peak of the CPU allocator's running total (torch.profiler)")
+        memory = ("torch.cuda.max_memory_allocated, less the teacher's weights where idle"
+                  if device.type == "cuda" else
+                  "weights (+ the teacher's where it runs) + AdamW state + peak of the CPU allocator's "
+                  "running total (torch.profiler)")
         write_json(args.json, dict(config=vars(args), n_params=n_params, threads=torch.get_num_threads(),
                                    torch=torch.__version__, jvp_sdpa=JVP_SDPA.get(device.type),
                                    cost_model=COST_MODEL, peak_memory=memory, soflow_vs_meanflow=vs,

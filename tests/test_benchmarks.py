@@ -82,23 +82,32 @@ def test_meanflow_loss_at_r_equal_t_is_weighted_flow_matching():
     assert torch.allclose(loss, (err / (err + 1e-3)).mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(ts.methods(4)))
-def test_cost_model_counts_the_rows_the_network_sees(name):
-    """predicted units = 3 x (rows forwarded with gradient) + 1 x (rows without); a JVP row costs 5
-    (3 + backward)."""
-    net, (x0, y) = tiny_dit(), batch()
-    loss_fn, units = ts.methods(4)[name]
-    rows = {"grad": 0, "no_grad": 0}
+def tiny_teacher():
+    """A teacher as benchmarks.train_step builds one: the student's architecture, its own weights, frozen."""
+    return tiny_dit(seed=1).eval().requires_grad_(False)
 
-    def count_rows(module, args):
-        key = "grad" if torch.is_grad_enabled() else "no_grad"
-        rows[key] = rows[key] + args[0].shape[0]
-    net.register_forward_pre_hook(count_rows)
+
+@pytest.mark.parametrize("name", list(ts.methods(4, tiny_teacher())))
+def test_cost_model_counts_the_rows_the_network_sees(name):
+    """predicted units = 3 x (rows forwarded with gradient) + 1 x (rows without), the teacher's included; a
+    JVP row costs 5 (3 + backward)."""
+    net, teacher, (x0, y) = tiny_dit(), tiny_teacher(), batch()
+    loss_fn, units, runs_teacher = ts.methods(4, teacher)[name]
+    rows = {"grad": 0, "no_grad": 0, "teacher grad": 0, "teacher no_grad": 0}
+
+    def counter(prefix):
+        def count_rows(module, args):
+            key = prefix + ("grad" if torch.is_grad_enabled() else "no_grad")
+            rows[key] = rows[key] + args[0].shape[0]
+        return count_rows
+    net.register_forward_pre_hook(counter(""))
+    teacher.register_forward_pre_hook(counter("teacher "))
     loss = loss_fn(net, x0, y, 0)
     loss.backward()
     per_grad_row = 5 if name.startswith("MeanFlow") else 3
-    assert units == per_grad_row * rows["grad"] + rows["no_grad"]
-    assert rows["grad"] == 4 and torch.isfinite(loss)
+    assert units == per_grad_row * rows["grad"] + rows["no_grad"] + rows["teacher no_grad"]
+    assert rows["grad"] == 4 and rows["teacher grad"] == 0 and torch.isfinite(loss)
+    assert (rows["teacher no_grad"] > 0) == runs_teacher
     assert all(p.grad is not None and torch.isfinite(p.grad).all()
                for p in net.parameters() if p.requires_grad)
 
@@ -115,10 +124,13 @@ def test_cpu_peak_memory_counts_allocations_and_frees():
         c = torch.ones(5 * 2 ** 20)                                                  # noqa: F841
         return net(x0, torch.ones(1), torch.zeros(1), y).square().mean()
 
-    weights = sum(p.nbytes for p in net.parameters())
+    weights, teacher = sum(p.nbytes for p in net.parameters()), tiny_teacher()
     autocast = torch.autocast("cpu", enabled=False)
-    extra_mib = (ts.peak_memory(net, opt, loss_fn, x0, y, autocast) - weights) / 2 ** 20
+    extra_mib = (ts.peak_memory(net, opt, loss_fn, x0, y, autocast, teacher, False) - weights) / 2 ** 20
     assert 80 <= extra_mib < 83
+    # A step that runs the teacher also holds its weights.
+    with_teacher = ts.peak_memory(net, opt, loss_fn, x0, y, autocast, teacher, True)
+    assert 80 <= (with_teacher - ts.weight_bytes(teacher) - weights) / 2 ** 20 < 83
 
 
 # ----- The scripts, end to end -----
@@ -128,7 +140,7 @@ def test_train_step_benchmark_end_to_end(tmp_path):
     rows = ts.main(["--model", "DiT-T/4", "--batch-size", "4", "--warmup", "1", "--repeats", "2",
                     "--json", str(out)])
     data = json.loads(out.read_text())
-    assert [r["method"] for r in data["methods"]] == list(ts.methods(4)) == [r["method"] for r in rows]
+    assert [r["method"] for r in data["methods"]] == list(ts.methods(4, None)) == [r["method"] for r in rows]
     by = {r["method"]: r for r in data["methods"]}
     for r in data["methods"]:
         assert r["ms_median"] > 0 and len(r["ms_all"]) == 2 and r["ms_q1"] <= r["ms_median"] <= r["ms_q3"]
@@ -136,9 +148,13 @@ def test_train_step_benchmark_end_to_end(tmp_path):
     assert by["flow matching"]["ratio"] == 1 and by["flow matching"]["predicted_ratio"] == 1
     assert by["SoFlow"]["predicted_ratio"] == pytest.approx(13 / 12)                       # n = 3 of B = 4
     assert by["SoFlow CFG (w 3, m 0.25)"]["predicted_ratio"] == pytest.approx(18 / 12)
-    # Every step holds the weights, the AdamW state and the gradients: at least 4 x the weights' bytes.
+    assert by["SoFlow + teacher"]["predicted_ratio"] == pytest.approx(17 / 12)             # + B teacher rows
+    assert by["SoFlow CFG + teacher"]["predicted_ratio"] == pytest.approx(22 / 12)   # 2 B teacher, B - n own
+    # Every step holds the weights, the AdamW state and the gradients: at least 4 x the weights' bytes; with a
+    # teacher, its weights too.
     weights_mib = data["n_params"] * 4 / 2 ** 20
     assert all(r["peak_mib"] >= 4 * weights_mib for r in data["methods"])
+    assert all(by[m]["peak_mib"] >= 5 * weights_mib for m in ("SoFlow + teacher", "SoFlow CFG + teacher"))
 
 
 def test_sampling_benchmark_end_to_end(tmp_path):

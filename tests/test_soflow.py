@@ -317,7 +317,8 @@ def test_cfg_targets_in_algorithm1(monkeypatch, toy):
     d.keep[:10] = False
     calls = recording(monkeypatch, "cfg_targets")
     soflow.soflow_loss(net, x0, y, config=config, step=0, total_steps=1, draws=d)
-    (_, x_t, t, v_t, y_used, _, _, _, _), _, (target, mix, _) = calls[0]
+    args, _, (target, mix, _) = calls[0]
+    x_t, t, v_t, y_used = args[1:5]
     x_t_ref, v = soflow.interpolate("linear", x0, d.x1, d.t_fm)
     assert torch.equal(x_t, x_t_ref) and torch.equal(v_t, v)
     v_unc = soflow.velocity(net, x_t_ref, d.t_fm, torch.full_like(y, 2), config=config).detach()

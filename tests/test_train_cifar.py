@@ -372,6 +372,10 @@ def test_distilling_a_flow_matching_run_and_resuming_only_with_the_same_teacher(
     assert f"distilling {teacher}/checkpoints/0000004.pt: a UNet trained as flow matching" in log
     assert f"a new run from the EMA weights of {teacher}" in log
     assert checkpoint(student, 2)["run_config"]["teacher"] == teacher
+    from_data = str(tmp_path / "from_data")                              # the same start, no teacher
+    train_cifar.main([*flags, "--init-from", teacher, "--results-dir", from_data, "--stop-at", "2"])
+    weights = checkpoint(student, 2)["model"], checkpoint(from_data, 2)["model"]
+    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     for other in (["--teacher", str(tmp_path / "other")], []):
         with pytest.raises(SystemExit, match=f"teacher: '{teacher}' in the run, '.*' now"):
             train_cifar.main([*flags, *other, "--results-dir", student])

@@ -6,6 +6,8 @@
     files         atomic writes, PNG grids
     checkpoints   our checkpoint format: its keys, writing, safe reading, random states, resume
     released      ours and the released checkpoints to sample or start from: config.yaml, hf://, --init-from
+    sit           SiT's flow-matching DiTs: network, files, velocity in our convention, a student from them
+    teachers      --teacher: a checkpoint as a velocity field to distil (Sec. 4.2), checked against the run
     logs          the bar, log.txt, metrics.jsonl, wandb
     sampling      per-image draws, FID of the EMA during training, the SD VAE
     loop          the training loop: Algorithm 1, EMA, precision, grids, checkpoints, stop requests
