@@ -36,6 +36,7 @@ def test_notebook_is_plain_python_and_committed_executed():
         "the stored outputs must come from the full run, not SOFLOW_NOTEBOOK_FAST=1")
     assert "| SoFlow, 1 step, chain" in stdout, "the section 4 table is missing from the stored outputs"
     assert "| SoFlow with p = 0.5, 1 step" in stdout, "the section 7 table is missing from the stored outputs"
+    assert "| SoFlow from the exact velocity, 1 step" in stdout, "the section 8 table is missing"
 
 
 @pytest.mark.slow
@@ -73,6 +74,14 @@ def test_notebook_fast_run_numbers(monkeypatch):
     assert soflow1["sw"] < fm1["sw"] / 2, (soflow1, fm1)                 # and closer to the data in law
     assert table["flow matching, 8 Euler steps"]["err"] < fm1["err"] / 3  # the baseline did learn a velocity
     assert table["data vs data (SW floor)"]["sw"] < soflow1["sw"] < 1.0
+
+    # Section 8: distilled from the exact velocity, one step lands nearer the exact map than SoFlow from data;
+    # distilled from fm_net, it lands nearer fm_net's own 50 Euler steps.
+    distill = r["distill"]
+    from_data, exact = distill["SoFlow from data, 1 step"], distill["SoFlow from the exact velocity, 1 step"]
+    from_fm = distill["SoFlow from fm_net, 1 step"]
+    assert exact["err"] < from_data["err"], (exact, from_data)
+    assert from_fm["err_teacher"] < from_data["err_teacher"], (from_fm, from_data)
 
     # Section 3: the classic shapes, judged by SW_2 only.
     for name, row in r["shapes"].items():
