@@ -20,6 +20,7 @@ import soflow
 import training.processes
 import training.released
 import training.settings
+import training.teachers
 from optional import needs
 from training.processes import Processes
 
@@ -287,7 +288,8 @@ def test_init_from_copies_a_released_models_weights_and_refuses_another_shape(hu
     torch.manual_seed(1)
     net = soflow.DiT_models["DiT-T/4"](input_size=8, num_classes=10)
     ema = soflow.DiT_models["DiT-T/4"](input_size=8, num_classes=10)
-    note = training.released.start_from_checkpoint(settings(tmp_path, source), net, ema, Processes())
+    config = soflow.PRESETS["imagenet"]
+    note = training.released.start_from_checkpoint(settings(tmp_path, source), net, ema, config, Processes())
     assert "EMA weights of hf://" in note and "fresh optimizer at step 0" in note
     for copy in (net, ema):
         assert all(torch.equal(v, dit.state_dict()[k]) for k, v in copy.state_dict().items())
@@ -297,5 +299,15 @@ def test_init_from_copies_a_released_models_weights_and_refuses_another_shape(hu
                 (soflow.UNet_models["UNet-T"](), "it holds a DiT; this run trains a UNet")]
     for other, message in refusals:
         with pytest.raises(SystemExit, match=f"--init-from {source}: .*{message}"):
-            training.released.start_from_checkpoint(settings(tmp_path, source), other, nn.Identity(),
+            training.released.start_from_checkpoint(settings(tmp_path, source), other, nn.Identity(), config,
                                                      Processes())
+
+
+def test_a_released_checkpoint_on_the_hub_is_a_teacher_of_its_eq10_velocity(hub):
+    _, _, dit = hub
+    teacher = training.teachers.open_teacher(f"hf://{REPO}/DiT-tiny/ckpts/5.pt")
+    assert "a DiT trained as SoFlow" in teacher.note and "DiT-tiny/config.yaml" in teacher.note
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 4, 10])
+    config = soflow.PRESETS["imagenet"]                                  # the file's config.yaml: Euler
+    expected = soflow.velocity(dit, x, t, y, config=config)
+    assert torch.allclose(teacher.velocity()(x, t, y), expected, atol=1e-6)

@@ -104,40 +104,43 @@ def released_config(path):
     return config_from_released(values, yaml_path), yaml_path
 
 
-def read_file(path, procs=processes.Processes()):
+def read_file(path):
     """(path, what torch.load gives) of a checkpoint: a file, a run folder (its newest) or hf://OWNER/REPO/FILE.
 
-    Rank 0 downloads first, the others then read the cache. Only weights and plain values are read."""
+    Only weights and plain values are read. Under several processes, call it in processes.rank0_first: rank 0
+    downloads first, the others then read the cache."""
     path = path if str(path).startswith("hf://") else checkpoint_file(path)
-    with processes.rank0_first(procs):
-        local = soflow.hub_file(path) if str(path).startswith("hf://") else path     # fetched once
-        try:
-            return path, load_checkpoint(local)
-        except FileNotFoundError as e:
-            raise ValueError(f"no such file: {path}") from e
-        except Exception as e:
-            raise ValueError(f"{path} is not a PyTorch checkpoint of weights ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0]})") from e
+    local = soflow.hub_file(path) if str(path).startswith("hf://") else path     # fetched once
+    try:
+        return path, load_checkpoint(local)
+    except FileNotFoundError as e:
+        raise ValueError(f"no such file: {path}") from e
+    except Exception as e:
+        raise ValueError(f"{path} is not a PyTorch checkpoint of weights ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from e
 
 
 def open_checkpoint(path, use_ema=True, procs=processes.Processes()):
     """(net, config, note, recorded): a checkpoint's network, the SoFlowConfig it was trained with, and more.
 
-    path: ours or released; a file, a run folder (its newest) or hf://OWNER/REPO/FILE (read_file). Ours store
-    their config; a released one reads the config.yaml beside its ckpts/ folder, else its preset is assumed;
-    note says which. recorded: what ours also store, such as the VAE of latents ({} for a released one)."""
-    path, ckpt = read_file(path, procs)
-    return from_checkpoint(ckpt, path, use_ema, procs)
+    path: ours or released; a file, a run folder (its newest) or hf://OWNER/REPO/FILE (rank 0 downloads
+    first, the others then read the cache). Ours store their config; a released one reads the config.yaml
+    beside its ckpts/ folder, else its preset is assumed; note says which. recorded: what ours also store,
+    such as the VAE of latents ({} for a released one)."""
+    with processes.rank0_first(procs):
+        path, ckpt = read_file(path)
+        return from_checkpoint(ckpt, path, use_ema)
 
 
-def from_checkpoint(ckpt, path, use_ema=True, procs=processes.Processes()):
-    """open_checkpoint's (net, config, note, recorded) of a loaded checkpoint, ours or released."""
+def from_checkpoint(ckpt, path, use_ema=True):
+    """open_checkpoint's (net, config, note, recorded) of a loaded checkpoint, ours or released.
+
+    A released one's config.yaml may be on the hub: under several processes, call it in rank0_first."""
     net = soflow.network_from_checkpoint(ckpt, use_ema, path)
     config, note = net.soflow_config, ""
     recorded = {key: ckpt[key] for key in RECORDED_KEYS if key in ckpt} if config is not None else {}
     if config is None:
-        with processes.rank0_first(procs):                          # its config.yaml may be on the hub
-            config, where = released_config(path)
+        config, where = released_config(path)
         note = f"{path}: the configuration of {where}"
     if config is None:
         preset = RELEASED_PRESETS.get(type(net).__name__, "imagenet")
@@ -167,15 +170,17 @@ def start_from_checkpoint(settings, net, ema, config, procs):
     Ours, a released one, or SiT's (a DiT then starts as SiT's velocity field: sit.student_from_sit).
     Refused, with the reason, when the network class, its size or the data's shape differ."""
     try:
-        path, ckpt = read_file(settings.init_from, procs)
-        if sit.is_sit(ckpt):
+        with processes.rank0_first(procs):          # rank 0 downloads first, the others read its cache
+            path, ckpt = read_file(settings.init_from)
+            ours = None if sit.is_sit(ckpt) else from_checkpoint(ckpt, path, not settings.init_from_raw)
+        if ours is None:                            # SiT's
             if type(net) is not soflow.DiT:
                 raise ValueError(f"it holds SiT's weights, for a DiT; this run trains a {type(net).__name__}")
             sd, _, note = sit.sit_weights(ckpt, path, not settings.init_from_raw)
             weights = sit.student_from_sit(sd, net, config, path)
             note += "; the student starts as SiT's velocity field (its emb(t - s) zeroed)"
         else:
-            source, _, note, _ = from_checkpoint(ckpt, path, not settings.init_from_raw, procs)
+            source, _, note, _ = ours
             weights = fitting_weights(source, net, settings.init_from)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--init-from {settings.init_from}: {e}") from e

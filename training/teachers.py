@@ -47,12 +47,13 @@ def cond_width(net):
 
 def open_teacher(path, use_ema=True, procs=processes.Processes()):
     """The Teacher of a checkpoint: ours or released (a file, a run folder or hf://) or SiT's."""
-    path, ckpt = released.read_file(path, procs)
-    if sit.is_sit(ckpt):
-        weights, schedule, note = sit.sit_weights(ckpt, path, use_ema)
-        net = sit.sit_from_state_dict(weights, path)
-        return Teacher(net, sit.sit_velocity, schedule, note)
-    net, config, note, _ = released.from_checkpoint(ckpt, path, use_ema, procs)
+    with processes.rank0_first(procs):           # rank 0 downloads first (hf://), the others read its cache
+        path, ckpt = released.read_file(path)
+        if sit.is_sit(ckpt):
+            weights, schedule, note = sit.sit_weights(ckpt, path, use_ema)
+            net = sit.sit_from_state_dict(weights, path)
+            return Teacher(net, sit.sit_velocity, schedule, note)
+        net, config, note, _ = released.from_checkpoint(ckpt, path, use_ema)
     kind = "flow matching" if config.lam == 1 else "SoFlow"
     note = f"{path}: a {type(net).__name__} trained as {kind}" + (f" ({note})" if note else "")
     return Teacher(net, partial(soflow.velocity, config=config), config.schedule, note)
