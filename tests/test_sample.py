@@ -136,6 +136,20 @@ def test_our_checkpoint_gives_its_ema_images_a_grid_and_an_npz(trained, tmp_path
                                         net.soflow_config, 5, 1)[0])
 
 
+def test_the_euler_sampler_gives_a_flow_matching_teachers_own_samples(trained, tmp_path, capsys):
+    pixels, _ = run_sample(tmp_path / "euler", "--ckpt", trained, "--num-images", "3", "--batch-size", "1",
+                           "--sampler", "euler", "--nfe", "4")
+    net = soflow.load_network(trained)
+    for i in range(3):                                                   # image i: x_1 from (seed, i) alone
+        rng = np.random.default_rng([0, i])
+        x1 = torch.from_numpy(rng.standard_normal((1, 3, 32, 32), dtype=np.float32))
+        x0 = soflow.sample_euler(net, x1, config=net.soflow_config, steps=4)
+        assert np.array_equal(pixels[i], training.files.to_uint8(x0).permute(0, 2, 3, 1).numpy()[0])
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", trained, "--sampler", "euler", "--times", "1", "0.5", "0"])
+    assert "--sampler euler takes --nfe equal steps" in capsys.readouterr().err
+
+
 def test_released_dit_decodes_latents_and_labels_the_npz(ckpts, vae_folder, tmp_path, capsys):
     pixels, labels = run_sample(tmp_path / "dit", "--ckpt", ckpts.dit, "--vae", vae_folder,
                                 "--num-images", "6", "--batch-size", "1", "--nfe", "2", "--grid", "4")

@@ -87,5 +87,5 @@ def start_teacher(path, student, shape, config, procs, compile=False):
         raise SystemExit(f"--teacher {path}: {e}") from e
     net = teacher.net.to(procs.device).requires_grad_(False)
     millions = sum(p.numel() for p in net.parameters()) / 1e6
-    return teacher.velocity(torch.compile(net) if compile else net), f"distilling {teacher.note}, " \
-        f"{millions:.2f}M parameters"
+    velocity = teacher.velocity(torch.compile(net) if compile else net)
+    return velocity, f"distilling {teacher.note}, {millions:.2f}M parameters"
