@@ -1,6 +1,6 @@
 """SoFlow from a teacher (Sec. 4.2) on a 2D mixture whose solution map is known exactly.
 
-    python -m benchmarks.toy_distill                 # about 4 min on 2 cores: the table, docs/toy_distill.png
+    python -m benchmarks.toy_distill                 # about 5 min on 2 cores: the table, docs/toy_distill.png
     python -m benchmarks.toy_distill --steps 300     # a quick look
 
 The mixture is toy_study's 5 modes of unequal weights and spacing (kept aside for checks). Four MLPs train
