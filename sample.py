@@ -30,7 +30,7 @@ from training import processes, settings
 from training.checkpoints import checkpoint_file
 from training.files import save_grid, to_uint8, try_write, write_json, write_npz
 from training.loop import set_precision
-from training.released import RELEASED_PRESETS, open_checkpoint
+from training.released import RELEASED_PRESETS, data_shape, open_checkpoint
 from training.sampling import (
     VAE_NAME,
     Kept,
@@ -181,7 +181,7 @@ def open_model(args, procs):
         raise SystemExit(f"sample.py: --class {bad[0]} is out of range: the model has classes 0 to "
                          f"{net.num_classes - 1}")
     # A DiT on 4 channels works on SD-VAE latents (decoded by the VAE they came from), the rest on pixels.
-    shape = (kw["in_channels"],) + (kw.get("input_size") or kw["img_resolution"],) * 2
+    shape = data_shape(net)
     decode = None
     if arch == "DiT" and shape[0] == 4:
         vae, scale = checkpoint_vae(recorded, args.vae, procs)

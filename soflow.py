@@ -222,7 +222,7 @@ def cfg_targets(net, x_t, t, v_t, y, cond, keep, n_fm, config, teacher=None):
             x_in, t_in, y_in, cond_in = (None if z[0] is None else torch.cat(z) for z in zip(*inputs))
             v_pred = velocity(net, x_in, t_in, y_in, cond_in, config=config)  # (B [+ B - n_fm], ...)
         # Deviation: the teacher of Sec. 4.2 also gives the unconditional velocity of Eq. 18.
-        v_uncond = teacher(x_t, t, null, cond) if teacher is not None else v_pred[:len(x_t)]
+        v_uncond = teacher(x_t, t, null, cond) if teacher is not None else v_pred[:len(x_t)]   # Eq. (1)
     first = 0 if teacher is not None else len(x_t)                  # where v_pred's v_guided rows start
     v_guided = v_pred[first:] if config.m < 1 else v_t[n_fm:]       # with m = 1 its weight is 0
     v_cfg = torch.where(per_sample(keep, v_t), guided_target(v_t, v_uncond, t, config), v_t)  # Eq. (18)
@@ -332,7 +332,7 @@ def soflow_loss(net, x0, y=None, cond=None, *, config, step, total_steps, draws=
         # Deviation: "this velocity term can also be provided by a teacher model in distillation situations"
         # (Sec. 4.2): the teacher's v(x_t, t | y) replaces v_t in L_FM (Eq. 11) and in the step of Eq. 14.
         with torch.no_grad():
-            v_t = teacher(x_t, t, y, cond)     # (B, ...); rows of the null label: the unconditional velocity
+            v_t = teacher(x_t, t, y, cond)     # v(x_t, t | y) of Eq. (17); the null label's rows: Eq. (1)
     # The guided targets (Eq. 18) of the rows whose label is kept.
     v_cfg, m, v_guided = cfg_targets(net, x_t, t, v_t, y, cond, d.keep, n_fm, config, teacher)
     # The student pass F_theta(x_t, t, s), with gradient.

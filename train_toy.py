@@ -17,16 +17,7 @@ from functools import partial
 import torch
 from tqdm import trange
 
-from soflow import (
-    MLP,
-    PRESETS,
-    SCHEDULES,
-    per_sample,
-    sample,
-    sample_euler,
-    soflow_loss,
-    solution,
-)
+from soflow import MLP, PRESETS, SCHEDULES, per_sample, sample, sample_euler, soflow_loss, solution
 from training.files import atomic_write
 from training.loop import ema_decay_at, ema_update
 

@@ -153,6 +153,15 @@ def from_checkpoint(ckpt, path, use_ema=True):
 DATA_SHAPE_KEYS = ("in_channels", "input_size", "img_resolution")
 
 
+def data_shape(net):
+    """One sample's shape for an MLP, DiT (SiT too) or U-Net, read off its constructor arguments."""
+    kwargs = net.init_kwargs
+    if "data_shape" in kwargs:                                       # MLP
+        return tuple(kwargs["data_shape"])
+    size = kwargs.get("input_size", kwargs.get("img_resolution"))    # DiT, UNet
+    return (kwargs["in_channels"], size, size)
+
+
 def fitting_weights(source, net, path):
     """source's state dict if it fits net (the same class, size and data shape); else a ValueError, why."""
     if type(source) is not type(net):

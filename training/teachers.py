@@ -31,15 +31,6 @@ class Teacher:
         return partial(self.field, self.net if net is None else net)
 
 
-def data_shape(net):
-    """One sample's shape for an MLP, DiT or U-Net (SiT is a DiT), from its constructor arguments."""
-    kwargs = net.init_kwargs
-    if "data_shape" in kwargs:                                       # MLP
-        return tuple(kwargs["data_shape"])
-    size = kwargs.get("input_size", kwargs.get("img_resolution"))    # DiT, UNet
-    return (kwargs["in_channels"], size, size)
-
-
 def cond_width(net):
     """The width of the cond tensor a network takes: an MLP's cond_dim, a U-Net's augment labels; else 0."""
     return net.init_kwargs.get("cond_dim", net.init_kwargs.get("augment_dim", 0))
@@ -62,8 +53,8 @@ def open_teacher(path, use_ema=True, procs=processes.Processes()):
 def check_teacher(teacher, student, shape, config):
     """Raise a ValueError that says why, if the teacher's velocity field is not that of the student's data."""
     theirs, ours = teacher.net, soflow.unwrap(student)
-    if data_shape(theirs) != tuple(shape):
-        raise ValueError(f"it models data of shape {data_shape(theirs)}; this run's data has shape "
+    if released.data_shape(theirs) != tuple(shape):
+        raise ValueError(f"it models data of shape {released.data_shape(theirs)}; this run's data has shape "
                          f"{tuple(shape)}")
     if theirs.num_classes != ours.num_classes:
         raise ValueError(f"it has {theirs.num_classes} classes, the student {ours.num_classes}: "
